@@ -1,0 +1,81 @@
+"""Application factory: builds the app and binds each subsystem through its own init_app."""
+import logging
+import secrets
+from pathlib import Path
+
+from flask import Flask
+from flask_mail import Mail
+from flask_migrate import Migrate
+from flask_sqlalchemy import SQLAlchemy
+from flask_wtf.csrf import CSRFProtect
+from sqlalchemy import MetaData, event
+from sqlalchemy.engine import Engine
+
+from config import Config
+
+# Named constraints, so later migrations can alter them (SQLite's batch mode needs the names).
+db = SQLAlchemy(metadata=MetaData(naming_convention={
+    'ix': 'ix_%(column_0_label)s',
+    'uq': 'uq_%(table_name)s_%(column_0_name)s',
+    'ck': 'ck_%(table_name)s_%(constraint_name)s',
+    'fk': 'fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s',
+    'pk': 'pk_%(table_name)s',
+}))
+migrate = Migrate(render_as_batch=True)
+mail = Mail()
+csrf = CSRFProtect()
+
+
+def create_app(config_class=Config):
+    app = Flask(__name__, instance_relative_config=True)
+    app.config.from_object(config_class)
+    Path(app.instance_path).mkdir(parents=True, exist_ok=True)
+    if not app.config['SECRET_KEY']:
+        app.config['SECRET_KEY'] = _instance_secret_key(app)
+    app.config.setdefault('MAIL_FOLDER', None)
+    app.config['MAIL_FOLDER'] = app.config['MAIL_FOLDER'] or str(Path(app.instance_path) / 'mail')
+
+    db.init_app(app)
+    migrate.init_app(app, db)
+    mail.init_app(app)
+    csrf.init_app(app)
+
+    from app import outbox
+    outbox.init_app(app)
+
+    from app.errors import bp as errors_bp
+    app.register_blueprint(errors_bp)
+    from app.main import bp as main_bp
+    app.register_blueprint(main_bp)
+    from app.cli import bp as cli_bp
+    app.register_blueprint(cli_bp)
+
+    if not app.debug and not app.testing:
+        app.logger.setLevel(logging.INFO)
+    return app
+
+
+def _instance_secret_key(app):
+    """Links in emails are signed with SECRET_KEY, so the key must survive restarts and be the same for
+    the web process and cron; a fresh random key per process would break every link already sent."""
+    path = Path(app.instance_path) / 'secret_key'
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+@event.listens_for(Engine, 'connect')
+def _sqlite_concurrency(dbapi_connection, connection_record):
+    """Cron, the web process and workers share one SQLite file: WAL lets readers run beside the writer,
+    and the busy timeout makes a writer wait for the lock instead of failing at once."""
+    if type(dbapi_connection).__module__ != 'sqlite3':
+        return
+    cursor = dbapi_connection.cursor()
+    cursor.execute('PRAGMA journal_mode=WAL')
+    cursor.execute('PRAGMA busy_timeout=30000')
+    cursor.execute('PRAGMA foreign_keys=ON')
+    cursor.close()
+
+
+from app import models  # noqa: E402,F401  (models register with db.metadata for migrations)

@@ -1,0 +1,92 @@
+"""Commands for cron and admins. Attached with cli_group=None, so `flask <command>` runs them inside
+the app context with the app's own configuration, exactly as cron needs."""
+import signal
+import sys
+import threading
+
+import click
+from flask import Blueprint, current_app
+
+from app.newsletter import StageSend, available_stages, count_due, forget_failures, iter_due, stage_number
+from app.outbox import deliver_due, run_worker
+from app.transports import open_sender
+
+bp = Blueprint('cli', __name__, cli_group=None)
+
+
+@bp.cli.command('send-newsletter-email')
+@click.argument('stage', type=click.Choice(available_stages()))
+@click.option('--dry-run', is_flag=True, help='List who would get STAGE now; send nothing.')
+@click.option('--retry-failed', is_flag=True,
+              help='Make subscribers whose STAGE failed permanently (e.g. a 5xx) due again first.')
+def send_newsletter_email(stage, dry_run, retry_failed):
+    """Send drip STAGE to every active, confirmed subscriber who has received the stage before it.
+
+    Safe to run twice, by hand beside cron, or again after a crash: nobody gets a stage twice.
+    Prints a summary and exits with status 1 if any send failed, so cron's MAILTO reports it.
+    """
+    number = stage_number(stage)
+    if dry_run:
+        count = 0
+        for recipient in iter_due(number):
+            click.echo(recipient.email)
+            count += 1
+        click.echo(f'{stage}: {count} subscriber(s) would be sent this stage (dry run, nothing sent)', err=True)
+        return
+    if retry_failed:
+        forget_failures(number)
+
+    with open_sender() as sender:
+        click.echo(f'{stage}: sending through {sender.describe()}', err=True)
+        if sys.stdout.isatty():
+            report = _send_with_progress_bar(stage, sender)
+        else:
+            report = StageSend(stage, sender, on_batch=_log_progress).run()
+
+    click.echo(report.summary())
+    for email, reason in report.failed:
+        click.echo(f'  failed: {email}: {reason}')
+    if report.aborted:
+        click.echo(f'  {report.aborted}')
+    if not report.ok:
+        sys.exit(1)
+
+
+def _send_with_progress_bar(stage, sender):
+    run = StageSend(stage, sender)
+    with click.progressbar(length=count_due(run.stage), label=stage) as bar:
+        def advance(report):
+            bar.update(report.sent + report.skipped + len(report.failed) - bar.pos)
+
+        run.on_batch = advance
+        return run.run()
+
+
+def _log_progress(report):
+    # Cron has no terminal: one plain line per batch goes to the log instead of a progress bar.
+    click.echo(f'{report.summary()} (of {report.due} due at start)')
+
+
+@bp.cli.command('worker')
+@click.option('--once', is_flag=True, help='Deliver what is due now, then exit.')
+def worker(once):
+    """Deliver queued emails (confirmations, admin notices) as a process of its own.
+
+    For deployments with several web processes: set OUTBOX_WORKER=off for them and run this.
+    """
+    if once:
+        total = 0
+        while delivered := deliver_due():
+            total += delivered
+        click.echo(f'outbox: delivered {total}')
+        return
+    stop = threading.Event()
+
+    def _stop(signum, frame):
+        stop.set()
+        current_app.extensions['outbox'].wake.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    click.echo('outbox worker: running (Ctrl+C to stop)', err=True)
+    run_worker(current_app._get_current_object(), stop)

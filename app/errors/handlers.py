@@ -1,0 +1,21 @@
+from flask import render_template
+from flask_wtf.csrf import CSRFError
+from werkzeug.exceptions import HTTPException
+
+from app import db
+from app.errors import bp
+
+
+@bp.app_errorhandler(CSRFError)
+def csrf_error(error):
+    return render_template('errors/error.html', code=400, title='Form expired',
+                           message='The form was missing its security token or had expired. '
+                                   'Please reload the page and try again.'), 400
+
+
+@bp.app_errorhandler(HTTPException)
+def http_error(error):
+    if error.code >= 500:
+        db.session.rollback()  # the failed request may have left the session mid-transaction
+    return render_template('errors/error.html', code=error.code, title=error.name,
+                           message=error.description), error.code

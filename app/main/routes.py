@@ -1,0 +1,89 @@
+import sqlalchemy as sa
+from flask import abort, render_template, request
+from sqlalchemy.exc import IntegrityError
+
+from app import csrf, db
+from app.links import ExpiredLink, InvalidLink, load_confirm_token, load_unsubscribe_token
+from app.main import bp
+from app.main.email import queue_confirmation_email, queue_new_subscriber_notice
+from app.main.forms import SubscribeForm, UnsubscribeForm
+from app.models import Client, utcnow
+
+
+@bp.route('/', methods=['GET', 'POST'])
+def index():
+    """The sign-up form. Whatever the address's history, a valid one gets the same answer, so the page
+    never tells a stranger who is subscribed."""
+    form = SubscribeForm()
+    if form.validate_on_submit():
+        subscribe(form.email.data)
+        return render_template('message.html', title='Check your inbox',
+                               message=f'We have sent a confirmation link to {form.email.data}. '
+                                       'Follow it to start receiving the newsletter.')
+    return render_template('index.html', form=form), 400 if form.errors else 200
+
+
+def subscribe(address):
+    """New and unconfirmed addresses get a (fresh) confirmation email; so does someone who left and
+    wants back in. An active subscriber gets nothing: no mail for a stranger to trigger at will."""
+    client = db.session.scalar(sa.select(Client).where(Client.email == address))
+    if client is None:
+        client = Client(email=address)
+        db.session.add(client)
+        try:
+            db.session.flush()
+        except IntegrityError:
+            # The same address signed up in a concurrent request a moment ago; theirs stands.
+            db.session.rollback()
+            return
+    elif client.active and client.email_confirmed_at is not None:
+        return
+    queue_confirmation_email(client)
+    db.session.commit()
+
+
+@bp.route('/confirm/<token>')
+def confirm(token):
+    """:raise 400: for a forged, tampered or expired link (the page says which)."""
+    try:
+        client_id, address = load_confirm_token(token)
+    except ExpiredLink as exc:
+        return render_template('message.html', title='Link expired',
+                               message=f'{exc} Sign up again to get a new one.', show_form_link=True), 400
+    except InvalidLink as exc:
+        return render_template('message.html', title='Invalid link', message=str(exc)), 400
+    client = db.session.get(Client, client_id)
+    if client is None or client.email != address:
+        return render_template('message.html', title='Invalid link',
+                               message='This confirmation link does not match any sign-up.'), 400
+    if client.email_confirmed_at is None or not client.active:
+        client.email_confirmed_at = client.email_confirmed_at or utcnow()
+        client.active, client.unsubscribed_at = True, None
+        queue_new_subscriber_notice(client)
+        db.session.commit()
+    return render_template('message.html', title='You are subscribed',
+                           message=f'Thank you: {client.email} will receive the newsletter.')
+
+
+@bp.route('/unsubscribe/<token>', methods=['GET', 'POST'])
+@csrf.exempt  # RFC 8058 one-click POSTs come from mail providers: no session, no CSRF token
+def unsubscribe(token):
+    """GET asks for confirmation (link scanners follow GETs); POST unsubscribes, either from our form
+    (CSRF-checked by the form itself) or as an RFC 8058 one-click request.
+    :raise 400: for a forged or tampered link.  :raise 404: when the subscriber no longer exists."""
+    try:
+        client = db.session.get(Client, load_unsubscribe_token(token))
+    except InvalidLink as exc:
+        return render_template('message.html', title='Invalid link', message=str(exc)), 400
+    if client is None:
+        abort(404)
+    one_click = request.method == 'POST' and request.form.get('List-Unsubscribe') == 'One-Click'
+    form = UnsubscribeForm()
+    if one_click or form.validate_on_submit():
+        if client.active:
+            client.active, client.unsubscribed_at = False, utcnow()
+            db.session.commit()
+        return render_template('message.html', title='Unsubscribed',
+                               message=f'{client.email} will receive no more emails from us.')
+    status = 400 if request.method == 'POST' else 200
+    return render_template('unsubscribe.html', form=form, email=client.email), status

@@ -1,0 +1,256 @@
+"""The drip send: stage `weekN` goes to every active, confirmed subscriber who has received stage N-1.
+
+How it keeps its promises, in the order the code below does things:
+
+1. At most once per subscriber and stage. Before a message goes out, its row in `deliveries` (unique
+   per subscriber and stage) is inserted and committed by this run. Two runs racing for the same
+   subscriber (cron fired twice, an admin by hand while cron runs) both try the insert; one wins, the
+   other counts the subscriber as skipped.
+2. Resumable. Subscribers are claimed, sent and recorded a batch (SEND_BATCH_SIZE) at a time, and
+   each batch's outcome is committed at once. A run killed part-way leaves only its current batch
+   claimed; when that claim's lease runs out, the next run takes the batch over and sends it again.
+   So the messages in flight at the kill are the only ones that can arrive twice, and they carry a
+   Message-ID made from stage and subscriber, so the repeat is the same message.
+3. Failures. A temporary failure is retried MAIL_RETRIES times with back-off; if it persists the
+   subscriber's claim is released and the next run tries again. A permanent one (SMTP 5xx) is
+   recorded on that subscriber's delivery and the run goes on. If the way out itself stays down, the
+   run stops, releases what it has not sent, and says so: nothing is lost, nothing is marked sent.
+4. Efficient. Subscribers are read by id in batches (never the whole table), one connection is
+   reused, and the database sees a handful of statements per batch, not per subscriber.
+"""
+import hashlib
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+from flask import current_app
+from sqlalchemy.dialects import postgresql, sqlite
+
+from app import db
+from app.email import make_message_id, render_email
+from app.leases import claim, lease_end, new_owner, renew
+from app.links import list_unsubscribe_headers, unsubscribe_url
+from app.models import Client, Delivery, greeting_name, utcnow
+from app.transports import PermanentFailure, TemporaryFailure, TransportFailure, retry_delay
+
+STAGES_DIR = Path(__file__).parent / 'templates' / 'emails' / 'newsletter'
+STAGE_NAME = re.compile(r'week([1-9][0-9]*)')
+
+
+def available_stages():
+    """The stages there are templates for, in order: adding week3.txt and week3.html adds week3."""
+    names = {path.stem for path in STAGES_DIR.glob('week*.txt')
+             if STAGE_NAME.fullmatch(path.stem) and path.with_suffix('.html').exists()}
+    return sorted(names, key=stage_number)
+
+
+def stage_number(name):
+    return int(STAGE_NAME.fullmatch(name).group(1))
+
+
+@dataclass(frozen=True)
+class Recipient:
+    client_id: int
+    email: str
+
+
+@dataclass
+class Report:
+    stage: str
+    due: int = 0
+    sent: int = 0
+    skipped: int = 0
+    failed: list = field(default_factory=list)  # (email, reason)
+    aborted: str | None = None
+
+    @property
+    def ok(self):
+        return not self.failed and not self.aborted
+
+    def summary(self):
+        return f'{self.stage}: sent {self.sent}, skipped {self.skipped}, failed {len(self.failed)}'
+
+
+def due_subscribers(stage, after, limit):
+    """The next `limit` subscribers by id after `after` who are due `stage` and not claimed by any run."""
+    claimed = sa.select(Delivery.id).where(Delivery.client_id == Client.id, Delivery.stage == stage)
+    rows = db.session.execute(
+        sa.select(Client.id, Client.email)
+        .where(Client.active, Client.email_confirmed_at.is_not(None), Client.num_newsletter == stage - 1,
+               Client.id > after, ~sa.exists(claimed))
+        .order_by(Client.id).limit(limit))
+    return [Recipient(*row) for row in rows]
+
+
+def count_due(stage):
+    return db.session.scalar(
+        sa.select(sa.func.count(Client.id))
+        .where(Client.active, Client.email_confirmed_at.is_not(None), Client.num_newsletter == stage - 1))
+
+
+def iter_due(stage):
+    """Everyone due `stage`, read a batch at a time (for --dry-run)."""
+    after, batch = 0, current_app.config['SEND_BATCH_SIZE']
+    while recipients := due_subscribers(stage, after, batch):
+        yield from recipients
+        after = recipients[-1].client_id
+
+
+def forget_failures(stage):
+    """Make permanently failed subscribers due again (after the admin fixed the cause)."""
+    db.session.execute(sa.delete(Delivery).where(Delivery.stage == stage, Delivery.status == 'failed'))
+    db.session.commit()
+
+
+class StageSend:
+    """One run of one stage over one sender. `run()` returns a Report; `on_batch(report)` is called
+    after each batch is recorded, for progress display."""
+
+    def __init__(self, stage_name, sender, on_batch=None):
+        self.name, self.stage = stage_name, stage_number(stage_name)
+        self.sender, self.on_batch = sender, on_batch or (lambda report: None)
+        config = current_app.config
+        self.batch_size, self.lease = config['SEND_BATCH_SIZE'], config['LEASE_SECONDS']
+        self.retries = config['MAIL_RETRIES']
+        self.owner = new_owner()
+        self.report = Report(stage_name)
+        self.renew_at = 0.0
+
+    def run(self):
+        self.report.due = count_due(self.stage)
+        after = 0
+        while not self.report.aborted:
+            recipients = due_subscribers(self.stage, after, self.batch_size)
+            if recipients:
+                after = recipients[-1].client_id
+                batch = self._claim(recipients)
+                self.report.skipped += len(recipients) - len(batch)
+            else:
+                batch = self._take_over_expired_claims()
+                if not batch and not self._wait_for_other_runs():
+                    break
+            if batch:
+                self._send(batch)
+                self.on_batch(self.report)
+        return self.report
+
+    def _claim(self, recipients):
+        """Insert this run's claims; a subscriber another run claimed first is silently not ours."""
+        insert = (postgresql if db.engine.dialect.name == 'postgresql' else sqlite).insert
+        now, lease_until = utcnow(), lease_end(self.lease)
+        rows = [dict(client_id=r.client_id, stage=self.stage, status='sending', claimed_by=self.owner,
+                     lease_until=lease_until, message_id=self._message_id(r), created_at=now, attempts=1)
+                for r in recipients]
+        won = dict(db.session.execute(
+            insert(Delivery).values(rows).on_conflict_do_nothing(index_elements=['client_id', 'stage'])
+            .returning(Delivery.client_id, Delivery.id)).all())
+        db.session.commit()
+        self._lease_renewed()
+        return [(won[r.client_id], r) for r in recipients if r.client_id in won]
+
+    def _take_over_expired_claims(self):
+        """Claims whose lease ran out belong to a run that died: take them over and send them again."""
+        ids = claim(Delivery, Delivery.stage == self.stage, Delivery.status == 'sending',
+                    owner=self.owner, seconds=self.lease, limit=self.batch_size)
+        if not ids:
+            return []
+        self._lease_renewed()
+        rows = db.session.execute(
+            sa.select(Delivery.id, Client.id, Client.email, Client.active & Client.email_confirmed_at.is_not(None))
+            .join(Client, Client.id == Delivery.client_id).where(Delivery.id.in_(ids)).order_by(Client.id)).all()
+        gone = [delivery_id for delivery_id, _, _, eligible in rows if not eligible]
+        if gone:  # unsubscribed since the dead run claimed them
+            self._record(released=gone)
+        return [(delivery_id, Recipient(client_id, email)) for delivery_id, client_id, email, eligible in rows
+                if eligible]
+
+    def _wait_for_other_runs(self):
+        """While another live run still holds claims on this stage, wait: it finishes them, or it dies
+        and its lease runs out and we take them over. :return: False when nothing is left to wait for."""
+        soonest = db.session.scalar(
+            sa.select(sa.func.min(Delivery.lease_until))
+            .where(Delivery.stage == self.stage, Delivery.status == 'sending'))
+        db.session.commit()
+        if soonest is None:
+            return False
+        time.sleep(min(max((soonest - utcnow()).total_seconds(), 0.05), 1.0))
+        return True
+
+    def _send(self, batch):
+        sent, failed, released = [], [], []
+        pending = list(batch)
+        try:
+            while pending:
+                delivery_id, recipient = pending[0]
+                try:
+                    self._send_with_retries(self._compose(recipient))
+                except TransportFailure:
+                    raise
+                except PermanentFailure as exc:
+                    failed.append({'id': delivery_id, 'status': 'failed', 'error': str(exc)[:2000],
+                                   'lease_until': None, 'claimed_by': None})
+                    self.report.failed.append((recipient.email, str(exc)))
+                except TemporaryFailure as exc:
+                    released.append(delivery_id)
+                    self.report.failed.append((recipient.email, f'will be retried by the next run: {exc}'))
+                else:
+                    sent.append((delivery_id, recipient.client_id))
+                pending.pop(0)
+        except TransportFailure as exc:
+            released.extend(delivery_id for delivery_id, _ in pending)
+            self.report.aborted = f'stopped, {len(pending)} subscriber(s) of this batch left due: {exc}'
+        finally:
+            self._record(sent, failed, released)
+            self.report.sent += len(sent)
+
+    def _send_with_retries(self, email):
+        for attempt in range(1, self.retries + 2):
+            try:
+                return self.sender.send(email)
+            except TemporaryFailure:
+                if attempt > self.retries:
+                    raise
+                self._keep_lease()
+                time.sleep(retry_delay(attempt))
+            finally:
+                if time.monotonic() > self.renew_at:
+                    self._keep_lease()
+
+    def _compose(self, recipient):
+        link = unsubscribe_url(recipient.client_id)
+        return render_email(
+            f'emails/newsletter/{self.name}', recipient.email, self._message_id(recipient),
+            headers=list_unsubscribe_headers(link, recipient.client_id),
+            email=recipient.email, greeting_name=greeting_name(recipient.email), unsubscribe_url=link)
+
+    def _message_id(self, recipient):
+        digest = hashlib.sha256(recipient.email.encode()).hexdigest()[:10]
+        return make_message_id('newsletter', self.name, recipient.client_id, digest)
+
+    def _record(self, sent=(), failed=(), released=()):
+        """One commit for the whole batch: sent ones advance, failed ones keep their reason, released
+        ones become due again."""
+        if sent:
+            delivery_ids, client_ids = zip(*sent)
+            db.session.execute(
+                sa.update(Delivery).where(Delivery.id.in_(delivery_ids))
+                .values(status='sent', sent_at=utcnow(), lease_until=None, claimed_by=None)
+                .execution_options(synchronize_session=False))
+            db.session.execute(
+                sa.update(Client).where(Client.id.in_(client_ids)).values(num_newsletter=self.stage)
+                .execution_options(synchronize_session=False))
+        if failed:
+            db.session.execute(sa.update(Delivery), list(failed))
+        if released:
+            db.session.execute(sa.delete(Delivery).where(Delivery.id.in_(released)))
+        db.session.commit()
+
+    def _keep_lease(self):
+        renew(Delivery, Delivery.status == 'sending', owner=self.owner, seconds=self.lease)
+        self._lease_renewed()
+
+    def _lease_renewed(self):
+        # Renew once a third of the lease has passed, so a slow but live run never loses its claims.
+        self.renew_at = time.monotonic() + self.lease / 3

@@ -1,0 +1,217 @@
+"""The three ways out (SMTP through Flask-Mail, the SendGrid Web API, .eml files in a folder) behind one
+`send(email)`, and what their failures mean. Every caller retries by the same rule:
+
+- TemporaryFailure: try again later (SMTP 4xx, HTTP 429/5xx);
+- TransportFailure, a TemporaryFailure: the way out itself is down (refused or dropped connection,
+  rejected credentials), so nothing else will get through either until it is back;
+- PermanentFailure: this message will never be accepted (SMTP 5xx for the address, HTTP 4xx)."""
+import logging
+import re
+import smtplib
+import socket
+import urllib.error
+from email import policy
+from email.message import EmailMessage
+from email.utils import formatdate, parseaddr
+from pathlib import Path
+
+import flask_mail
+from flask import current_app
+from python_http_client.exceptions import HTTPError
+from sendgrid import SendGridAPIClient
+from sendgrid.helpers.mail import From, Header, Mail
+
+from app.models import utcnow
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryFailure(Exception):
+    pass
+
+
+class TemporaryFailure(DeliveryFailure):
+    pass
+
+
+class TransportFailure(TemporaryFailure):
+    pass
+
+
+class PermanentFailure(DeliveryFailure):
+    pass
+
+
+def open_sender():
+    """The configured way out, as a context manager that closes its connection when done."""
+    config = current_app.config
+    if config['SENDGRID_API_KEY']:
+        return SendGridSender(config)
+    if config['MAIL_SERVER']:
+        return SmtpSender(config)
+    return FolderSender(config)
+
+
+def retry_delay(attempt, cap=None):
+    """Seconds to wait before attempt number `attempt + 1`: MAIL_RETRY_BACKOFF, doubling each time."""
+    delay = current_app.config['MAIL_RETRY_BACKOFF'] * 2 ** (attempt - 1)
+    return min(delay, cap) if cap else delay
+
+
+# Header objects (Subject, From...) fold as usual; headers set raw are sent exactly as given (see below).
+MAIL_POLICY = policy.SMTP.clone(refold_source='none', cte_type='7bit')
+
+
+def mime_message(email):
+    """The message in MIME form, refusing header injection (CR/LF in a header value).
+
+    List-Unsubscribe holds URLs that must reach the reader verbatim. The email package folds a token
+    longer than a line into RFC 2047 encoded-words, which mail clients do not decode in that header
+    (RFC 2369), so the extra headers are set raw and folded only between their <...> items."""
+    message = EmailMessage(policy=MAIL_POLICY)
+    try:
+        message['Subject'] = email.subject
+        message['From'] = current_app.config['MAIL_DEFAULT_SENDER']
+        message['To'] = email.recipient
+        message['Date'] = formatdate(localtime=True)
+        message['Message-ID'] = email.message_id
+    except ValueError as exc:
+        raise PermanentFailure(f'refused: line break in a header of the message to {email.recipient!r}') from exc
+    for name, value in email.headers.items():
+        if '\r' in value or '\n' in value:
+            raise PermanentFailure(f'refused: line break in the {name} header of the message to {email.recipient!r}')
+        message.set_raw(name, value.replace('>, <', '>,\r\n <'))
+    message.set_content(email.text)
+    message.add_alternative(email.html, subtype='html')
+    return message
+
+
+class _Sender:
+    def __init__(self, config):
+        self.config = config
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self):
+        pass
+
+
+class SmtpSender(_Sender):
+    """One SMTP connection, reused for many messages. We call smtplib's sendmail ourselves rather than
+    Flask-Mail's Connection.send: that one reconnects after MAIL_MAX_EMAILS *after* a message was
+    accepted, and a failed reconnect there would make an accepted message look failed (and be sent again).
+    Flask-Mail also opens its socket without a time-out, so a silent server would hang cron forever."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.state = current_app.extensions['mail']
+        self.envelope_from = parseaddr(config['MAIL_DEFAULT_SENDER'])[1]
+        self.smtp = None
+        self.sent_on_connection = 0
+
+    def describe(self):
+        return f'SMTP {self.state.server}:{self.state.port}'
+
+    def _connect(self):
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(self.config['MAIL_TIMEOUT'])
+        try:
+            self.smtp = flask_mail.Connection(self.state).configure_host()
+        except (OSError, smtplib.SMTPException) as exc:
+            raise TransportFailure(f'cannot connect to {self.describe()}: {exc}') from exc
+        finally:
+            socket.setdefaulttimeout(previous)
+        self.sent_on_connection = 0
+
+    def send(self, email):
+        payload = mime_message(email).as_bytes()
+        if self.smtp is None:
+            self._connect()
+        try:
+            self.smtp.sendmail(self.envelope_from, [email.recipient], payload)
+        except smtplib.SMTPRecipientsRefused as exc:
+            code, reply = next(iter(exc.recipients.values()))
+            raise self._failure(code, reply, email) from exc
+        except smtplib.SMTPSenderRefused as exc:
+            # Our own sender address refused is a configuration problem, not this subscriber's.
+            self.close()
+            raise TransportFailure(f'{self.describe()} refused sender: {exc.smtp_code} {exc.smtp_error!r}') from exc
+        except smtplib.SMTPResponseException as exc:
+            raise self._failure(exc.smtp_code, exc.smtp_error, email) from exc
+        except (smtplib.SMTPException, OSError) as exc:
+            self.close()
+            raise TransportFailure(f'{self.describe()}: {exc or type(exc).__name__}') from exc
+        self.sent_on_connection += 1
+        if self.state.max_emails and self.sent_on_connection >= self.state.max_emails:
+            self.close()  # the next send reconnects
+
+    def _failure(self, code, reply, email):
+        text = f'{code} {reply.decode(errors="replace") if isinstance(reply, bytes) else reply}'
+        if code == 421:  # the server is closing the connection
+            self.close()
+            return TransportFailure(f'{self.describe()}: {text}')
+        if 400 <= code < 500:
+            return TemporaryFailure(f'{email.recipient}: {text}')
+        return PermanentFailure(f'{email.recipient}: {text}')
+
+    def close(self):
+        if self.smtp is not None:
+            try:
+                self.smtp.quit()
+            except (smtplib.SMTPException, OSError):
+                pass  # already gone: nothing left to close cleanly
+            self.smtp = None
+
+
+class SendGridSender(_Sender):
+    """The SendGrid v3 Web API: one HTTPS request per message, through the `sendgrid` package."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.client = SendGridAPIClient(api_key=config['SENDGRID_API_KEY'], host=config['SENDGRID_API_URL'])
+
+    def describe(self):
+        return f'SendGrid API {self.config["SENDGRID_API_URL"]}'
+
+    def send(self, email):
+        mime_message(email)  # the same header-injection check as every other way out
+        name, address = parseaddr(self.config['MAIL_DEFAULT_SENDER'])
+        message = Mail(from_email=From(address, name or None), to_emails=email.recipient,
+                       subject=email.subject, plain_text_content=email.text, html_content=email.html)
+        for key, value in {**email.headers, 'Message-ID': email.message_id}.items():
+            message.add_header(Header(key, value))
+        try:
+            self.client.client.mail.send.post(request_body=message.get(), timeout=self.config['MAIL_TIMEOUT'])
+        except HTTPError as exc:
+            text = f'{exc.status_code} {exc.body!r}'
+            if exc.status_code in (401, 403):
+                raise TransportFailure(f'{self.describe()} refused the API key: {text}') from exc
+            if exc.status_code == 429 or exc.status_code >= 500:
+                raise TemporaryFailure(f'{email.recipient}: {text}') from exc
+            raise PermanentFailure(f'{email.recipient}: {text}') from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise TransportFailure(f'{self.describe()}: {exc}') from exc
+
+
+class FolderSender(_Sender):
+    """The embedded default: each message becomes an .eml file, so a new install shows exactly what it
+    would have sent without an SMTP server or an API key."""
+
+    def describe(self):
+        return f'folder {self.config["MAIL_FOLDER"]}'
+
+    def send(self, email):
+        payload = mime_message(email).as_bytes()
+        folder = Path(self.config['MAIL_FOLDER'])
+        name = re.sub(r'[^A-Za-z0-9.@-]+', '_', email.message_id.strip('<>'))
+        path = folder / f'{utcnow():%Y%m%dT%H%M%S.%f}-{name}.eml'
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(payload)
+        except OSError as exc:
+            raise TransportFailure(f'cannot write {path}: {exc}') from exc
+        log.info('mail to %s written to %s', email.recipient, path)

@@ -1,0 +1,80 @@
+"""Settings, read from the environment (and `.env`) so one code base serves laptop, CI and production."""
+import os
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+basedir = Path(__file__).resolve().parent
+# Tests and their subprocesses set FLASK_SKIP_DOTENV so a developer's .env cannot leak into them.
+if not os.environ.get('FLASK_SKIP_DOTENV'):
+    load_dotenv(basedir / '.env')
+
+
+def env_bool(name, default=False):
+    value = os.environ.get(name)
+    if value is None or value == '':
+        return default
+    return value.strip().lower() in ('1', 'true', 'yes', 'on')
+
+
+def env_int(name, default):
+    return int(os.environ.get(name) or default)
+
+
+def env_float(name, default):
+    return float(os.environ.get(name) or default)
+
+
+def env_list(name):
+    return [item.strip() for item in (os.environ.get(name) or '').split(',') if item.strip()]
+
+
+def database_url():
+    """SQLAlchemy wants `postgresql://`; many hosts still hand out `postgres://`."""
+    url = os.environ.get('DATABASE_URL') or 'sqlite:///newsletter.db'
+    if url.startswith('postgres://'):
+        url = 'postgresql://' + url[len('postgres://'):]
+    return url
+
+
+class Config:
+    # Left empty, the app keeps a generated key in the instance folder: see app.create_app.
+    SECRET_KEY = os.environ.get('SECRET_KEY')
+    # A relative SQLite path lives in the instance folder (Flask-SQLAlchemy's rule).
+    SQLALCHEMY_DATABASE_URI = database_url()
+    BASE_URL = (os.environ.get('BASE_URL') or 'http://localhost:5000').rstrip('/')
+    MAX_CONTENT_LENGTH = 64 * 1024
+
+    # Mail: SendGrid when SENDGRID_API_KEY is set, SMTP when MAIL_SERVER is set, else .eml files.
+    MAIL_SERVER = os.environ.get('MAIL_SERVER')
+    MAIL_PORT = env_int('MAIL_PORT', 25)
+    MAIL_USE_TLS = env_bool('MAIL_USE_TLS')
+    MAIL_USE_SSL = env_bool('MAIL_USE_SSL')
+    MAIL_USERNAME = os.environ.get('MAIL_USERNAME')
+    MAIL_PASSWORD = os.environ.get('MAIL_PASSWORD')
+    MAIL_DEFAULT_SENDER = os.environ.get('MAIL_DEFAULT_SENDER') or 'Newsletter <newsletter@localhost>'
+    MAIL_MAX_EMAILS = env_int('MAIL_MAX_EMAILS', 0) or None
+    MAIL_TIMEOUT = env_float('MAIL_TIMEOUT', 30)
+    MAIL_FOLDER = os.environ.get('MAIL_FOLDER')  # default: <instance>/mail
+    SENDGRID_API_KEY = os.environ.get('SENDGRID_API_KEY')
+    SENDGRID_API_URL = os.environ.get('SENDGRID_API_URL') or 'https://api.sendgrid.com'
+    UNSUBSCRIBE_MAILTO = os.environ.get('UNSUBSCRIBE_MAILTO')
+    ADMINS = env_list('ADMINS')
+
+    # Temporary failures are retried after MAIL_RETRY_BACKOFF seconds, doubling each time.
+    MAIL_RETRIES = env_int('MAIL_RETRIES', 3)
+    MAIL_RETRY_BACKOFF = env_float('MAIL_RETRY_BACKOFF', 2)
+
+    # The drip: a batch is claimed, sent and recorded as one unit; its size bounds what a crash can repeat.
+    SEND_BATCH_SIZE = env_int('SEND_BATCH_SIZE', 100)
+    # How long a claim on work (a drip batch, an outbox email) holds before another process may take it over.
+    LEASE_SECONDS = env_float('LEASE_SECONDS', 120)
+
+    # Outbox (confirmation and admin mail): 'thread' inside the web process, or 'off' when `flask worker` runs.
+    OUTBOX_WORKER = os.environ.get('OUTBOX_WORKER') or 'thread'
+    OUTBOX_POLL_SECONDS = env_float('OUTBOX_POLL_SECONDS', 5)
+    OUTBOX_MAX_ATTEMPTS = env_int('OUTBOX_MAX_ATTEMPTS', 15)
+    OUTBOX_MAX_BACKOFF = env_float('OUTBOX_MAX_BACKOFF', 3600)
+
+    CONFIRM_MAX_AGE = env_int('CONFIRM_MAX_AGE', 7 * 24 * 3600)
+    EMAIL_CHECK_DELIVERABILITY = env_bool('EMAIL_CHECK_DELIVERABILITY', True)

@@ -1,0 +1,13 @@
+"""The WSGI entry point (`flask --app main run`, `gunicorn main:app`)."""
+import sqlalchemy as sa
+import sqlalchemy.orm as so
+
+from app import create_app, db
+from app.models import Client, Delivery, OutboxEmail
+
+app = create_app()
+
+
+@app.shell_context_processor
+def make_shell_context():
+    return {'sa': sa, 'so': so, 'db': db, 'Client': Client, 'Delivery': Delivery, 'OutboxEmail': OutboxEmail}

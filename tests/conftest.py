@@ -1,0 +1,153 @@
+"""Fixtures: every database test runs on SQLite and on PostgreSQL; mail goes to a real SMTP server."""
+import os
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+os.environ['FLASK_SKIP_DOTENV'] = '1'  # before config is imported: a developer's .env must not leak in
+
+import pytest  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
+
+from app import create_app, db  # noqa: E402
+from app.models import Client, utcnow  # noqa: E402
+from config import Config  # noqa: E402
+from tests.support.sendgrid import SendGridStandIn  # noqa: E402
+from tests.support.smtp import MailSink  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+POSTGRESQL_URL = os.environ.get('TEST_POSTGRESQL_URL', 'postgresql://postgres@127.0.0.1:5432/test')
+
+
+@pytest.fixture(scope='session')
+def postgresql_server():
+    engine = sa.create_engine(POSTGRESQL_URL)
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.OperationalError as exc:
+        pytest.fail(f'PostgreSQL is not reachable at {POSTGRESQL_URL}: {exc}\n'
+                    'Start it (pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start) '
+                    'or point TEST_POSTGRESQL_URL at one.', pytrace=False)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def postgresql_url(postgresql_server):
+    """A fresh schema in the test database for each test, dropped afterwards."""
+    schema = f'test_{uuid.uuid4().hex[:12]}'
+    with postgresql_server.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA {schema}'))
+    yield f'{POSTGRESQL_URL}?options=-csearch_path%3D{schema}'
+    with postgresql_server.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA {schema} CASCADE'))
+
+
+@pytest.fixture(params=['sqlite', 'postgresql'])
+def database_url(request, tmp_path):
+    if request.param == 'sqlite':
+        return f'sqlite:///{tmp_path / "newsletter.db"}'
+    return request.getfixturevalue('postgresql_url')
+
+
+@pytest.fixture
+def smtp():
+    sink = MailSink().start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+def sendgrid_api():
+    stand_in = SendGridStandIn().start()
+    yield stand_in
+    stand_in.stop()
+
+
+@pytest.fixture
+def settings(database_url, smtp, tmp_path):
+    """The app's settings for one test; a test may change them before it asks for `app`."""
+    return {
+        'TESTING': True,
+        'SECRET_KEY': 'test-secret-key',
+        'SQLALCHEMY_DATABASE_URI': database_url,
+        'BASE_URL': 'http://newsletter.test',
+        'MAIL_SERVER': '127.0.0.1',
+        'MAIL_PORT': smtp.port,
+        'MAIL_DEFAULT_SENDER': 'The Newsletter <news@example.com>',
+        'MAIL_FOLDER': str(tmp_path / 'mail'),
+        'MAIL_RETRY_BACKOFF': 0.01,
+        'MAIL_TIMEOUT': 5,
+        'SENDGRID_API_KEY': None,
+        'UNSUBSCRIBE_MAILTO': 'unsubscribe@example.com',
+        'ADMINS': ['admin@example.com'],
+        'OUTBOX_WORKER': 'off',
+        'EMAIL_CHECK_DELIVERABILITY': False,
+        'SEND_BATCH_SIZE': 10,
+        'LEASE_SECONDS': 30,
+    }
+
+
+@pytest.fixture
+def app(settings):
+    app = create_app(type('TestConfig', (Config,), settings))
+    with app.app_context():
+        db.create_all()
+    yield app
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+@pytest.fixture
+def subscribers(app):
+    """Make `count` confirmed, active subscribers (or as told) and return their addresses."""
+    def make(count, start=0, **fields):
+        fields.setdefault('email_confirmed_at', utcnow())
+        rows = [{'email': f'reader{n}@example.com', 'active': True, 'num_newsletter': 0, 'created_at': utcnow(),
+                 **fields} for n in range(start, start + count)]
+        with app.app_context():
+            db.session.execute(sa.insert(Client), rows)
+            db.session.commit()
+        return [row['email'] for row in rows]
+    return make
+
+
+@pytest.fixture
+def flask_command(settings):
+    """Run `flask ...` as a real process, configured from the environment as cron would run it."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(('MAIL_', 'SEND', 'DATABASE'))}
+    env.update({
+        'FLASK_SKIP_DOTENV': '1', 'DATABASE_URL': settings['SQLALCHEMY_DATABASE_URI'],
+        'SECRET_KEY': settings['SECRET_KEY'], 'BASE_URL': settings['BASE_URL'],
+        'MAIL_SERVER': settings['MAIL_SERVER'], 'MAIL_PORT': str(settings['MAIL_PORT']),
+        'MAIL_DEFAULT_SENDER': settings['MAIL_DEFAULT_SENDER'],
+        'MAIL_RETRY_BACKOFF': str(settings['MAIL_RETRY_BACKOFF']),
+        'SEND_BATCH_SIZE': str(settings['SEND_BATCH_SIZE']), 'LEASE_SECONDS': str(settings['LEASE_SECONDS']),
+        'OUTBOX_WORKER': 'off', 'EMAIL_CHECK_DELIVERABILITY': 'false',
+    })
+
+    def start(*args, **extra_env):
+        return subprocess.Popen([sys.executable, '-m', 'flask', '--app', 'main', *args], cwd=ROOT,
+                                env={**env, **extra_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    return start
+
+
+def csrf_token(client, url):
+    """The CSRF token a browser would get with the form at `url`."""
+    page = client.get(url).get_data(as_text=True)
+    return re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', page).group(1)

@@ -1,0 +1,40 @@
+"""A local HTTP server standing in for the SendGrid v3 API: it records each request and answers as
+SendGrid does (202, or the status a test asks for)."""
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class SendGridStandIn:
+    def __init__(self):
+        self.requests = []
+        self.status_for = {}  # recipient address -> HTTP status to answer
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
+                stand_in.requests.append({'path': self.path, 'headers': dict(self.headers), 'body': body})
+                recipient = body['personalizations'][0]['to'][0]['email']
+                status = stand_in.status_for.get(recipient, 202)
+                self.send_response(status)
+                self.send_header('Content-Type', 'application/json')
+                reply = b'' if status == 202 else json.dumps({'errors': [{'message': 'refused'}]}).encode()
+                self.send_header('Content-Length', str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.url = f'http://127.0.0.1:{self.server.server_address[1]}'
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,235 @@
+"""The weekly drip, run as cron runs it (`flask send-newsletter-email weekN`), against a real SMTP server."""
+import re
+
+import pytest
+import sqlalchemy as sa
+
+from app import db
+from app.models import Client, Delivery, utcnow
+
+
+def clients(app):
+    with app.app_context():
+        return {c.email: c for c in db.session.scalars(sa.select(Client))}
+
+
+def deliveries(app, stage=1):
+    with app.app_context():
+        return {d.client.email: (d.status, d.error) for d in db.session.scalars(
+            sa.select(Delivery).where(Delivery.stage == stage).options(sa.orm.joinedload(Delivery.client)))}
+
+
+def test_week1_goes_to_confirmed_active_new_subscribers_and_advances_them(app, runner, smtp, subscribers):
+    due = subscribers(3)
+    subscribers(1, start=10, email_confirmed_at=None)  # never confirmed
+    subscribers(1, start=11, active=False)  # unsubscribed
+    subscribers(1, start=12, num_newsletter=1)  # already had week1
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert result.exit_code == 0, result.output
+    assert 'week1: sent 3, skipped 0, failed 0' in result.output
+    assert sorted(smtp.recipients()) == sorted(due)
+    stages = {email: c.num_newsletter for email, c in clients(app).items()}
+    assert stages == {**{e: 1 for e in due}, 'reader10@example.com': 0, 'reader11@example.com': 0,
+                      'reader12@example.com': 1}
+
+
+def test_week2_goes_only_to_those_who_received_week1(app, runner, smtp, subscribers):
+    subscribers(2)
+    at_stage_one = subscribers(2, start=5, num_newsletter=1)
+
+    result = runner.invoke(args=['send-newsletter-email', 'week2'])
+
+    assert result.exit_code == 0, result.output
+    assert sorted(smtp.recipients()) == sorted(at_stage_one)
+    assert all(clients(app)[email].num_newsletter == 2 for email in at_stage_one)
+
+
+def test_a_second_run_of_the_same_stage_sends_nothing(runner, smtp, subscribers):
+    subscribers(25)
+    assert runner.invoke(args=['send-newsletter-email', 'week1']).exit_code == 0
+
+    again = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert again.exit_code == 0
+    assert 'week1: sent 0, skipped 0, failed 0' in again.output
+    assert len(smtp.messages) == 25
+
+
+def test_newsletter_is_personal_and_carries_one_click_unsubscribe_headers(app, runner, smtp, subscribers):
+    subscribers(1, start=0, email='jane.doe@example.com')
+
+    assert runner.invoke(args=['send-newsletter-email', 'week1']).exit_code == 0
+
+    [message] = smtp.messages
+    client = clients(app)['jane.doe@example.com']
+    assert message['To'] == 'jane.doe@example.com'
+    assert message['From'] == 'The Newsletter <news@example.com>'
+    assert message['Subject'] == 'Welcome aboard, Jane Doe: week 1'
+    assert re.fullmatch(rf'<newsletter\.week1\.{client.id}\.[0-9a-f]{{10}}@example\.com>', message['Message-ID'])
+    text = message.get_body(('plain',)).get_content()
+    html = message.get_body(('html',)).get_content()
+    assert 'Hello Jane Doe,' in text and 'Hello Jane Doe,' in html
+    link = re.search(r'Unsubscribe: (\S+)', text).group(1)
+    assert link.startswith('http://newsletter.test/unsubscribe/')
+    assert f'href="{link}"' in html
+    assert message['List-Unsubscribe'].startswith(f'<{link}>, <mailto:unsubscribe@example.com?subject=unsubscribe')
+    assert message['List-Unsubscribe-Post'] == 'List-Unsubscribe=One-Click'
+
+
+def test_unsubscribe_link_from_a_received_newsletter_works(app, runner, smtp, subscribers):
+    [email] = subscribers(1)
+    runner.invoke(args=['send-newsletter-email', 'week1'])
+    link = re.search(r'<(http[^>]+)>', smtp.messages[0]['List-Unsubscribe']).group(1)
+
+    # What Gmail does for an RFC 8058 one-click: a bare POST, no cookies, no CSRF token.
+    response = app.test_client().post(link.removeprefix('http://newsletter.test'),
+                                      data={'List-Unsubscribe': 'One-Click'})
+
+    assert response.status_code == 200
+    assert clients(app)[email].active is False
+    again = runner.invoke(args=['send-newsletter-email', 'week2'])
+    assert 'sent 0' in again.output and len(smtp.messages) == 1
+
+
+def test_dry_run_lists_who_is_due_and_sends_nothing(app, runner, smtp, subscribers):
+    due = subscribers(12)
+    subscribers(1, start=50, email_confirmed_at=None)
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1', '--dry-run'])
+
+    assert result.exit_code == 0
+    assert result.stdout.split() == due
+    assert '12 subscriber(s) would be sent' in result.stderr
+    assert smtp.messages == [] and deliveries(app) == {}
+    assert all(c.num_newsletter == 0 for c in clients(app).values())
+
+
+def test_help_lists_the_stages(runner):
+    result = runner.invoke(args=['send-newsletter-email', '--help'])
+    assert '{week1|week2}' in result.output
+
+
+def test_unknown_stage_is_refused(runner, smtp, subscribers):
+    subscribers(1)
+    result = runner.invoke(args=['send-newsletter-email', 'week99'])
+    assert result.exit_code == 2 and "'week99' is not one of" in result.output
+    assert smtp.messages == []
+
+
+def test_permanent_failure_is_recorded_for_that_subscriber_and_the_rest_are_sent(app, runner, smtp, subscribers):
+    emails = subscribers(5)
+    smtp.refuse_for_good['reader2@example.com'] = '550 5.1.1 No such user here'
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert result.exit_code == 1
+    assert 'week1: sent 4, skipped 0, failed 1' in result.output
+    assert 'failed: reader2@example.com: reader2@example.com: 550 5.1.1 No such user here' in result.output
+    assert sorted(smtp.recipients()) == sorted(set(emails) - {'reader2@example.com'})
+    status, error = deliveries(app)['reader2@example.com']
+    assert status == 'failed' and '550 5.1.1 No such user here' in error
+    assert clients(app)['reader2@example.com'].num_newsletter == 0
+
+    # A later run does not hammer the refused address; --retry-failed does, once the admin fixed it.
+    assert runner.invoke(args=['send-newsletter-email', 'week1']).exit_code == 0
+    del smtp.refuse_for_good['reader2@example.com']
+    retried = runner.invoke(args=['send-newsletter-email', 'week1', '--retry-failed'])
+    assert retried.exit_code == 0 and 'sent 1,' in retried.output
+    assert smtp.recipients().count('reader2@example.com') == 1
+
+
+def test_temporary_failure_is_retried_with_backoff(app, runner, smtp, subscribers):
+    subscribers(3)
+    smtp.refuse_for_now['reader1@example.com'] = 2  # 451 twice, then accepted
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert result.exit_code == 0, result.output
+    assert sorted(smtp.recipients()) == ['reader0@example.com', 'reader1@example.com', 'reader2@example.com']
+
+
+def test_temporary_failure_that_persists_leaves_the_subscriber_due_for_the_next_run(app, runner, smtp, subscribers):
+    app.config['MAIL_RETRIES'] = 2
+    subscribers(3)
+    smtp.refuse_for_now['reader1@example.com'] = 3  # outlasts this run's retries
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert result.exit_code == 1
+    assert 'sent 2, skipped 0, failed 1' in result.output and 'will be retried by the next run' in result.output
+    assert 'reader1@example.com' not in deliveries(app)
+    rerun = runner.invoke(args=['send-newsletter-email', 'week1'])
+    assert rerun.exit_code == 0 and 'sent 1,' in rerun.output
+    assert smtp.recipients().count('reader1@example.com') == 1
+
+
+def test_dropped_connection_is_retried_on_a_new_connection(runner, smtp, subscribers):
+    emails = subscribers(4)
+    smtp.drops = 1
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert result.exit_code == 0, result.output
+    assert sorted(smtp.recipients()) == sorted(emails)
+    assert smtp.connections == 2
+
+
+def test_dead_smtp_server_stops_the_run_and_loses_nothing(app, runner, smtp, subscribers):
+    emails = subscribers(15)
+    smtp.stop()
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert result.exit_code == 1
+    assert 'cannot connect to SMTP 127.0.0.1' in result.output and 'sent 0' in result.output
+    assert deliveries(app) == {}
+    assert all(c.num_newsletter == 0 for c in clients(app).values())
+
+    smtp.start()
+    rerun = runner.invoke(args=['send-newsletter-email', 'week1'])
+    assert rerun.exit_code == 0, rerun.output
+    assert sorted(smtp.recipients()) == sorted(emails)
+
+
+def test_one_connection_is_reused_and_mail_max_emails_honoured(app, runner, smtp, subscribers):
+    subscribers(25)
+    assert runner.invoke(args=['send-newsletter-email', 'week1']).exit_code == 0
+    assert smtp.connections == 1
+
+    app.extensions['mail'].max_emails = 10
+    subscribers(25, start=100)
+    assert runner.invoke(args=['send-newsletter-email', 'week1']).exit_code == 0
+    assert smtp.connections == 1 + 3 and len(smtp.messages) == 50
+
+
+@pytest.mark.parametrize('count', [40, 80])
+def test_database_work_grows_with_batches_not_subscribers(app, runner, smtp, subscribers, count):
+    subscribers(count)
+    statements = []
+
+    def record(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    with app.app_context():
+        sa.event.listen(db.engine, 'before_cursor_execute', record)
+        result = runner.invoke(args=['send-newsletter-email', 'week1'])
+        sa.event.remove(db.engine, 'before_cursor_execute', record)
+    assert result.exit_code == 0
+    batches = count // app.config['SEND_BATCH_SIZE']
+    # Per batch: read due, insert claims, mark sent, advance subscribers; plus a few per run.
+    assert len(statements) <= 4 * batches + 6, statements
+
+
+def test_a_header_injection_in_a_stored_address_is_refused_and_the_rest_are_sent(app, runner, smtp, subscribers):
+    subscribers(2)
+    subscribers(1, start=5, email='evil@example.com\r\nBcc: victim@example.org')
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert result.exit_code == 1
+    assert 'line break in a header' in result.output
+    assert sorted(smtp.recipients()) == ['reader0@example.com', 'reader1@example.com']
+    assert all('victim' not in str(m) for m in smtp.messages)
+    assert deliveries(app)['evil@example.com\r\nBcc: victim@example.org'][0] == 'failed'
