@@ -38,6 +38,8 @@ def database_url():
 
 
 class Config:
+    # The folder for the SQLite file, the generated secret key and the .eml mail (default: ./instance).
+    INSTANCE_PATH = os.path.abspath(os.environ['INSTANCE_PATH']) if os.environ.get('INSTANCE_PATH') else None
     # Left empty, the app keeps a generated key in the instance folder: see app.create_app.
     SECRET_KEY = os.environ.get('SECRET_KEY')
     # A relative SQLite path lives in the instance folder (Flask-SQLAlchemy's rule).

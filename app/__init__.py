@@ -27,7 +27,7 @@ csrf = CSRFProtect()
 
 
 def create_app(config_class=Config):
-    app = Flask(__name__, instance_relative_config=True)
+    app = Flask(__name__, instance_relative_config=True, instance_path=config_class.INSTANCE_PATH)
     app.config.from_object(config_class)
     Path(app.instance_path).mkdir(parents=True, exist_ok=True)
     if not app.config['SECRET_KEY']:

@@ -41,7 +41,7 @@ def send_newsletter_email(stage, dry_run, retry_failed):
         if sys.stdout.isatty():
             report = _send_with_progress_bar(stage, sender)
         else:
-            report = StageSend(stage, sender, on_batch=_log_progress).run()
+            report = StageSend(stage, sender, on_batch=_log_progress, on_wait=_log_wait()).run()
 
     click.echo(report.summary())
     for email, reason in report.failed:
@@ -53,7 +53,7 @@ def send_newsletter_email(stage, dry_run, retry_failed):
 
 
 def _send_with_progress_bar(stage, sender):
-    run = StageSend(stage, sender)
+    run = StageSend(stage, sender, on_wait=_log_wait())
     with click.progressbar(length=count_due(run.stage), label=stage) as bar:
         def advance(report):
             bar.update(report.sent + report.skipped + len(report.failed) - bar.pos)
@@ -65,6 +65,17 @@ def _send_with_progress_bar(stage, sender):
 def _log_progress(report):
     # Cron has no terminal: one plain line per batch goes to the log instead of a progress bar.
     click.echo(f'{report.summary()} (of {report.due} due at start)')
+
+
+def _log_wait():
+    said = set()
+
+    def say(claimed, lease_until):
+        if (claimed, lease_until) not in said:
+            said.add((claimed, lease_until))
+            click.echo(f'waiting for {claimed} subscriber(s) claimed by another run: it sends them, or its '
+                       f'claim runs out at {lease_until:%H:%M:%S} UTC and this run sends them', err=True)
+    return say
 
 
 @bp.cli.command('worker')

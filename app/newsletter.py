@@ -105,12 +105,15 @@ def forget_failures(stage):
 
 
 class StageSend:
-    """One run of one stage over one sender. `run()` returns a Report; `on_batch(report)` is called
-    after each batch is recorded, for progress display."""
+    """One run of one stage over one sender. `run()` returns a Report. For display, `on_batch(report)`
+    is called after each batch is recorded, and `on_wait(claimed, lease_until)` when the run waits for
+    another run's claims."""
 
-    def __init__(self, stage_name, sender, on_batch=None):
+    def __init__(self, stage_name, sender, on_batch=None, on_wait=None):
         self.name, self.stage = stage_name, stage_number(stage_name)
-        self.sender, self.on_batch = sender, on_batch or (lambda report: None)
+        self.sender = sender
+        self.on_batch = on_batch or (lambda report: None)
+        self.on_wait = on_wait or (lambda claimed, lease_until: None)
         config = current_app.config
         self.batch_size, self.lease = config['SEND_BATCH_SIZE'], config['LEASE_SECONDS']
         self.retries = config['MAIL_RETRIES']
@@ -169,12 +172,13 @@ class StageSend:
     def _wait_for_other_runs(self):
         """While another live run still holds claims on this stage, wait: it finishes them, or it dies
         and its lease runs out and we take them over. :return: False when nothing is left to wait for."""
-        soonest = db.session.scalar(
-            sa.select(sa.func.min(Delivery.lease_until))
-            .where(Delivery.stage == self.stage, Delivery.status == 'sending'))
+        claimed, soonest = db.session.execute(
+            sa.select(sa.func.count(Delivery.id), sa.func.min(Delivery.lease_until))
+            .where(Delivery.stage == self.stage, Delivery.status == 'sending')).one()
         db.session.commit()
-        if soonest is None:
+        if not claimed:
             return False
+        self.on_wait(claimed, soonest)
         time.sleep(min(max((soonest - utcnow()).total_seconds(), 0.05), 1.0))
         return True
 

@@ -25,8 +25,15 @@ log = logging.getLogger(__name__)
 class _State:
     def __init__(self):
         self.wake = threading.Event()
+        self.stop = threading.Event()
         self.lock = threading.Lock()
         self.thread = None
+
+    def stop_thread(self):
+        self.stop.set()
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join()
 
 
 def init_app(app):
@@ -40,7 +47,7 @@ def init_app(app):
                 with state.lock:
                     if state.thread is None:
                         state.thread = threading.Thread(
-                            target=run_worker, args=(app, threading.Event()), name='outbox-worker', daemon=True)
+                            target=run_worker, args=(app, state.stop), name='outbox-worker', daemon=True)
                         state.thread.start()
 
 
@@ -59,31 +66,33 @@ def _wake_worker(session):
         current_app.extensions['outbox'].wake.set()
 
 
-def deliver_due(limit=20):
-    """Deliver the emails that are due, committing after each.  :return: how many were delivered."""
-    config = current_app.config
-    owner = new_owner()
-    ids = claim(OutboxEmail, OutboxEmail.status == 'pending', OutboxEmail.next_attempt_at <= utcnow(),
-                owner=owner, seconds=config['LEASE_SECONDS'], limit=limit)
-    delivered = 0
+def deliver_due(limit=100):
+    """Deliver up to `limit` emails that are due, over one connection.  :return: how many went out.
+
+    Each email is claimed on its own and committed once sent: a worker holds one email at a time, so
+    its lease cannot run out while it is busy with others, and a crash repeats at most that one."""
+    owner, lease, delivered = new_owner(), current_app.config['LEASE_SECONDS'], 0
     with open_sender() as sender:
-        for position, row_id in enumerate(ids):
-            row = db.session.get(OutboxEmail, row_id)
+        for _ in range(limit):
+            ids = claim(OutboxEmail, OutboxEmail.status == 'pending', OutboxEmail.next_attempt_at <= utcnow(),
+                        owner=owner, seconds=lease, limit=1)
+            if not ids:
+                break
+            row, transport_down = db.session.get(OutboxEmail, ids[0]), False
             try:
                 sender.send(Email(row.recipient, row.subject, row.text, row.html, row.message_id, row.headers))
             except PermanentFailure as exc:
                 _finish(row, 'failed', error=str(exc))
             except TemporaryFailure as exc:
                 _retry_later(row, exc)
-                if isinstance(exc, TransportFailure):
-                    # The way out is down: leave the rest untried (and their attempts untouched).
-                    _release(ids[position + 1:], owner)
-                    log.warning('outbox: %s; %d email(s) wait for the next try', exc, len(ids) - position)
-                    break
+                transport_down = isinstance(exc, TransportFailure)
             else:
                 _finish(row, 'sent')
                 delivered += 1
             db.session.commit()
+            if transport_down:
+                log.warning('outbox: %s; queued emails wait for the next try', row.last_error)
+                break
     return delivered
 
 
@@ -105,13 +114,6 @@ def _retry_later(row, exc):
     row.claimed_by = row.lease_until = None
     delay = retry_delay(row.attempts, cap=current_app.config['OUTBOX_MAX_BACKOFF'])
     row.next_attempt_at = utcnow() + timedelta(seconds=delay)
-
-
-def _release(ids, owner):
-    if ids:
-        db.session.execute(
-            sa.update(OutboxEmail).where(OutboxEmail.id.in_(ids), OutboxEmail.claimed_by == owner)
-            .values(claimed_by=None, lease_until=None).execution_options(synchronize_session=False))
 
 
 def run_worker(app, stop):

@@ -72,6 +72,7 @@ def settings(database_url, smtp, tmp_path):
     """The app's settings for one test; a test may change them before it asks for `app`."""
     return {
         'TESTING': True,
+        'INSTANCE_PATH': str(tmp_path / 'instance'),
         'SECRET_KEY': 'test-secret-key',
         'SQLALCHEMY_DATABASE_URI': database_url,
         'BASE_URL': 'http://newsletter.test',
@@ -97,6 +98,7 @@ def app(settings):
     with app.app_context():
         db.create_all()
     yield app
+    app.extensions['outbox'].stop_thread()
     with app.app_context():
         db.session.remove()
         db.engine.dispose()
@@ -131,7 +133,7 @@ def flask_command(settings):
     """Run `flask ...` as a real process, configured from the environment as cron would run it."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(('MAIL_', 'SEND', 'DATABASE'))}
     env.update({
-        'FLASK_SKIP_DOTENV': '1', 'DATABASE_URL': settings['SQLALCHEMY_DATABASE_URI'],
+        'FLASK_SKIP_DOTENV': '1', 'INSTANCE_PATH': settings['INSTANCE_PATH'], 'DATABASE_URL': settings['SQLALCHEMY_DATABASE_URI'],
         'SECRET_KEY': settings['SECRET_KEY'], 'BASE_URL': settings['BASE_URL'],
         'MAIL_SERVER': settings['MAIL_SERVER'], 'MAIL_PORT': str(settings['MAIL_PORT']),
         'MAIL_DEFAULT_SENDER': settings['MAIL_DEFAULT_SENDER'],

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class SendGridStandIn:
     def __init__(self):
         self.requests = []
-        self.status_for = {}  # recipient address -> HTTP status to answer
+        self.answers = {}  # recipient address -> list of HTTP statuses to answer, in turn (then 202)
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -16,7 +16,8 @@ class SendGridStandIn:
                 body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
                 stand_in.requests.append({'path': self.path, 'headers': dict(self.headers), 'body': body})
                 recipient = body['personalizations'][0]['to'][0]['email']
-                status = stand_in.status_for.get(recipient, 202)
+                planned = stand_in.answers.get(recipient)
+                status = planned.pop(0) if planned else 202
                 self.send_response(status)
                 self.send_header('Content-Type', 'application/json')
                 reply = b'' if status == 202 else json.dumps({'errors': [{'message': 'refused'}]}).encode()

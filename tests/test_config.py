@@ -1,0 +1,39 @@
+"""Settings come from the environment, with fallbacks a fresh install can run on."""
+import pytest
+
+import config
+from app import create_app
+
+
+@pytest.mark.parametrize('value, expected', [
+    ('1', True), ('true', True), ('Yes', True), ('on', True), ('0', False), ('false', False), ('', False)])
+def test_booleans_read_from_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv('MAIL_USE_TLS', value)
+    assert config.env_bool('MAIL_USE_TLS') is expected
+
+
+def test_admins_is_a_comma_separated_list(monkeypatch):
+    monkeypatch.setenv('ADMINS', ' a@example.com, ,b@example.com ')
+    assert config.env_list('ADMINS') == ['a@example.com', 'b@example.com']
+
+
+def test_heroku_style_postgres_urls_are_accepted(monkeypatch):
+    monkeypatch.setenv('DATABASE_URL', 'postgres://u:p@db.example.com/news')
+    assert config.database_url() == 'postgresql://u:p@db.example.com/news'
+
+
+def test_the_default_database_is_a_sqlite_file_in_the_instance_folder(monkeypatch):
+    monkeypatch.delenv('DATABASE_URL', raising=False)
+    assert config.database_url() == 'sqlite:///newsletter.db'
+
+
+def test_without_a_secret_key_one_is_generated_once_and_kept_private(tmp_path):
+    class Settings(config.Config):
+        INSTANCE_PATH = str(tmp_path)
+        SECRET_KEY = None
+        SQLALCHEMY_DATABASE_URI = f'sqlite:///{tmp_path}/x.db'
+
+    keys = {create_app(Settings).config['SECRET_KEY'] for _ in range(2)}
+
+    assert len(keys) == 1 and len(keys.pop()) == 64
+    assert (tmp_path / 'secret_key').stat().st_mode & 0o777 == 0o600

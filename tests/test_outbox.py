@@ -1,0 +1,141 @@
+"""The outbox: web requests never wait on SMTP, and an email the app accepted is never lost."""
+import signal
+import time
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from app import db
+from app.email import Email
+from app.models import OutboxEmail, utcnow
+from app.outbox import deliver_due, queue_email
+from tests.test_signup import sign_up
+
+
+def queue(app, *recipients):
+    with app.app_context():
+        for n, recipient in enumerate(recipients):
+            queue_email(Email(recipient, f'Hello {n}', 'text', '<p>html</p>', f'<test.{n}.{recipient}>'))
+        db.session.commit()
+
+
+def outbox(app):
+    with app.app_context():
+        return {row.recipient: row for row in db.session.scalars(sa.select(OutboxEmail))}
+
+
+def deliver(app):
+    with app.app_context():
+        return deliver_due()
+
+
+def make_due_now(app):
+    with app.app_context():
+        db.session.execute(sa.update(OutboxEmail).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
+        db.session.commit()
+
+
+def test_sign_up_does_not_wait_for_a_dead_smtp_server_and_the_email_goes_out_when_it_is_back(app, client, smtp):
+    smtp.stop()
+
+    assert sign_up(client, 'jane@example.com').status_code == 200
+    assert deliver(app) == 0
+
+    row = outbox(app)['jane@example.com']
+    assert row.status == 'pending' and row.attempts == 1
+    assert 'cannot connect' in row.last_error and row.next_attempt_at > row.created_at
+    smtp.start()
+    make_due_now(app)
+    assert deliver(app) == 1
+    assert smtp.recipients() == ['jane@example.com']
+    assert outbox(app)['jane@example.com'].status == 'sent'
+
+
+def test_an_email_exists_only_if_its_transaction_commits(app, smtp):
+    with app.app_context():
+        queue_email(Email('jane@example.com', 'Hi', 'text', '<p>html</p>', '<rolled.back@example.com>'))
+        db.session.rollback()
+    assert outbox(app) == {} and deliver(app) == 0
+
+
+def test_a_permanent_failure_is_kept_as_failed_and_the_rest_go_out(app, smtp):
+    smtp.refuse_for_good['gone@example.com'] = '550 5.1.1 No such user'
+    queue(app, 'a@example.com', 'gone@example.com', 'b@example.com')
+
+    assert deliver(app) == 2
+
+    rows = outbox(app)
+    assert rows['gone@example.com'].status == 'failed' and '550' in rows['gone@example.com'].last_error
+    assert sorted(smtp.recipients()) == ['a@example.com', 'b@example.com']
+
+
+def test_a_temporary_failure_is_retried_with_growing_back_off_then_kept_as_failed(app, smtp):
+    app.config.update(OUTBOX_MAX_ATTEMPTS=3, MAIL_RETRY_BACKOFF=60)
+    smtp.refuse_for_now['busy@example.com'] = 99
+    queue(app, 'busy@example.com')
+
+    waits = []
+    for _ in range(3):
+        before = utcnow()
+        deliver(app)
+        row = outbox(app)['busy@example.com']
+        waits.append((row.next_attempt_at - before).total_seconds())
+        make_due_now(app)
+
+    assert row.status == 'failed' and 'gave up after 3 attempts' in row.last_error
+    assert 59 <= waits[0] <= 61 and 119 <= waits[1] <= 121, waits  # 60 s, then doubled
+    assert outbox(app)['busy@example.com'] is not None, 'kept, for the admin to see'
+
+
+def test_two_workers_deliver_each_email_once(app, smtp, flask_command):
+    recipients = [f'person{n}@example.com' for n in range(30)]
+    queue(app, *recipients)
+    smtp.delay = 0.03
+
+    workers = [flask_command('worker', '--once') for _ in range(2)]
+    results = [worker.communicate(timeout=60) + (worker.returncode,) for worker in workers]
+
+    assert all(code == 0 for _, _, code in results), results
+    assert Counter(smtp.recipients()) == Counter(recipients)
+    assert {row.status for row in outbox(app).values()} == {'sent'}
+
+
+def test_emails_claimed_by_a_killed_worker_are_delivered_by_another(app, smtp, flask_command):
+    recipients = [f'person{n}@example.com' for n in range(10)]
+    queue(app, *recipients)
+    smtp.delay = 0.2
+
+    doomed = flask_command('worker', LEASE_SECONDS='1')
+    assert smtp.wait_for(2) >= 2
+    lease_until = None
+    while lease_until is None:  # kill it while it holds an email (the server takes 0.2 s over each)
+        with app.app_context():
+            lease_until = db.session.scalar(sa.select(sa.func.max(OutboxEmail.lease_until)))
+    doomed.send_signal(signal.SIGKILL)
+    doomed.communicate()
+
+    while utcnow() <= lease_until:
+        time.sleep(0.05)
+
+    out, err = flask_command('worker', '--once').communicate(timeout=60)
+
+    assert set(smtp.recipients()) == set(recipients), (out, err)
+    assert len(smtp.messages) <= len(recipients) + 1, 'only the email in flight at the kill may repeat'
+
+
+@pytest.fixture
+def threaded_settings(settings):
+    settings.update(OUTBOX_WORKER='thread', OUTBOX_POLL_SECONDS=300)
+    return settings
+
+
+def test_the_web_process_delivers_with_its_own_thread_as_soon_as_the_request_commits(threaded_settings, request, smtp):
+    app = request.getfixturevalue('app')
+
+    assert sign_up(app.test_client(), 'jane@example.com').status_code == 200
+
+    # The thread polls only every 300 s: arriving now proves the commit woke it.
+    assert smtp.wait_for(1, timeout=20) == 1
+    assert smtp.recipients() == ['jane@example.com']

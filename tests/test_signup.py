@@ -1,0 +1,182 @@
+"""Sign-up with double opt-in: the form, the confirmation email and link, and every bad input."""
+import re
+
+import pytest
+import sqlalchemy as sa
+
+from app import db
+from app.models import Client, OutboxEmail
+from app.outbox import deliver_due
+from tests.conftest import csrf_token
+
+CHECK_INBOX = 'We have sent a confirmation link to'
+
+
+def sign_up(client, email):
+    return client.post('/', data={'email': email, 'csrf_token': csrf_token(client, '/')})
+
+
+def rows(app, model):
+    with app.app_context():
+        return db.session.scalars(sa.select(model).order_by(model.id)).all()
+
+
+def deliver(app):
+    with app.app_context():
+        return deliver_due()
+
+
+def confirm_link(message):
+    return re.search(r'http://newsletter.test(/confirm/\S+)', message.get_body(('plain',)).get_content()).group(1)
+
+
+def test_sign_up_page_has_a_csrf_protected_form(client):
+    page = client.get('/').get_data(as_text=True)
+    assert '<form method="post"' in page and 'name="csrf_token"' in page and 'name="email"' in page
+
+
+def test_sign_up_sends_a_confirmation_and_the_link_confirms(app, client, smtp):
+    response = sign_up(client, '  Jane.Doe@Example.COM ')
+
+    assert response.status_code == 200 and CHECK_INBOX in response.get_data(as_text=True)
+    [subscriber] = rows(app, Client)
+    assert subscriber.email == 'Jane.Doe@example.com'  # trimmed, domain lower-cased
+    assert subscriber.email_confirmed_at is None and subscriber.num_newsletter == 0
+    assert smtp.messages == [], 'the request only queues the email'
+
+    assert deliver(app) == 1
+    [confirmation] = smtp.messages
+    assert confirmation['To'] == 'Jane.Doe@example.com'
+    assert confirmation['Subject'] == 'Please confirm your subscription'
+    assert 'Hello Jane Doe,' in confirmation.get_body(('plain',)).get_content()
+
+    page = client.get(confirm_link(confirmation))
+    assert page.status_code == 200 and 'You are subscribed' in page.get_data(as_text=True)
+    [subscriber] = rows(app, Client)
+    assert subscriber.email_confirmed_at is not None and subscriber.active
+
+
+def test_confirmation_notifies_the_admins(app, client, smtp):
+    sign_up(client, 'new@example.com')
+    deliver(app)
+    client.get(confirm_link(smtp.messages[0]))
+
+    assert deliver(app) == 1
+    notice = smtp.messages[1]
+    assert notice['To'] == 'admin@example.com'
+    assert notice['Subject'] == 'New subscriber: new@example.com'
+
+
+def test_confirming_twice_notifies_the_admins_once(app, client, smtp):
+    sign_up(client, 'new@example.com')
+    deliver(app)
+    link = confirm_link(smtp.messages[0])
+    assert client.get(link).status_code == 200
+    assert client.get(link).status_code == 200
+    deliver(app)
+    assert smtp.recipients().count('admin@example.com') == 1
+
+
+def test_signing_up_again_never_reveals_whether_the_address_is_known(app, client, smtp):
+    new = sign_up(client, 'someone@example.com').get_data(as_text=True)
+    again_unconfirmed = sign_up(client, 'someone@example.com').get_data(as_text=True)
+    assert deliver(app) == 2, 'the unconfirmed address gets a fresh confirmation'
+    client.get(confirm_link(smtp.messages[-1]))
+    assert deliver(app) == 1  # the admins' notice
+    again_active = sign_up(client, 'someone@example.com').get_data(as_text=True)
+
+    assert new == again_unconfirmed == again_active
+    assert deliver(app) == 0, 'an active subscriber gets nothing a stranger could trigger at will'
+    assert [m['Subject'] for m in smtp.messages] == ['Please confirm your subscription'] * 2 + [
+        'New subscriber: someone@example.com']
+
+
+def test_an_unsubscribed_reader_can_come_back_through_confirmation(app, client, smtp, subscribers):
+    subscribers(1, active=False, num_newsletter=2)
+
+    sign_up(client, 'reader0@example.com')
+    assert rows(app, Client)[0].active is False, 'not back before confirming'
+    deliver(app)
+    client.get(confirm_link(smtp.messages[0]))
+
+    [subscriber] = rows(app, Client)
+    assert subscriber.active and subscriber.unsubscribed_at is None and subscriber.num_newsletter == 2
+
+
+@pytest.mark.parametrize('email, error', [
+    ('not-an-address', 'An email address must have an @-sign.'),
+    ('jane@@example.com', 'The part after the @-sign contains invalid characters'),
+    ('jane@example', 'The part after the @-sign is not valid'),
+    ('jane@example.com\r\nBcc: victim@example.org', 'An email address cannot contain line breaks.'),
+    ('jane@example.com\n', 'An email address cannot contain line breaks.'),
+    ('x' * 300 + '@example.com', 'An email address has at most 254 characters.'),
+    ('', 'Please enter your email address.'),
+])
+def test_a_bad_address_gets_a_form_error_and_writes_nothing(app, client, email, error):
+    response = sign_up(client, email)
+
+    assert response.status_code == 400
+    assert error in response.get_data(as_text=True)
+    assert rows(app, Client) == [] and rows(app, OutboxEmail) == []
+
+
+def test_a_post_without_csrf_token_is_refused_and_writes_nothing(app, client):
+    response = client.post('/', data={'email': 'jane@example.com'})
+
+    assert response.status_code == 400
+    assert 'security token' in response.get_data(as_text=True)
+    assert rows(app, Client) == []
+
+
+def test_an_oversized_request_gets_an_error_page_and_writes_nothing(app, client):
+    response = client.post('/', data={'email': 'a' * 100_000 + '@example.com',
+                                       'csrf_token': csrf_token(client, '/')})
+
+    assert response.status_code == 413
+    assert 'Request Entity Too Large' in response.get_data(as_text=True)
+    assert rows(app, Client) == []
+
+
+@pytest.mark.parametrize('tamper', [
+    lambda token: token[:-2] + ('AA' if not token.endswith('AA') else 'BB'),  # forged signature
+    lambda token: 'eyJpZCI6MSwiZW1haWwiOiJ4QGV4YW1wbGUuY29tIn0' + token[token.index('.'):],  # other payload
+    lambda token: 'garbage',
+])
+def test_a_forged_confirmation_link_is_refused_and_confirms_nothing(app, client, smtp, tamper):
+    sign_up(client, 'jane@example.com')
+    deliver(app)
+    link = confirm_link(smtp.messages[0])
+    prefix, token = link.rsplit('/', 1)
+
+    response = client.get(f'{prefix}/{tamper(token)}')
+
+    assert response.status_code == 400 and 'not valid' in response.get_data(as_text=True)
+    assert rows(app, Client)[0].email_confirmed_at is None
+
+
+def test_an_expired_confirmation_link_says_so_and_confirms_nothing(app, client, smtp):
+    sign_up(client, 'jane@example.com')
+    deliver(app)
+    app.config['CONFIRM_MAX_AGE'] = -1
+
+    response = client.get(confirm_link(smtp.messages[0]))
+
+    assert response.status_code == 400 and 'expired' in response.get_data(as_text=True)
+    assert rows(app, Client)[0].email_confirmed_at is None
+
+
+def test_the_confirmation_link_of_a_replaced_address_does_not_confirm_another(app, client, smtp):
+    sign_up(client, 'jane@example.com')
+    deliver(app)
+    link = confirm_link(smtp.messages[0])
+    with app.app_context():
+        db.session.execute(sa.update(Client).values(email='someone.else@example.com'))
+        db.session.commit()
+
+    assert client.get(link).status_code == 400
+    assert rows(app, Client)[0].email_confirmed_at is None
+
+
+def test_an_unknown_page_gets_a_404_page(client):
+    response = client.get('/no-such-page')
+    assert response.status_code == 404 and 'Not Found' in response.get_data(as_text=True)

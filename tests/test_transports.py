@@ -1,0 +1,79 @@
+"""The other two ways out: the SendGrid Web API (against a local stand-in) and the .eml folder."""
+from email import message_from_bytes, policy
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from app import db
+from app.models import Client, Delivery
+
+
+class TestSendGrid:
+    @pytest.fixture
+    def settings(self, settings, sendgrid_api):
+        settings.update(SENDGRID_API_KEY='SG.test-key', SENDGRID_API_URL=sendgrid_api.url)
+        return settings
+
+    def test_the_newsletter_goes_through_the_api_with_its_headers(self, app, runner, sendgrid_api, smtp, subscribers):
+        subscribers(1, email='jane.doe@example.com')
+
+        result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+        assert result.exit_code == 0, result.output
+        assert 'sending through SendGrid API' in result.output
+        assert smtp.messages == [], 'SendGrid is used instead of SMTP'
+        [request] = sendgrid_api.requests
+        assert request['path'] == '/v3/mail/send'
+        assert request['headers']['Authorization'] == 'Bearer SG.test-key'
+        body = request['body']
+        assert body['from'] == {'email': 'news@example.com', 'name': 'The Newsletter'}
+        assert body['personalizations'][0]['to'] == [{'email': 'jane.doe@example.com'}]
+        assert body['subject'] == 'Welcome aboard, Jane Doe: week 1'
+        assert [c['type'] for c in body['content']] == ['text/plain', 'text/html']
+        assert 'Hello Jane Doe,' in body['content'][0]['value']
+        headers = body['headers']
+        assert headers['List-Unsubscribe'].startswith('<http://newsletter.test/unsubscribe/')
+        assert headers['List-Unsubscribe-Post'] == 'List-Unsubscribe=One-Click'
+        assert headers['Message-ID'].startswith('<newsletter.week1.')
+
+    def test_a_refused_address_fails_alone_and_a_server_error_is_retried(self, app, runner, sendgrid_api, subscribers):
+        subscribers(3)
+        sendgrid_api.answers = {'reader0@example.com': [400], 'reader1@example.com': [500, 503]}
+
+        result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+        assert result.exit_code == 1
+        assert 'sent 2, skipped 0, failed 1' in result.output and 'reader0@example.com: 400' in result.output
+        delivered = [r['body']['personalizations'][0]['to'][0]['email'] for r in sendgrid_api.requests]
+        assert delivered == ['reader0@example.com'] + ['reader1@example.com'] * 3 + ['reader2@example.com']
+
+    def test_a_rejected_api_key_stops_the_run_and_loses_nothing(self, app, runner, sendgrid_api, subscribers):
+        subscribers(3)
+        sendgrid_api.answers = {'reader0@example.com': [401] * 10}
+
+        result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+        assert result.exit_code == 1 and 'refused the API key' in result.output
+        with app.app_context():
+            assert db.session.scalars(sa.select(Delivery)).all() == []
+            assert set(db.session.scalars(sa.select(Client.num_newsletter))) == {0}
+
+
+class TestMailFolder:
+    @pytest.fixture
+    def settings(self, settings):
+        settings.update(MAIL_SERVER=None)
+        return settings
+
+    def test_without_mail_settings_each_message_is_an_eml_file(self, app, runner, smtp, subscribers):
+        emails = subscribers(3)
+
+        result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+        assert result.exit_code == 0, result.output
+        assert smtp.messages == []
+        files = sorted(Path(app.config['MAIL_FOLDER']).glob('*.eml'))
+        messages = [message_from_bytes(f.read_bytes(), policy=policy.default) for f in files]
+        assert sorted(m['To'] for m in messages) == emails
+        assert all(m['List-Unsubscribe-Post'] == 'List-Unsubscribe=One-Click' for m in messages)
