@@ -79,4 +79,6 @@ class Config:
     OUTBOX_MAX_BACKOFF = env_float('OUTBOX_MAX_BACKOFF', 3600)
 
     CONFIRM_MAX_AGE = env_int('CONFIRM_MAX_AGE', 7 * 24 * 3600)
-    EMAIL_CHECK_DELIVERABILITY = env_bool('EMAIL_CHECK_DELIVERABILITY', True)
+    # A DNS look-up that the domain takes mail catches typos (gmial.com); pointless while mail only goes
+    # to the local folder, so by default it is on exactly when real mail is configured.
+    EMAIL_CHECK_DELIVERABILITY = env_bool('EMAIL_CHECK_DELIVERABILITY', bool(MAIL_SERVER or SENDGRID_API_KEY))

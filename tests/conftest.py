@@ -1,6 +1,7 @@
 """Fixtures: every database test runs on SQLite and on PostgreSQL; mail goes to a real SMTP server."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -21,16 +22,31 @@ ROOT = Path(__file__).resolve().parent.parent
 POSTGRESQL_URL = os.environ.get('TEST_POSTGRESQL_URL', 'postgresql://postgres@127.0.0.1:5432/test')
 
 
+def _reachable(engine):
+    try:
+        with engine.connect():
+            return None
+    except sa.exc.OperationalError as exc:
+        return exc
+
+
+def _start_local_postgresql():
+    """The machine's own cluster, if it has one that is merely stopped (Debian's pg_ctlcluster)."""
+    clusters = Path('/etc/postgresql')
+    if shutil.which('pg_ctlcluster') and clusters.is_dir():
+        for version in sorted(p.name for p in clusters.iterdir()):
+            subprocess.run(['pg_ctlcluster', '--skip-systemctl-redirect', version, 'main', 'start'],
+                           capture_output=True, timeout=60)
+
+
 @pytest.fixture(scope='session')
 def postgresql_server():
     engine = sa.create_engine(POSTGRESQL_URL)
-    try:
-        with engine.connect():
-            pass
-    except sa.exc.OperationalError as exc:
-        pytest.fail(f'PostgreSQL is not reachable at {POSTGRESQL_URL}: {exc}\n'
-                    'Start it (pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start) '
-                    'or point TEST_POSTGRESQL_URL at one.', pytrace=False)
+    if _reachable(engine) is not None:
+        _start_local_postgresql()
+        if (error := _reachable(engine)) is not None:
+            pytest.fail(f'PostgreSQL is not reachable at {POSTGRESQL_URL}, and starting a local cluster did not '
+                        f'help: {error}\nStart PostgreSQL or point TEST_POSTGRESQL_URL at one.', pytrace=False)
     yield engine
     engine.dispose()
 
