@@ -5,8 +5,10 @@ import sys
 import threading
 
 import click
+import jinja2
 from flask import Blueprint, current_app
 
+from app.email import TemplateError
 from app.newsletter import StageSend, available_stages, count_due, forget_failures, iter_due, stage_number
 from app.outbox import deliver_due, run_worker
 from app.transports import open_sender
@@ -38,10 +40,13 @@ def send_newsletter_email(stage, dry_run, retry_failed):
 
     with open_sender() as sender:
         click.echo(f'{stage}: sending through {sender.describe()}', err=True)
-        if sys.stdout.isatty():
-            report = _send_with_progress_bar(stage, sender)
-        else:
-            report = StageSend(stage, sender, on_batch=_log_progress, on_wait=_log_wait()).run()
+        try:
+            if sys.stdout.isatty():
+                report = _send_with_progress_bar(stage, sender)
+            else:
+                report = StageSend(stage, sender, on_batch=_log_progress, on_wait=_log_wait()).run()
+        except (TemplateError, jinja2.TemplateError) as exc:
+            raise click.ClickException(f'the {stage} templates cannot be rendered, nothing was sent: {exc}') from exc
 
     click.echo(report.summary())
     for email, reason in report.failed:

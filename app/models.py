@@ -14,9 +14,10 @@ def utcnow():
 
 
 def greeting_name(email):
-    """'jane.doe+news@example.com' -> 'Jane Doe'; an address with no name-like part gets 'there'."""
+    """'jane.doe+news@example.com' -> 'Jane Doe', 'john.smith1990@' -> 'John Smith'; an address with no
+    letters before the @ gets 'there'."""
     local = email.split('@', 1)[0].split('+', 1)[0]
-    words = [word for word in re.split(r'[._-]+', local) if word.isalpha()]
+    words = [word for word in re.split(r'[\W\d_]+', local) if word]
     return ' '.join(word.capitalize() for word in words) or 'there'
 
 

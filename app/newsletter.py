@@ -19,6 +19,7 @@ How it keeps its promises, in the order the code below does things:
    reused, and the database sees a handful of statements per batch, not per subscriber.
 """
 import hashlib
+import itertools
 import re
 import time
 from dataclasses import dataclass, field
@@ -122,6 +123,8 @@ class StageSend:
         self.renew_at = 0.0
 
     def run(self):
+        # Render once before claiming anyone: a broken template stops the run holding no subscriber.
+        self._compose(Recipient(0, 'preview@example.com'))
         self.report.due = count_due(self.stage)
         after = 0
         while not self.report.aborted:
@@ -183,15 +186,17 @@ class StageSend:
         return True
 
     def _send(self, batch):
+        """Send one claimed batch, then record its outcome in one commit, whatever happened."""
         sent, failed, released = [], [], []
-        pending = list(batch)
         try:
-            while pending:
-                delivery_id, recipient = pending[0]
+            for position, (delivery_id, recipient) in enumerate(batch):
                 try:
                     self._send_with_retries(self._compose(recipient))
-                except TransportFailure:
-                    raise
+                except TransportFailure as exc:
+                    released.extend(unsent for unsent, _ in batch[position:])
+                    left = len(batch) - position
+                    self.report.aborted = f'stopped, {left} subscriber(s) of this batch left due: {exc}'
+                    break
                 except PermanentFailure as exc:
                     failed.append({'id': delivery_id, 'status': 'failed', 'error': str(exc)[:2000],
                                    'lease_until': None, 'claimed_by': None})
@@ -201,26 +206,21 @@ class StageSend:
                     self.report.failed.append((recipient.email, f'will be retried by the next run: {exc}'))
                 else:
                     sent.append((delivery_id, recipient.client_id))
-                pending.pop(0)
-        except TransportFailure as exc:
-            released.extend(delivery_id for delivery_id, _ in pending)
-            self.report.aborted = f'stopped, {len(pending)} subscriber(s) of this batch left due: {exc}'
         finally:
             self._record(sent, failed, released)
             self.report.sent += len(sent)
 
     def _send_with_retries(self, email):
-        for attempt in range(1, self.retries + 2):
+        for attempt in itertools.count(1):
+            if time.monotonic() > self.renew_at:
+                self._keep_lease()
             try:
                 return self.sender.send(email)
             except TemporaryFailure:
                 if attempt > self.retries:
                     raise
-                self._keep_lease()
+                self._keep_lease()  # hold the batch through the wait
                 time.sleep(retry_delay(attempt))
-            finally:
-                if time.monotonic() > self.renew_at:
-                    self._keep_lease()
 
     def _compose(self, recipient):
         link = unsubscribe_url(recipient.client_id)
@@ -237,7 +237,7 @@ class StageSend:
         """One commit for the whole batch: sent ones advance, failed ones keep their reason, released
         ones become due again."""
         if sent:
-            delivery_ids, client_ids = zip(*sent)
+            delivery_ids, client_ids = zip(*sent, strict=True)
             db.session.execute(
                 sa.update(Delivery).where(Delivery.id.in_(delivery_ids))
                 .values(status='sent', sent_at=utcnow(), lease_until=None, claimed_by=None)

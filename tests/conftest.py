@@ -149,7 +149,8 @@ def flask_command(settings):
     """Run `flask ...` as a real process, configured from the environment as cron would run it."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(('MAIL_', 'SEND', 'DATABASE'))}
     env.update({
-        'FLASK_SKIP_DOTENV': '1', 'INSTANCE_PATH': settings['INSTANCE_PATH'], 'DATABASE_URL': settings['SQLALCHEMY_DATABASE_URI'],
+        'FLASK_SKIP_DOTENV': '1', 'INSTANCE_PATH': settings['INSTANCE_PATH'],
+        'DATABASE_URL': settings['SQLALCHEMY_DATABASE_URI'],
         'SECRET_KEY': settings['SECRET_KEY'], 'BASE_URL': settings['BASE_URL'],
         'MAIL_SERVER': settings['MAIL_SERVER'], 'MAIL_PORT': str(settings['MAIL_PORT']),
         'MAIL_DEFAULT_SENDER': settings['MAIL_DEFAULT_SENDER'],
@@ -158,10 +159,9 @@ def flask_command(settings):
         'OUTBOX_WORKER': 'off', 'EMAIL_CHECK_DELIVERABILITY': 'false',
     })
 
-    def start(*args, **extra_env):
+    def start(*args, stdout=subprocess.PIPE, **extra_env):
         return subprocess.Popen([sys.executable, '-m', 'flask', '--app', 'main', *args], cwd=ROOT,
-                                env={**env, **extra_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                env={**env, **extra_env}, stdout=stdout, stderr=subprocess.PIPE, text=True)
     return start
 
 

@@ -5,7 +5,7 @@ import pytest
 import sqlalchemy as sa
 
 from app import db
-from app.models import Client, Delivery, utcnow
+from app.models import Client, Delivery, greeting_name
 
 
 def clients(app):
@@ -233,3 +233,10 @@ def test_a_header_injection_in_a_stored_address_is_refused_and_the_rest_are_sent
     assert sorted(smtp.recipients()) == ['reader0@example.com', 'reader1@example.com']
     assert all('victim' not in str(m) for m in smtp.messages)
     assert deliveries(app)['evil@example.com\r\nBcc: victim@example.org'][0] == 'failed'
+
+
+@pytest.mark.parametrize('email, name', [
+    ('jane.doe+news@example.com', 'Jane Doe'), ('john_smith1990@example.com', 'John Smith'),
+    ('MARY-ANN@example.com', 'Mary Ann'), ('12345@example.com', 'there')])
+def test_the_greeting_name_comes_from_the_address(email, name):
+    assert greeting_name(email) == name

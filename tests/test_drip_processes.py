@@ -1,12 +1,17 @@
 """The drip's guarantees with real `flask send-newsletter-email` processes sharing one database, as
 when cron fires twice, an admin runs it by hand while cron runs, or the machine kills a run."""
+import os
+import pty
+import re
 import signal
 from collections import Counter
 
+import pytest
 import sqlalchemy as sa
 
 from app import db
 from app.models import Client, Delivery
+from app.newsletter import STAGES_DIR
 
 SUBSCRIBERS = 60
 
@@ -66,3 +71,81 @@ def test_a_killed_run_can_simply_be_run_again(app, smtp, subscribers, flask_comm
         first, second = smtp.received_by(email)
         assert first['Message-ID'] == second['Message-ID'], 'a repeat is the same message'
     assert_everyone_advanced(app)
+
+
+
+def read_terminal(primary):
+    output = b''
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            return output.decode()
+        if not chunk:
+            return output.decode()
+        output += chunk
+
+
+def test_a_terminal_gets_a_progress_bar_and_cron_gets_log_lines(app, smtp, subscribers, flask_command):
+    subscribers(30)
+    primary, replica = pty.openpty()
+
+    on_terminal = flask_command('send-newsletter-email', 'week1', stdout=replica)
+    os.close(replica)
+    shown = read_terminal(primary)
+    on_terminal.communicate()
+
+    assert on_terminal.returncode == 0
+    assert re.search(r'week1\s+\[#+\]\s+100%', shown), shown
+    assert 'due at start' not in shown
+
+    subscribers(30, start=100)
+    code, logged, _ = finish(flask_command('send-newsletter-email', 'week1'))
+
+    assert code == 0 and '%' not in logged
+    per_batch = [f'week1: sent {n}, skipped 0, failed 0 (of 30 due at start)' for n in (10, 20, 30)]
+    assert logged.splitlines() == per_batch + ['week1: sent 30, skipped 0, failed 0']
+
+
+@pytest.fixture
+def stage_templates():
+    """Write stage templates into the app's template folder for one test, as an admin would."""
+    written = []
+
+    def write(name, text, html):
+        for suffix, content in (('.txt', text), ('.html', html)):
+            path = STAGES_DIR / f'{name}{suffix}'
+            path.write_text(content)
+            written.append(path)
+    yield write
+    for path in written:
+        path.unlink()
+
+
+def test_adding_week3_templates_adds_the_week3_stage(app, smtp, subscribers, stage_templates, flask_command):
+    stage_templates('week3', 'Subject: Week 3 for {{ greeting_name }}\nWeek three. {{ unsubscribe_url }}\n',
+                    '<p>Week three.</p>')
+    subscribers(2, num_newsletter=2)
+    subscribers(1, start=10, num_newsletter=1)
+
+    help_text = finish(flask_command('send-newsletter-email', '--help'))[1]
+    code, out, err = finish(flask_command('send-newsletter-email', 'week3'))
+
+    assert '{week1|week2|week3}' in help_text
+    assert code == 0, (out, err)
+    assert sorted(smtp.recipients()) == ['reader0@example.com', 'reader1@example.com']
+    assert smtp.messages[0]['Subject'] == 'Week 3 for Reader'
+
+
+def test_a_broken_stage_template_stops_the_run_before_anyone_is_claimed(app, smtp, subscribers, stage_templates,
+                                                                       flask_command):
+    stage_templates('week3', 'No subject line here\n', '<p>Week three.</p>')
+    subscribers(3, num_newsletter=2)
+
+    code, out, err = finish(flask_command('send-newsletter-email', 'week3'))
+
+    assert code == 1
+    assert 'the week3 templates cannot be rendered, nothing was sent' in err and 'Subject:' in err
+    assert smtp.messages == []
+    with app.app_context():
+        assert db.session.scalars(sa.select(Delivery)).all() == []
