@@ -77,3 +77,26 @@ class TestMailFolder:
         messages = [message_from_bytes(f.read_bytes(), policy=policy.default) for f in files]
         assert sorted(m['To'] for m in messages) == emails
         assert all(m['List-Unsubscribe-Post'] == 'List-Unsubscribe=One-Click' for m in messages)
+
+
+def test_a_message_is_well_formed_mime_with_crlf_lines_and_survives_a_round_trip(app):
+    from app.email import Email
+    from app.transports import mime_message
+
+    text = 'Grüße, Zoë!\nA line with = and trailing space \n' + 'long ' * 100 + '\r\n.\nend'
+    html = '<p>Ünïcode & <b>bold</b></p>' + '<span>x</span>' * 200
+    email = Email('jane@example.com', 'Été: a long subject with ünïcode, ' + 'word ' * 30, text, html,
+                  '<m.1@example.com>', {'List-Unsubscribe': '<https://news.example.com/unsubscribe/' + 'T' * 90
+                                        + '>, <mailto:u@example.com?subject=unsubscribe>'})
+    with app.app_context():
+        raw = mime_message(email)
+
+    lines = raw.split(b'\r\n')
+    assert b'\n' not in b''.join(lines) and b'\r' not in b''.join(lines), 'every line ends in CRLF'
+    assert max(map(len, lines)) <= 998
+    message = message_from_bytes(raw, policy=policy.default)
+    assert message.defects == [] and all(part.defects == [] for part in message.walk())
+    assert message['Subject'] == email.subject
+    assert message['List-Unsubscribe'] == email.headers['List-Unsubscribe']
+    assert message.get_body(('plain',)).get_content().replace('\r\n', '\n') == text.replace('\r\n', '\n')
+    assert message.get_body(('html',)).get_content() == html

@@ -1,0 +1,166 @@
+"""The drip send at scale, measured in one run against the transport's own limit.
+
+    .venv/bin/python bench/drip.py --subscribers 100000 --database sqlite
+    .venv/bin/python bench/drip.py --subscribers 100000 --database postgresql --connections 8 --delay 0.02
+
+Seeds N confirmed subscribers into a fresh database, starts a counting SMTP server on 127.0.0.1,
+runs `flask send-newsletter-email week1` as a user would, and reports wall time, messages per second,
+peak RSS of the command, SQL statements issued, and duplicates and losses counted at the server.
+Then, in the same run, it pushes N pre-rendered messages over the same number of raw smtplib
+connections to the same server (the transport limit) and prints the app's ratio to it.
+"""
+import argparse
+import os
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.sink import Sink  # noqa: E402
+
+POSTGRESQL_URL = os.environ.get('TEST_POSTGRESQL_URL', 'postgresql://postgres@127.0.0.1:5432/test')
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+class FreshDatabase:
+    """A SQLite file in a temporary folder, or a schema of its own in the PostgreSQL test database."""
+
+    def __init__(self, kind, folder):
+        self.kind, self.schema = kind, f'bench_{uuid.uuid4().hex[:10]}'
+        if kind == 'sqlite':
+            self.url = f'sqlite:///{folder}/bench.db'
+        else:
+            self.url = f'{POSTGRESQL_URL}?options=-csearch_path%3D{self.schema}'
+
+    def __enter__(self):
+        if self.kind == 'postgresql':
+            with sa.create_engine(POSTGRESQL_URL).begin() as conn:
+                conn.execute(sa.text(f'CREATE SCHEMA {self.schema}'))
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.kind == 'postgresql':
+            with sa.create_engine(POSTGRESQL_URL).begin() as conn:
+                conn.execute(sa.text(f'DROP SCHEMA {self.schema} CASCADE'))
+
+
+def seed(url, count):
+    engine = sa.create_engine(url)
+    clients = sa.table('clients', *(sa.column(c) for c in (
+        'email', 'active', 'num_newsletter', 'created_at', 'email_confirmed_at')))
+    now = sa.func.now() if url.startswith('postgresql') else sa.text("CURRENT_TIMESTAMP")
+    with engine.begin() as conn:
+        for start in range(0, count, 10_000):
+            conn.execute(clients.insert().values(active=True, num_newsletter=0, created_at=now, email_confirmed_at=now),
+                         [{'email': f'reader{n}@example.com'} for n in range(start, min(start + 10_000, count))])
+    engine.dispose()
+
+
+def run_flask(env, *args):
+    """Run a flask command; return (seconds, peak RSS in MB, SQL statements, output)."""
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, str(ROOT / 'bench' / 'counted_flask.py'), *args], cwd=ROOT,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_err = {}
+    readers = [threading.Thread(target=lambda name, stream: out_err.__setitem__(name, stream.read()), args=a)
+               for a in (('out', process.stdout), ('err', process.stderr))]
+    for reader in readers:
+        reader.start()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    for reader in readers:
+        reader.join()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f'flask {" ".join(args)} failed ({process.returncode}):\n{out_err["out"]}\n{out_err["err"]}')
+    statements = int(out_err['err'].rsplit('sql statements: ', 1)[1].split()[0])
+    return seconds, usage.ru_maxrss / 1024, statements, out_err['out']
+
+
+def transport_limit(port, count, connections, message):
+    """Seconds to push `count` copies of a pre-rendered message over `connections` raw smtplib connections."""
+    def push(numbers):
+        with smtplib.SMTP('127.0.0.1', port) as smtp:
+            for n in numbers:
+                smtp.sendmail('news@example.com', [f'reader{n}@example.com'], message)
+
+    threads = [threading.Thread(target=push, args=(range(i, count, connections),)) for i in range(connections)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--subscribers', type=int, default=100_000)
+    parser.add_argument('--database', choices=['sqlite', 'postgresql'], default='sqlite')
+    parser.add_argument('--connections', type=int, default=1, help='MAIL_CONCURRENCY, and the raw connections')
+    parser.add_argument('--delay', type=float, default=0.0, help='seconds the server takes over each message')
+    parser.add_argument('--batch-size', type=int, default=None, help='SEND_BATCH_SIZE (default: the app\'s)')
+    parser.add_argument('--rate-limit', type=float, default=None, help='MAIL_RATE_LIMIT, messages per second')
+    parser.add_argument('--skip-limit', action='store_true', help='do not measure the transport limit')
+    args = parser.parse_args()
+    n = args.subscribers
+
+    with tempfile.TemporaryDirectory() as folder, FreshDatabase(args.database, folder) as database, \
+            Sink(free_port(), args.delay) as sink:
+        env = {**os.environ, 'FLASK_SKIP_DOTENV': '1', 'INSTANCE_PATH': folder, 'DATABASE_URL': database.url,
+               'SECRET_KEY': 'bench', 'BASE_URL': 'https://news.example.com', 'MAIL_SERVER': '127.0.0.1',
+               'MAIL_PORT': str(sink.port), 'MAIL_DEFAULT_SENDER': 'The Newsletter <news@example.com>',
+               'MAIL_CONCURRENCY': str(args.connections), 'OUTBOX_WORKER': 'off'}
+        if args.batch_size:
+            env['SEND_BATCH_SIZE'] = str(args.batch_size)
+        if args.rate_limit:
+            env['MAIL_RATE_LIMIT'] = str(args.rate_limit)
+        run_flask(env, 'db', 'upgrade')
+        seed(database.url, n)
+
+        seconds, rss, statements, output = run_flask(env, 'send-newsletter-email', 'week1')
+        counts = sink.reset()
+        sample = _one_message(env, folder)
+        duplicates = sum(c - 1 for c in counts.values() if c > 1)
+        losses = n - len(counts)
+
+        print(f'drip send, {n} subscribers, {args.database}, {args.connections} connection(s), '
+              f'server delay {args.delay * 1000:g} ms')
+        print(f'  app:    {seconds:8.2f} s  {n / seconds:9.1f} msg/s  peak RSS {rss:6.1f} MB  '
+              f'{statements} SQL statements  duplicates {duplicates}  losses {losses}')
+        print(f'          ({output.strip().splitlines()[-1]})')
+        if not args.skip_limit:
+            limit_seconds = transport_limit(sink.port, n, args.connections, sample)
+            limit_counts = sink.reset()
+            assert len(limit_counts) == n, 'the transport limit run lost messages'
+            print(f'  limit:  {limit_seconds:8.2f} s  {n / limit_seconds:9.1f} msg/s  (raw smtplib, pre-rendered)')
+            print(f'  ratio:  {limit_seconds / seconds:.2f} of the transport limit')
+
+
+def _one_message(env, folder):
+    """A message exactly as the app renders it, for the transport-limit run (rendered by the folder transport)."""
+    local = {**env, 'MAIL_SERVER': '', 'DATABASE_URL': f'sqlite:///{folder}/one.db'}
+    run_flask(local, 'db', 'upgrade')
+    seed(local['DATABASE_URL'], 1)
+    run_flask(local, 'send-newsletter-email', 'week1')
+    [eml] = Path(folder, 'mail').glob('*.eml')
+    return eml.read_bytes()
+
+
+if __name__ == '__main__':
+    main()
