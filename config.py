@@ -57,6 +57,8 @@ class Config:
     MAIL_DEFAULT_SENDER = os.environ.get('MAIL_DEFAULT_SENDER') or 'Newsletter <newsletter@localhost>'
     MAIL_MAX_EMAILS = env_int('MAIL_MAX_EMAILS', 0) or None
     MAIL_TIMEOUT = env_float('MAIL_TIMEOUT', 30)
+    # Parallel connections the drip sends over (each with its own thread).
+    MAIL_CONCURRENCY = env_int('MAIL_CONCURRENCY', 1)
     MAIL_FOLDER = os.environ.get('MAIL_FOLDER')  # default: <instance>/mail
     SENDGRID_API_KEY = os.environ.get('SENDGRID_API_KEY')
     SENDGRID_API_URL = os.environ.get('SENDGRID_API_URL') or 'https://api.sendgrid.com'

@@ -11,7 +11,7 @@ from flask import Blueprint, current_app
 from app.email import TemplateError
 from app.newsletter import StageSend, available_stages, count_due, forget_failures, iter_due, stage_number
 from app.outbox import deliver_due, run_worker
-from app.transports import open_sender
+from app.transports import SenderPool
 
 bp = Blueprint('cli', __name__, cli_group=None)
 
@@ -38,13 +38,13 @@ def send_newsletter_email(stage, dry_run, retry_failed):
     if retry_failed:
         forget_failures(number)
 
-    with open_sender() as sender:
-        click.echo(f'{stage}: sending through {sender.describe()}', err=True)
+    with SenderPool(current_app.config['MAIL_CONCURRENCY']) as pool:
+        click.echo(f'{stage}: sending through {pool.describe()}', err=True)
         try:
             if sys.stdout.isatty():
-                report = _send_with_progress_bar(stage, sender)
+                report = _send_with_progress_bar(stage, pool)
             else:
-                report = StageSend(stage, sender, on_batch=_log_progress, on_wait=_log_wait()).run()
+                report = StageSend(stage, pool, on_batch=_log_progress, on_wait=_log_wait()).run()
         except (TemplateError, jinja2.TemplateError) as exc:
             raise click.ClickException(f'the {stage} templates cannot be rendered, nothing was sent: {exc}') from exc
 
@@ -57,8 +57,8 @@ def send_newsletter_email(stage, dry_run, retry_failed):
         sys.exit(1)
 
 
-def _send_with_progress_bar(stage, sender):
-    run = StageSend(stage, sender, on_wait=_log_wait())
+def _send_with_progress_bar(stage, pool):
+    run = StageSend(stage, pool, on_wait=_log_wait())
     with click.progressbar(length=count_due(run.stage), label=stage) as bar:
         def advance(report):
             bar.update(report.sent + report.skipped + len(report.failed) - bar.pos)

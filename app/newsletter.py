@@ -18,6 +18,7 @@ How it keeps its promises, in the order the code below does things:
 4. Efficient. Subscribers are read by id in batches (never the whole table), one connection is
    reused, and the database sees a handful of statements per batch, not per subscriber.
 """
+import concurrent.futures
 import hashlib
 import itertools
 import re
@@ -106,13 +107,13 @@ def forget_failures(stage):
 
 
 class StageSend:
-    """One run of one stage over one sender. `run()` returns a Report. For display, `on_batch(report)`
+    """One run of one stage over a SenderPool. `run()` returns a Report. For display, `on_batch(report)`
     is called after each batch is recorded, and `on_wait(claimed, lease_until)` when the run waits for
     another run's claims."""
 
-    def __init__(self, stage_name, sender, on_batch=None, on_wait=None):
+    def __init__(self, stage_name, pool, on_batch=None, on_wait=None):
         self.name, self.stage = stage_name, stage_number(stage_name)
-        self.sender = sender
+        self.pool = pool
         self.on_batch = on_batch or (lambda report: None)
         self.on_wait = on_wait or (lambda claimed, lease_until: None)
         config = current_app.config
@@ -186,17 +187,21 @@ class StageSend:
         return True
 
     def _send(self, batch):
-        """Send one claimed batch, then record its outcome in one commit, whatever happened."""
+        """Send one claimed batch over the pool's connections, then record its outcome in one commit,
+        whatever happened. Only this thread touches the database: it keeps the lease while it waits."""
         sent, failed, released = [], [], []
         try:
-            for position, (delivery_id, recipient) in enumerate(batch):
+            sending = [(self.pool.submit(self._send_with_retries, self._compose(recipient)), delivery_id, recipient)
+                       for delivery_id, recipient in batch]
+            self._wait_keeping_lease([future for future, _, _ in sending])
+            for future, delivery_id, recipient in sending:
                 try:
-                    self._send_with_retries(self._compose(recipient))
+                    future.result()
+                except concurrent.futures.CancelledError:
+                    released.append(delivery_id)  # never started: the way out was down
                 except TransportFailure as exc:
-                    released.extend(unsent for unsent, _ in batch[position:])
-                    left = len(batch) - position
-                    self.report.aborted = f'stopped, {left} subscriber(s) of this batch left due: {exc}'
-                    break
+                    released.append(delivery_id)
+                    self.report.aborted = f'stopped, subscribers not sent are left due: {exc}'
                 except PermanentFailure as exc:
                     failed.append({'id': delivery_id, 'status': 'failed', 'error': str(exc)[:2000],
                                    'lease_until': None, 'claimed_by': None})
@@ -210,16 +215,26 @@ class StageSend:
             self._record(sent, failed, released)
             self.report.sent += len(sent)
 
-    def _send_with_retries(self, email):
-        for attempt in itertools.count(1):
+    def _wait_keeping_lease(self, futures):
+        """Wait for the batch; once the way out is down, give up on what has not started."""
+        pending = set(futures)
+        while pending:
+            done, pending = concurrent.futures.wait(pending, timeout=self.lease / 3,
+                                                    return_when=concurrent.futures.FIRST_EXCEPTION)
+            if any(not f.cancelled() and isinstance(f.exception(), TransportFailure) for f in done):
+                for future in pending:
+                    future.cancel()
             if time.monotonic() > self.renew_at:
                 self._keep_lease()
+
+    def _send_with_retries(self, sender, email):
+        """Runs on a pool thread: no database here, just the message and its retries."""
+        for attempt in itertools.count(1):
             try:
-                return self.sender.send(email)
+                return sender.send(email)
             except TemporaryFailure:
                 if attempt > self.retries:
                     raise
-                self._keep_lease()  # hold the batch through the wait
                 time.sleep(retry_delay(attempt))
 
     def _compose(self, recipient):

@@ -11,8 +11,10 @@ import re
 import secrets
 import smtplib
 import socket
+import threading
 import urllib.error
 from binascii import b2a_qp
+from concurrent.futures import ThreadPoolExecutor
 from email.header import Header
 from email.utils import formataddr, formatdate, parseaddr
 from pathlib import Path
@@ -225,3 +227,38 @@ class FolderSender(_Sender):
         except OSError as exc:
             raise TransportFailure(f'cannot write {path}: {exc}') from exc
         log.info('mail to %s written to %s', email.recipient, path)
+
+
+class SenderPool:
+    """`concurrency` connections of the configured way out, each owned by one thread of a fixed pool:
+    messages go out in parallel (and while the caller prepares the next ones) without a thread per
+    message. `submit(fn, email)` runs `fn(sender, email)` on some connection and returns its Future."""
+
+    def __init__(self, concurrency):
+        app = current_app._get_current_object()
+        self.local, self.senders, self.lock = threading.local(), [], threading.Lock()
+        # Each pool thread keeps an app context for its lifetime: senders read the app's settings.
+        self.executor = ThreadPoolExecutor(concurrency, thread_name_prefix='sender',
+                                           initializer=lambda: app.app_context().push())
+
+    def describe(self):
+        return open_sender().describe()
+
+    def submit(self, fn, email):
+        return self.executor.submit(self._call, fn, email)
+
+    def _call(self, fn, email):
+        sender = getattr(self.local, 'sender', None)
+        if sender is None:
+            sender = self.local.sender = open_sender()
+            with self.lock:
+                self.senders.append(sender)
+        return fn(sender, email)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        for sender in self.senders:
+            sender.close()

@@ -49,8 +49,8 @@ class TestSendGrid:
         assert delivered == ['reader0@example.com'] + ['reader1@example.com'] * 3 + ['reader2@example.com']
 
     def test_a_rejected_api_key_stops_the_run_and_loses_nothing(self, app, runner, sendgrid_api, subscribers):
-        subscribers(3)
-        sendgrid_api.answers = {'reader0@example.com': [401] * 10}
+        emails = subscribers(3)
+        sendgrid_api.answers = {email: [401] * 10 for email in emails}  # a rejected key refuses every request
 
         result = runner.invoke(args=['send-newsletter-email', 'week1'])
 

@@ -35,7 +35,9 @@ class MailSink:
         return self
 
     def stop(self):
-        self.controller.stop()
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         with self.lock:
