@@ -59,6 +59,12 @@ class Config:
     MAIL_TIMEOUT = env_float('MAIL_TIMEOUT', 30)
     # Parallel connections the drip sends over (each with its own thread).
     MAIL_CONCURRENCY = env_int('MAIL_CONCURRENCY', 1)
+    # Messages per second at most (0: no limit); with REDIS_URL, in total over all sending processes.
+    MAIL_RATE_LIMIT = env_float('MAIL_RATE_LIMIT', 0)
+    # Redis, for the shared rate limit and for sending through RQ workers (`--queue`).
+    REDIS_URL = os.environ.get('REDIS_URL')
+    RQ_QUEUE = os.environ.get('RQ_QUEUE') or 'newsletter'
+    RQ_JOB_TIMEOUT = env_int('RQ_JOB_TIMEOUT', 24 * 3600)
     MAIL_FOLDER = os.environ.get('MAIL_FOLDER')  # default: <instance>/mail
     SENDGRID_API_KEY = os.environ.get('SENDGRID_API_KEY')
     SENDGRID_API_URL = os.environ.get('SENDGRID_API_URL') or 'https://api.sendgrid.com'

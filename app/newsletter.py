@@ -106,6 +106,14 @@ def forget_failures(stage):
     db.session.commit()
 
 
+def check_templates(stage_name):
+    """Render the stage once for a made-up subscriber before claiming anyone: a broken template
+    stops a run (or a queued send) while it holds no subscriber.  :raise TemplateError, jinja2 errors:"""
+    link = unsubscribe_url(0)
+    render_email(f'emails/newsletter/{stage_name}', 'preview@example.com', '<preview@localhost>',
+                 email='preview@example.com', greeting_name='Preview', unsubscribe_url=link)
+
+
 class StageSend:
     """One run of one stage over a SenderPool. `run()` returns a Report. For display, `on_batch(report)`
     is called after each batch is recorded, and `on_wait(claimed, lease_until)` when the run waits for
@@ -124,8 +132,7 @@ class StageSend:
         self.renew_at = 0.0
 
     def run(self):
-        # Render once before claiming anyone: a broken template stops the run holding no subscriber.
-        self._compose(Recipient(0, 'preview@example.com'))
+        check_templates(self.name)
         self.report.due = count_due(self.stage)
         after = 0
         while not self.report.aborted:
@@ -150,9 +157,10 @@ class StageSend:
         rows = [dict(client_id=r.client_id, stage=self.stage, status='sending', claimed_by=self.owner,
                      lease_until=lease_until, message_id=self._message_id(r), created_at=now, attempts=1)
                 for r in recipients]
+        # executemany, not one multi-row VALUES: SQLAlchemy compiles it once and batches the rows itself.
         won = dict(db.session.execute(
-            insert(Delivery).values(rows).on_conflict_do_nothing(index_elements=['client_id', 'stage'])
-            .returning(Delivery.client_id, Delivery.id)).all())
+            insert(Delivery).on_conflict_do_nothing(index_elements=['client_id', 'stage'])
+            .returning(Delivery.client_id, Delivery.id), rows).all())
         db.session.commit()
         self._lease_renewed()
         return [(won[r.client_id], r) for r in recipients if r.client_id in won]

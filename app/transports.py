@@ -27,6 +27,7 @@ from sendgrid.helpers.mail import From, Mail
 from sendgrid.helpers.mail import Header as SendGridHeader
 
 from app.models import utcnow
+from app.ratelimit import rate_limiter
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,7 @@ class SenderPool:
     def __init__(self, concurrency):
         app = current_app._get_current_object()
         self.local, self.senders, self.lock = threading.local(), [], threading.Lock()
+        self.limiter = rate_limiter()
         # Each pool thread keeps an app context for its lifetime: senders read the app's settings.
         self.executor = ThreadPoolExecutor(concurrency, thread_name_prefix='sender',
                                            initializer=lambda: app.app_context().push())
@@ -250,7 +252,7 @@ class SenderPool:
     def _call(self, fn, email):
         sender = getattr(self.local, 'sender', None)
         if sender is None:
-            sender = self.local.sender = open_sender()
+            sender = self.local.sender = open_sender() if self.limiter is None else _Paced(open_sender(), self.limiter)
             with self.lock:
                 self.senders.append(sender)
         return fn(sender, email)
@@ -262,3 +264,18 @@ class SenderPool:
         self.executor.shutdown(wait=True, cancel_futures=True)
         for sender in self.senders:
             sender.close()
+
+
+class _Paced:
+    """A sender that waits for its slot under MAIL_RATE_LIMIT before each attempt (retries count too:
+    the provider sees every one)."""
+
+    def __init__(self, sender, limiter):
+        self.sender, self.limiter = sender, limiter
+
+    def send(self, email):
+        self.limiter.acquire()
+        return self.sender.send(email)
+
+    def close(self):
+        self.sender.close()

@@ -4,6 +4,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -60,6 +61,36 @@ def postgresql_url(postgresql_server):
     yield f'{POSTGRESQL_URL}?options=-csearch_path%3D{schema}'
     with postgresql_server.begin() as conn:
         conn.execute(sa.text(f'DROP SCHEMA {schema} CASCADE'))
+
+
+REDIS_URL = os.environ.get('TEST_REDIS_URL', 'redis://127.0.0.1:6379/0')
+
+
+@pytest.fixture(scope='session')
+def redis_server():
+    """The machine's Redis, started if it is installed but not running."""
+    import redis
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        if shutil.which('redis-server'):
+            port = client.connection_pool.connection_kwargs.get('port', 6379)
+            subprocess.run(['redis-server', '--daemonize', 'yes', '--bind', '127.0.0.1', '--port', str(port),
+                            '--save', '', '--appendonly', 'no'], capture_output=True, timeout=30)
+            for _ in range(50):
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.1)
+        try:
+            client.ping()
+        except redis.ConnectionError as exc:
+            pytest.fail(f'Redis is not reachable at {REDIS_URL} and could not be started: {exc}\n'
+                        'Start redis-server or point TEST_REDIS_URL at one.', pytrace=False)
+    yield client
+    client.close()
 
 
 @pytest.fixture(params=['sqlite', 'postgresql'])
@@ -157,6 +188,8 @@ def flask_command(settings):
         'MAIL_RETRY_BACKOFF': str(settings['MAIL_RETRY_BACKOFF']),
         'SEND_BATCH_SIZE': str(settings['SEND_BATCH_SIZE']), 'LEASE_SECONDS': str(settings['LEASE_SECONDS']),
         'OUTBOX_WORKER': 'off', 'EMAIL_CHECK_DELIVERABILITY': 'false',
+        'MAIL_CONCURRENCY': str(settings.get('MAIL_CONCURRENCY', 1)),
+        'REDIS_URL': settings.get('REDIS_URL') or '', 'RQ_QUEUE': settings.get('RQ_QUEUE', 'newsletter'),
     })
 
     def start(*args, stdout=subprocess.PIPE, **extra_env):

@@ -1,0 +1,105 @@
+"""Sending at scale: parallel connections, the rate limit, and RQ workers on several processes."""
+import signal
+import uuid
+from collections import Counter
+
+import pytest
+import sqlalchemy as sa
+
+from app import db
+from app.models import Client, Delivery
+from app.ratelimit import LocalSchedule, SharedSchedule
+from tests.conftest import REDIS_URL
+from tests.test_drip_processes import finish
+
+
+def test_mail_concurrency_sends_over_that_many_connections_and_still_once_each(app, runner, smtp, subscribers):
+    app.config['MAIL_CONCURRENCY'] = 4
+    emails = subscribers(40)
+    smtp.delay = 0.02
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert result.exit_code == 0, result.output
+    assert smtp.connections == 4
+    assert Counter(smtp.recipients()) == Counter(emails)
+
+
+def test_with_parallel_connections_a_dead_server_still_loses_nothing(app, runner, smtp, subscribers):
+    app.config['MAIL_CONCURRENCY'] = 4
+    subscribers(30)
+    smtp.stop()
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert result.exit_code == 1 and 'cannot connect' in result.output
+    with app.app_context():
+        assert db.session.scalars(sa.select(Delivery)).all() == []
+
+
+def test_the_local_schedule_spaces_sends_one_interval_apart():
+    now = [100.0]
+    schedule = LocalSchedule(rate=50, clock=lambda: now[0], sleep=lambda seconds: None)
+
+    waits = [schedule.reserve() for _ in range(5)]
+    now[0] += 1.0  # after a pause, no credit is saved up: the next send waits for nothing
+    after_pause = schedule.reserve()
+
+    assert waits == pytest.approx([0, 0.02, 0.04, 0.06, 0.08])
+    assert after_pause == 0
+
+
+def test_processes_sharing_redis_share_one_schedule(redis_server):
+    key = f'test:rate:{uuid.uuid4().hex}'
+    import redis
+    first = SharedSchedule(redis.Redis.from_url(REDIS_URL), rate=200, key=key)
+    second = SharedSchedule(redis.Redis.from_url(REDIS_URL), rate=200, key=key)
+
+    slots = []
+    for schedule in (first, second, first, second, second, first):
+        schedule.reserve()
+        slots.append(int(redis_server.get(key)))
+
+    assert [b - a for a, b in zip(slots, slots[1:], strict=False)] == [5000] * 5, 'each send one 5 ms slot later'
+    redis_server.delete(key)
+
+
+@pytest.fixture
+def rq_settings(settings, redis_server):
+    settings.update(REDIS_URL=REDIS_URL, RQ_QUEUE=f'test-{uuid.uuid4().hex[:10]}')
+    return settings
+
+
+def test_four_rq_workers_send_every_subscriber_once_even_when_one_is_killed(rq_settings, request, smtp,
+                                                                            subscribers, flask_command):
+    app = request.getfixturevalue('app')
+    emails = subscribers(120)
+    smtp.delay = 0.02
+    batch = 5
+
+    code, out, err = finish(flask_command('send-newsletter-email', 'week1', '--queue', '4'))
+    assert code == 0 and '4 job(s) queued' in out, (out, err)
+    workers = [flask_command('rq-worker', '--burst', SEND_BATCH_SIZE=str(batch), LEASE_SECONDS='2')
+               for _ in range(4)]
+    assert smtp.wait_for(20) >= 20
+    workers[0].send_signal(signal.SIGKILL)
+    workers[0].communicate()
+    results = [finish(worker) for worker in workers[1:]]
+
+    assert all(code == 0 for code, _, _ in results), results
+    counts = Counter(smtp.recipients())
+    assert set(counts) == set(emails), 'every subscriber receives week1'
+    repeated = [email for email, n in counts.items() if n > 1]
+    assert all(counts[email] == 2 for email in repeated) and len(repeated) <= batch
+    for email in repeated:
+        first, second = smtp.received_by(email)
+        assert first['Message-ID'] == second['Message-ID']
+    with app.app_context():
+        assert Counter(db.session.scalars(sa.select(Client.num_newsletter))) == {1: 120}
+        assert Counter(db.session.scalars(sa.select(Delivery.status))) == {'sent': 120}
+
+
+def test_queueing_without_redis_is_a_clear_error(runner, subscribers):
+    subscribers(1)
+    result = runner.invoke(args=['send-newsletter-email', 'week1', '--queue', '2'])
+    assert result.exit_code == 2 and '--queue needs REDIS_URL' in result.output
