@@ -73,23 +73,35 @@ def seed(url, count):
 
 def run_flask(env, *args):
     """Run a flask command; return (seconds, peak RSS in MB, SQL statements, output)."""
+    return run_flask_processes(env, [args])
+
+
+def run_flask_processes(env, commands):
+    """Run flask commands side by side; return (seconds until the last ended, the largest peak RSS in
+    MB, SQL statements in all, the last one's output)."""
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, str(ROOT / 'bench' / 'counted_flask.py'), *args], cwd=ROOT,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out_err = {}
-    readers = [threading.Thread(target=lambda name, stream: out_err.__setitem__(name, stream.read()), args=a)
-               for a in (('out', process.stdout), ('err', process.stderr))]
+    processes = [subprocess.Popen([sys.executable, str(ROOT / 'bench' / 'counted_flask.py'), *args], cwd=ROOT,
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for args in commands]
+    outputs = {}
+    readers = [threading.Thread(target=lambda p=p: outputs.__setitem__(p.pid, (p.stdout.read(), p.stderr.read())))
+               for p in processes]
     for reader in readers:
         reader.start()
-    _, status, usage = os.wait4(process.pid, 0)
+    peak, statements = 0.0, 0
+    for process in processes:
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        peak = max(peak, usage.ru_maxrss / 1024)
     seconds = time.perf_counter() - started
     for reader in readers:
         reader.join()
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f'flask {" ".join(args)} failed ({process.returncode}):\n{out_err["out"]}\n{out_err["err"]}')
-    statements = int(out_err['err'].rsplit('sql statements: ', 1)[1].split()[0])
-    return seconds, usage.ru_maxrss / 1024, statements, out_err['out']
+    for process, args in zip(processes, commands, strict=True):
+        out, err = outputs[process.pid]
+        if process.returncode != 0:
+            raise SystemExit(f'flask {" ".join(args)} failed ({process.returncode}):\n{out}\n{err}')
+        statements += int(err.rsplit('sql statements: ', 1)[1].split()[0])
+    return seconds, peak, statements, out + err
 
 
 def transport_limit(port, count, connections, message):
@@ -116,6 +128,8 @@ def main():
     parser.add_argument('--delay', type=float, default=0.0, help='seconds the server takes over each message')
     parser.add_argument('--batch-size', type=int, default=None, help='SEND_BATCH_SIZE (default: the app\'s)')
     parser.add_argument('--rate-limit', type=float, default=None, help='MAIL_RATE_LIMIT, messages per second')
+    parser.add_argument('--rq-workers', type=int, default=0,
+                        help='send through RQ: queue that many jobs and run that many `flask rq-worker` processes')
     parser.add_argument('--skip-limit', action='store_true', help='do not measure the transport limit')
     args = parser.parse_args()
     n = args.subscribers
@@ -133,20 +147,31 @@ def main():
         run_flask(env, 'db', 'upgrade')
         seed(database.url, n)
 
-        seconds, rss, statements, output = run_flask(env, 'send-newsletter-email', 'week1')
-        counts = sink.reset()
+        if args.rq_workers:
+            env.update(REDIS_URL=os.environ.get('REDIS_URL', 'redis://127.0.0.1:6379/0'), RQ_QUEUE=database.schema)
+            run_flask(env, 'send-newsletter-email', 'week1', '--queue', str(args.rq_workers))
+            seconds, rss, statements, output = run_flask_processes(
+                env, [('rq-worker', '--burst')] * args.rq_workers)
+        else:
+            seconds, rss, statements, output = run_flask(env, 'send-newsletter-email', 'week1')
+        counts, first, last = sink.reset()
         sample = _one_message(env, folder)
         duplicates = sum(c - 1 for c in counts.values() if c > 1)
         losses = n - len(counts)
 
-        print(f'drip send, {n} subscribers, {args.database}, {args.connections} connection(s), '
-              f'server delay {args.delay * 1000:g} ms')
+        how = f'{args.rq_workers} RQ worker(s) x ' if args.rq_workers else ''
+        limit = f', rate limit {args.rate_limit:g}/s' if args.rate_limit else ''
+        print(f'drip send, {n} subscribers, {args.database}, {how}{args.connections} connection(s), '
+              f'server delay {args.delay * 1000:g} ms{limit}')
         print(f'  app:    {seconds:8.2f} s  {n / seconds:9.1f} msg/s  peak RSS {rss:6.1f} MB  '
               f'{statements} SQL statements  duplicates {duplicates}  losses {losses}')
-        print(f'          ({output.strip().splitlines()[-1]})')
+        if args.rate_limit:
+            paced = (n - 1) / (last - first)
+            print(f'          first to last message at the server: {paced:.1f} msg/s, '
+                  f'{paced / args.rate_limit - 1:+.1%} off MAIL_RATE_LIMIT')
         if not args.skip_limit:
             limit_seconds = transport_limit(sink.port, n, args.connections, sample)
-            limit_counts = sink.reset()
+            limit_counts, _, _ = sink.reset()
             assert len(limit_counts) == n, 'the transport limit run lost messages'
             print(f'  limit:  {limit_seconds:8.2f} s  {n / limit_seconds:9.1f} msg/s  (raw smtplib, pre-rendered)')
             print(f'  ratio:  {limit_seconds / seconds:.2f} of the transport limit')

@@ -3,6 +3,7 @@ with an optional per-message delay to imitate a remote server."""
 import asyncio
 import multiprocessing
 import threading
+import time
 from collections import Counter
 
 from aiosmtpd.controller import Controller
@@ -11,12 +12,15 @@ from aiosmtpd.controller import Controller
 class _Counting:
     def __init__(self, delay):
         self.delay, self.received, self.lock = delay, Counter(), threading.Lock()
+        self.first = self.last = None
 
     async def handle_DATA(self, server, session, envelope):
         if self.delay:
             await asyncio.sleep(self.delay)
         with self.lock:
             self.received.update(envelope.rcpt_tos)
+            self.last = time.monotonic()
+            self.first = self.first or self.last
         return '250 OK'
 
 
@@ -27,14 +31,16 @@ def _serve(port, delay, commands, replies):
     replies.put('ready')
     for command in iter(commands.get, 'stop'):
         with handler.lock:
-            replies.put(dict(handler.received))
+            replies.put((dict(handler.received), handler.first, handler.last))
             if command == 'reset':
                 handler.received.clear()
+                handler.first = handler.last = None
     controller.stop()
 
 
 class Sink:
-    """`counts()` returns {recipient: messages received}; `reset()` also starts counting afresh."""
+    """`counts()` returns ({recipient: messages received}, first arrival, last arrival) in monotonic
+    seconds; `reset()` also starts counting afresh."""
 
     def __init__(self, port, delay=0.0):
         self.port = port
