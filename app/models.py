@@ -50,7 +50,10 @@ class Delivery(db.Model):
     __tablename__ = 'deliveries'
     __table_args__ = (
         sa.UniqueConstraint('client_id', 'stage', name='uq_deliveries_client_stage'),
-        sa.Index('ix_deliveries_stage_status', 'stage', 'status'),
+        # Only claims in flight are indexed by stage: a full (stage) index tempts PostgreSQL, with stale
+        # statistics, into rescanning a stage's whole send log for every subscriber it checks.
+        sa.Index('ix_deliveries_in_flight', 'stage', postgresql_where=sa.text("status = 'sending'"),
+                 sqlite_where=sa.text("status = 'sending'")),
     )
 
     id: so.Mapped[int] = so.mapped_column(primary_key=True)
