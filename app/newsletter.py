@@ -83,16 +83,29 @@ def due_subscribers(stage, after, limit):
                                            Delivery.client_id > after)
     rows = db.session.execute(
         sa.select(Client.id, Client.email)
-        .where(Client.active, Client.email_confirmed_at.is_not(None), Client.num_newsletter == stage - 1,
-               Client.id > after, ~sa.exists(claimed))
+        .where(*_due_conditions(stage), Client.id > after, ~sa.exists(claimed))
         .order_by(Client.id).limit(limit))
     return [Recipient(*row) for row in rows]
 
 
+def spread_starts(stage, runs):
+    """Where `runs` parallel runs should start in the list of due subscribers (by id) so that they
+    do not all contend for the same first batch."""
+    due = count_due(stage)
+    starts = [0]
+    for i in range(1, runs):
+        starts.append(db.session.scalar(
+            sa.select(Client.id).where(*_due_conditions(stage)).order_by(Client.id)
+            .offset(max(due * i // runs - 1, 0)).limit(1)) or 0)
+    return starts
+
+
+def _due_conditions(stage):
+    return Client.active, Client.email_confirmed_at.is_not(None), Client.num_newsletter == stage - 1
+
+
 def count_due(stage):
-    return db.session.scalar(
-        sa.select(sa.func.count(Client.id))
-        .where(Client.active, Client.email_confirmed_at.is_not(None), Client.num_newsletter == stage - 1))
+    return db.session.scalar(sa.select(sa.func.count(Client.id)).where(*_due_conditions(stage)))
 
 
 def iter_due(stage):
@@ -137,9 +150,9 @@ class StageSend:
     is called after each batch is recorded, and `on_wait(claimed, lease_until)` when the run waits for
     another run's claims."""
 
-    def __init__(self, stage_name, pool, on_batch=None, on_wait=None):
+    def __init__(self, stage_name, pool, on_batch=None, on_wait=None, start_after=0):
         self.name, self.stage = stage_name, stage_number(stage_name)
-        self.pool = pool
+        self.pool, self.start_after = pool, start_after
         self.on_batch = on_batch or (lambda report: None)
         self.on_wait = on_wait or (lambda claimed, lease_until: None)
         config = current_app.config
@@ -153,8 +166,15 @@ class StageSend:
         check_templates(self.name)
         refresh_planner_statistics()
         self.report.due = count_due(self.stage)
-        after, upcoming = 0, self._prepare(after=0)
+        after, wrapped = self.start_after, self.start_after == 0
+        upcoming = self._prepare(after)
         while not self.report.aborted:
+            if not upcoming and not wrapped:
+                # A run that started part-way through the list (one of several workers) comes back
+                # round for the subscribers before its starting point.
+                after, wrapped = 0, True
+                upcoming = self._prepare(after)
+                continue
             if upcoming:
                 after = upcoming[-1][0].client_id
                 batch = self._claim(upcoming)

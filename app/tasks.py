@@ -10,7 +10,7 @@ import rq
 from flask import current_app
 
 from app import db
-from app.newsletter import StageSend
+from app.newsletter import StageSend, spread_starts, stage_number
 from app.transports import SenderPool
 
 
@@ -20,16 +20,17 @@ def queue():
 
 
 def enqueue_stage(stage_name, jobs):
-    """:return: the RQ jobs, one StageSend each."""
-    return [queue().enqueue_call(send_stage, args=(stage_name,), timeout=current_app.config['RQ_JOB_TIMEOUT'])
-            for _ in range(jobs)]
+    """:return: the RQ jobs, one StageSend each, each starting at another point of the list."""
+    starts = spread_starts(stage_number(stage_name), jobs)
+    return [queue().enqueue_call(send_stage, args=(stage_name, start), timeout=current_app.config['RQ_JOB_TIMEOUT'])
+            for start in starts]
 
 
-def send_stage(stage_name):
+def send_stage(stage_name, start_after=0):
     """Runs inside `flask rq-worker`, in the app context that command provides."""
     try:
         with SenderPool(current_app.config['MAIL_CONCURRENCY']) as pool:
-            report = StageSend(stage_name, pool).run()
+            report = StageSend(stage_name, pool, start_after=start_after).run()
         return {'sent': report.sent, 'skipped': report.skipped, 'failed': report.failed, 'aborted': report.aborted}
     finally:
         db.session.remove()
