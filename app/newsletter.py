@@ -166,35 +166,43 @@ class StageSend:
         check_templates(self.name)
         refresh_planner_statistics()
         self.report.due = count_due(self.stage)
-        after, wrapped = self.start_after, self.start_after == 0
-        upcoming = self._prepare(after)
-        while not self.report.aborted:
-            if not upcoming and not wrapped:
-                # A run that started part-way through the list (one of several workers) comes back
-                # round for the subscribers before its starting point.
-                after, wrapped = 0, True
-                upcoming = self._prepare(after)
-                continue
-            if upcoming:
-                after = upcoming[-1][0].client_id
-                batch = self._claim(upcoming)
-                self.report.skipped += len(upcoming) - len(batch)
-            else:
-                batch = self._take_over_expired_claims()
-                if not batch and not self._wait_for_other_runs():
-                    break
+        self.after, self.wrapped = self.start_after, self.start_after == 0
+        batch = self._next_batch(wait=True)
+        while batch:
             sending = self._submit(batch)
-            # Read and compose the next batch while this one is on the wire. It is claimed only after
-            # this one is recorded, so never more than one batch is in flight.
-            upcoming = self._prepare(after)
+            # Claim the next batch while this one is on the wire. A claim reserves subscribers and
+            # sends nothing, so whatever crashes, only this batch's messages can have gone out unrecorded.
+            # No waiting for other runs here: two runs each holding an unrecorded batch while waiting
+            # for the other's would wait until their leases ran out, then send each other's batch.
+            upcoming = self._next_batch(wait=False)
             self._finish(sending)
-            if batch:
-                self.on_batch(self.report)
+            self.on_batch(self.report)
+            if self.report.aborted:
+                self._record(released=[delivery_id for delivery_id, _, _ in upcoming])
+                break
+            batch = upcoming or self._next_batch(wait=True)
         return self.report
 
-    def _prepare(self, after):
-        return [(recipient, self._compose(recipient))
-                for recipient in due_subscribers(self.stage, after, self.batch_size)]
+    def _next_batch(self, wait):
+        """Claim the next batch, composed and ready to send. With `wait`, wait for other runs' claims
+        to be finished or to expire.  :return: [] when nothing (else) is left for this run."""
+        while True:
+            recipients = due_subscribers(self.stage, self.after, self.batch_size)
+            if recipients:
+                self.after = recipients[-1].client_id
+                prepared = [(recipient, self._compose(recipient)) for recipient in recipients]
+                batch = self._claim(prepared)
+                self.report.skipped += len(prepared) - len(batch)
+                if batch:
+                    return batch
+            elif not self.wrapped:
+                # A run that started part-way through the list (one of several workers) comes back
+                # round for the subscribers before its starting point.
+                self.after, self.wrapped = 0, True
+            elif batch := self._take_over_expired_claims():
+                return batch
+            elif not wait or not self._wait_for_other_runs():
+                return []
 
     def _claim(self, prepared):
         """Insert this run's claims; a subscriber another run claimed first is silently not ours."""
@@ -233,7 +241,8 @@ class StageSend:
         and its lease runs out and we take them over. :return: False when nothing is left to wait for."""
         claimed, soonest = db.session.execute(
             sa.select(sa.func.count(Delivery.id), sa.func.min(Delivery.lease_until))
-            .where(Delivery.stage == self.stage, Delivery.status == 'sending')).one()
+            .where(Delivery.stage == self.stage, Delivery.status == 'sending', Delivery.claimed_by != self.owner)
+        ).one()
         db.session.commit()
         if not claimed:
             return False
