@@ -7,16 +7,18 @@ How it keeps its promises, in the order the code below does things:
    subscriber (cron fired twice, an admin by hand while cron runs) both try the insert; one wins, the
    other counts the subscriber as skipped.
 2. Resumable. Subscribers are claimed, sent and recorded a batch (SEND_BATCH_SIZE) at a time, and
-   each batch's outcome is committed at once. A run killed part-way leaves only its current batch
-   claimed; when that claim's lease runs out, the next run takes the batch over and sends it again.
-   So the messages in flight at the kill are the only ones that can arrive twice, and they carry a
-   Message-ID made from stage and subscriber, so the repeat is the same message.
+   each batch's outcome is committed at once. While one batch is on the wire the next is claimed,
+   but none of it is sent before the first is recorded. A run killed part-way leaves those claims
+   behind; when their lease runs out, the next run takes them over and sends them. So only the
+   batch in flight at the kill can arrive twice, and its messages carry a Message-ID made from
+   stage and subscriber, so a repeat is the same message.
 3. Failures. A temporary failure is retried MAIL_RETRIES times with back-off; if it persists the
    subscriber's claim is released and the next run tries again. A permanent one (SMTP 5xx) is
    recorded on that subscriber's delivery and the run goes on. If the way out itself stays down, the
    run stops, releases what it has not sent, and says so: nothing is lost, nothing is marked sent.
-4. Efficient. Subscribers are read by id in batches (never the whole table), one connection is
-   reused, and the database sees a handful of statements per batch, not per subscriber.
+4. Efficient. Subscribers are read by id in batches (never the whole table), messages go out over
+   MAIL_CONCURRENCY reused connections while the next batch is read, composed and claimed, and the
+   database sees four statements per batch, not per subscriber.
 """
 import concurrent.futures
 import hashlib
