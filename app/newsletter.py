@@ -296,14 +296,25 @@ class StageSend:
                 self._keep_lease()
 
     def _send_with_retries(self, sender, email):
-        """Runs on a pool thread: no database here, just the message and its retries."""
+        """Runs on a pool thread, which must not touch the database; or, with an inline pool, on this
+        thread, which then keeps the lease between attempts (each is bounded by MAIL_TIMEOUT)."""
         for attempt in itertools.count(1):
+            if self.pool.inline and time.monotonic() > self.renew_at:
+                self._keep_lease()
             try:
                 return sender.send(email)
             except TemporaryFailure:
                 if attempt > self.retries:
                     raise
-                time.sleep(retry_delay(attempt))
+                self._back_off(retry_delay(attempt))
+
+    def _back_off(self, seconds):
+        """Sleep before a retry. Inline, in slices that keep the lease: a back-off may outlast it."""
+        until = time.monotonic() + seconds
+        while (left := until - time.monotonic()) > 0:
+            if self.pool.inline and time.monotonic() > self.renew_at:
+                self._keep_lease()
+            time.sleep(min(left, self.lease / 3))
 
     def _compose(self, recipient):
         link = unsubscribe_url(recipient.client_id)

@@ -4,6 +4,7 @@ import os
 import pty
 import re
 import signal
+import time
 from collections import Counter
 
 import pytest
@@ -149,3 +150,19 @@ def test_a_broken_stage_template_stops_the_run_before_anyone_is_claimed(app, smt
     assert smtp.messages == []
     with app.app_context():
         assert db.session.scalars(sa.select(Delivery)).all() == []
+
+
+@pytest.mark.parametrize('connections', ['1', '2'])  # sending inline, and from pool threads
+def test_a_run_retrying_for_longer_than_its_lease_keeps_its_claim(app, smtp, subscribers, flask_command, connections):
+    emails = subscribers(3)
+    smtp.refuse_for_now['reader1@example.com'] = 3  # retried after 0.3 + 0.6 + 1.2 s: four leases long
+    slow = dict(LEASE_SECONDS='0.5', MAIL_RETRY_BACKOFF='0.3', MAIL_RETRIES='3', MAIL_CONCURRENCY=connections)
+
+    retrying = flask_command('send-newsletter-email', 'week1', **slow)
+    while smtp.refuse_for_now['reader1@example.com'] > 1:  # it is in its retries
+        time.sleep(0.01)
+    other = flask_command('send-newsletter-email', 'week1', **slow)
+    results = [finish(retrying), finish(other)]
+
+    assert all(code == 0 for code, _, _ in results), results
+    assert Counter(smtp.recipients()) == Counter(emails), 'the retried subscriber was not taken over'
