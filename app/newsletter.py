@@ -142,9 +142,19 @@ def refresh_planner_statistics():
 def check_templates(stage_name):
     """Render the stage once for a made-up subscriber before claiming anyone: a broken template
     stops a run (or a queued send) while it holds no subscriber.  :raise TemplateError, jinja2 errors:"""
-    link = unsubscribe_url(0)
-    render_email(f'emails/newsletter/{stage_name}', 'preview@example.com', '<preview@localhost>',
-                 email='preview@example.com', greeting_name='Preview', unsubscribe_url=link)
+    compose(stage_name, Recipient(0, 'preview@example.com'))
+
+
+def compose(stage_name, recipient):
+    """The stage's email for one subscriber, with its personal unsubscribe link and headers, and a
+    Message-ID made from stage and subscriber, so a message sent again is recognisably the same."""
+    link = unsubscribe_url(recipient.client_id)
+    digest = hashlib.sha256(recipient.email.encode()).hexdigest()[:10]
+    return render_email(
+        f'emails/newsletter/{stage_name}', recipient.email,
+        make_message_id('newsletter', stage_name, recipient.client_id, digest),
+        headers=list_unsubscribe_headers(link, recipient.client_id),
+        email=recipient.email, greeting_name=greeting_name(recipient.email), unsubscribe_url=link)
 
 
 class StageSend:
@@ -192,7 +202,7 @@ class StageSend:
             recipients = due_subscribers(self.stage, self.after, self.batch_size)
             if recipients:
                 self.after = recipients[-1].client_id
-                prepared = [(recipient, self._compose(recipient)) for recipient in recipients]
+                prepared = [(recipient, compose(self.name, recipient)) for recipient in recipients]
                 batch = self._claim(prepared)
                 self.report.skipped += len(prepared) - len(batch)
                 if batch:
@@ -236,7 +246,7 @@ class StageSend:
             self._record(released=gone)
         recipients = [(delivery_id, Recipient(client_id, email)) for delivery_id, client_id, email, eligible in rows
                       if eligible]
-        return [(delivery_id, recipient, self._compose(recipient)) for delivery_id, recipient in recipients]
+        return [(delivery_id, recipient, compose(self.name, recipient)) for delivery_id, recipient in recipients]
 
     def _wait_for_other_runs(self):
         """While another live run still holds claims on this stage, wait: it finishes them, or it dies
@@ -315,17 +325,6 @@ class StageSend:
             if self.pool.inline and time.monotonic() > self.renew_at:
                 self._keep_lease()
             time.sleep(min(left, self.lease / 3))
-
-    def _compose(self, recipient):
-        link = unsubscribe_url(recipient.client_id)
-        return render_email(
-            f'emails/newsletter/{self.name}', recipient.email, self._message_id(recipient),
-            headers=list_unsubscribe_headers(link, recipient.client_id),
-            email=recipient.email, greeting_name=greeting_name(recipient.email), unsubscribe_url=link)
-
-    def _message_id(self, recipient):
-        digest = hashlib.sha256(recipient.email.encode()).hexdigest()[:10]
-        return make_message_id('newsletter', self.name, recipient.client_id, digest)
 
     def _record(self, sent=(), failed=(), released=()):
         """One commit for the whole batch: sent ones advance, failed ones keep their reason, released

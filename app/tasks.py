@@ -21,8 +21,8 @@ def queue():
 
 def enqueue_stage(stage_name, jobs):
     """:return: the RQ jobs, one StageSend each, each starting at another point of the list."""
-    starts = spread_starts(stage_number(stage_name), jobs)
-    return [queue().enqueue_call(send_stage, args=(stage_name, start), timeout=current_app.config['RQ_JOB_TIMEOUT'])
+    starts, work_queue = spread_starts(stage_number(stage_name), jobs), queue()
+    return [work_queue.enqueue_call(send_stage, args=(stage_name, start), timeout=current_app.config['RQ_JOB_TIMEOUT'])
             for start in starts]
 
 
