@@ -80,11 +80,22 @@ class Config:
     # How long a claim on work (a drip batch, an outbox email) holds before another process may take it over.
     LEASE_SECONDS = env_float('LEASE_SECONDS', 120)
 
-    # Outbox (confirmation and admin mail): 'thread' inside the web process, or 'off' when `flask worker` runs.
-    OUTBOX_WORKER = os.environ.get('OUTBOX_WORKER') or 'thread'
-    OUTBOX_POLL_SECONDS = env_float('OUTBOX_POLL_SECONDS', 5)
-    OUTBOX_MAX_ATTEMPTS = env_int('OUTBOX_MAX_ATTEMPTS', 15)
-    OUTBOX_MAX_BACKOFF = env_float('OUTBOX_MAX_BACKOFF', 3600)
+    # Background jobs (confirmation mail, schedules, broadcasts): run by threads inside the web process
+    # ('thread'), or 'off' when `flask worker` processes run them.
+    JOB_WORKER = os.environ.get('JOB_WORKER') or 'thread'
+    # 'database': workers run jobs themselves; 'rq': they hand them to `flask rq-worker` (needs REDIS_URL).
+    JOB_BACKEND = os.environ.get('JOB_BACKEND') or 'database'
+    JOB_POLL_SECONDS = env_float('JOB_POLL_SECONDS', 5)
+    # A failing job is retried after MAIL_RETRY_BACKOFF seconds, doubling up to JOB_MAX_BACKOFF.
+    JOB_MAX_ATTEMPTS = env_int('JOB_MAX_ATTEMPTS', 15)
+    JOB_MAX_BACKOFF = env_float('JOB_MAX_BACKOFF', 3600)
+    JOB_PROGRESS_SECONDS = env_float('JOB_PROGRESS_SECONDS', 2)
+
+    # In-app schedules, an alternative to crontab.example: "week1=0 9 * * mon; week2=0 9 * * tue".
+    SCHEDULES = os.environ.get('SCHEDULES') or ''
+    SCHEDULE_TIMEZONE = os.environ.get('SCHEDULE_TIMEZONE') or 'UTC'
+    # A due time missed by more than this (the app was down) is skipped and logged, not sent late.
+    SCHEDULE_MAX_LATE = env_float('SCHEDULE_MAX_LATE', 3600)
 
     CONFIRM_MAX_AGE = env_int('CONFIRM_MAX_AGE', 7 * 24 * 3600)
     # A DNS look-up that the domain takes mail catches typos (gmial.com); pointless while mail only goes

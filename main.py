@@ -3,11 +3,12 @@ import sqlalchemy as sa
 import sqlalchemy.orm as so
 
 from app import create_app, db
-from app.models import Client, Delivery, OutboxEmail
+from app.models import Broadcast, Client, Delivery, Job
 
 app = create_app()
 
 
 @app.shell_context_processor
 def make_shell_context():
-    return {'sa': sa, 'so': so, 'db': db, 'Client': Client, 'Delivery': Delivery, 'OutboxEmail': OutboxEmail}
+    return {'sa': sa, 'so': so, 'db': db, 'Client': Client, 'Delivery': Delivery, 'Broadcast': Broadcast,
+            'Job': Job}

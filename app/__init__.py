@@ -40,8 +40,9 @@ def create_app(config_class=Config):
     mail.init_app(app)
     csrf.init_app(app)
 
-    from app import outbox
-    outbox.init_app(app)
+    from app import broadcasts, jobs, schedules, tasks  # noqa: F401  (tasks register with app.jobs)
+    jobs.init_app(app)
+    schedules.init_app(app)
 
     from app.errors import bp as errors_bp
     app.register_blueprint(errors_bp)

@@ -7,20 +7,23 @@ import threading
 import click
 import jinja2
 import rq
+import sqlalchemy as sa
 from flask import Blueprint, current_app
 
+from app import broadcasts, db
 from app.email import TemplateError
+from app.jobs import QUEUES, Worker, rq_queue, run_due
+from app.models import Broadcast
 from app.newsletter import (
-    StageSend,
+    DripStage,
+    MailingSend,
     available_stages,
     check_templates,
     count_due,
     forget_failures,
     iter_due,
-    stage_number,
 )
-from app.outbox import deliver_due, run_worker
-from app.tasks import enqueue_stage, queue
+from app.tasks import enqueue_stage
 from app.transports import SenderPool
 
 bp = Blueprint('cli', __name__, cli_group=None)
@@ -39,20 +42,20 @@ def send_newsletter_email(stage, dry_run, retry_failed, jobs):
     Safe to run twice, by hand beside cron, or again after a crash: nobody gets a stage twice.
     Prints a summary and exits with status 1 if any send failed, so cron's MAILTO reports it.
     """
-    number = stage_number(stage)
+    mailing = DripStage(stage)
     if dry_run:
         count = 0
-        for recipient in iter_due(number):
+        for recipient in iter_due(mailing):
             click.echo(recipient.email)
             count += 1
         click.echo(f'{stage}: {count} subscriber(s) would be sent this stage (dry run, nothing sent)', err=True)
         return
     try:
-        check_templates(stage)
+        check_templates(mailing)
     except (TemplateError, jinja2.TemplateError) as exc:
         raise click.ClickException(f'the {stage} templates cannot be rendered, nothing was sent: {exc}') from exc
     if retry_failed:
-        forget_failures(number)
+        forget_failures(mailing)
     if jobs is not None:
         _enqueue(stage, jobs)
         return
@@ -63,9 +66,9 @@ def send_newsletter_email(stage, dry_run, retry_failed, jobs):
     with SenderPool(current_app.config['MAIL_CONCURRENCY']) as pool:
         click.echo(f'{stage}: sending through {pool.describe()}', err=True)
         if sys.stdout.isatty():
-            report = _send_with_progress_bar(stage, pool)
+            report = _send_with_progress_bar(mailing, pool)
         else:
-            report = StageSend(stage, pool, on_batch=_log_progress, on_wait=_log_wait()).run()
+            report = MailingSend(mailing, pool, on_batch=_log_progress, on_wait=_log_wait()).run()
 
     click.echo(report.summary())
     for email, reason in report.failed:
@@ -83,9 +86,9 @@ def _enqueue(stage, jobs):
     click.echo(f'{stage}: {len(queued)} job(s) queued; `flask rq-worker` on any machine sends them')
 
 
-def _send_with_progress_bar(stage, pool):
-    run = StageSend(stage, pool, on_wait=_log_wait())
-    with click.progressbar(length=count_due(run.stage), label=stage) as bar:
+def _send_with_progress_bar(mailing, pool):
+    run = MailingSend(mailing, pool, on_wait=_log_wait())
+    with click.progressbar(length=count_due(mailing), label=mailing.key) as bar:
         def advance(report):
             bar.update(report.sent + report.skipped + len(report.failed) - bar.pos)
 
@@ -112,37 +115,95 @@ def _log_wait():
 @bp.cli.command('rq-worker')
 @click.option('--burst', is_flag=True, help='Exit once the queue is empty.')
 def rq_worker(burst):
-    """Send drip jobs queued by `send-newsletter-email --queue` (RQ on REDIS_URL).
+    """Run the RQ jobs: drip sends queued by `send-newsletter-email --queue`, and app jobs when
+    JOB_BACKEND=rq (REDIS_URL).
 
     Start one per sending process you want, on as many machines as share the database.
     """
     if not current_app.config['REDIS_URL']:
         raise click.UsageError('rq-worker needs REDIS_URL')
-    work_queue = queue()
+    work_queue = rq_queue()
     # SimpleWorker runs each job in this process, inside the app context `flask` gave it.
     rq.SimpleWorker([work_queue], connection=work_queue.connection).work(burst=burst)
 
 
 @bp.cli.command('worker')
-@click.option('--once', is_flag=True, help='Deliver what is due now, then exit.')
-def worker(once):
-    """Deliver queued emails (confirmations, admin notices) as a process of its own.
+@click.option('--queue', 'queues', multiple=True, type=click.Choice(QUEUES),
+              help='Serve only this queue (repeatable; default: all). "mail" is confirmations and notices, '
+                   '"bulk" is schedules and broadcasts.')
+@click.option('--once', is_flag=True, help='Fire due schedules and run every job due now, then exit.')
+def worker(queues, once):
+    """Run background jobs (emails, schedules, broadcasts) as a process of its own.
 
-    For deployments with several web processes: set OUTBOX_WORKER=off for them and run this.
+    For deployments with several web processes: set JOB_WORKER=off for them and run this, once or
+    many times, on any machine that shares the database. Stops cleanly on SIGTERM: a broadcast or
+    drip send in progress stops after its batch and another worker carries on.
     """
+    queues = queues or QUEUES
     if once:
-        total = 0
-        while delivered := deliver_due():
-            total += delivered
-        click.echo(f'outbox: delivered {total}')
+        click.echo(f'jobs: ran {run_due(queues)}')
         return
+    running = Worker(current_app._get_current_object(), queues)
     stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    current_app.extensions['jobs'] = running.start()
+    click.echo(f'jobs worker: serving {", ".join(queues)} (Ctrl+C to stop)', err=True)
+    stop.wait()
+    click.echo('jobs worker: stopping after the jobs in progress reach a safe point', err=True)
+    running.stop()
 
-    def _stop(signum, frame):
-        stop.set()
-        current_app.extensions['outbox'].wake.set()
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    click.echo('outbox worker: running (Ctrl+C to stop)', err=True)
-    run_worker(current_app._get_current_object(), stop)
+@bp.cli.group('broadcast')
+def broadcast_group():
+    """Write, schedule and control one-off broadcasts."""
+
+
+@broadcast_group.command('create')
+@click.option('--subject', required=True, help='May use {{ greeting_name }}.')
+@click.option('--text', 'text_file', type=click.File(encoding='utf-8'), required=True,
+              help='File with the plain-text version.')
+@click.option('--html', 'html_file', type=click.File(encoding='utf-8'), required=True,
+              help='File with the HTML version (the body; the unsubscribe footer is added).')
+@click.option('--at', 'send_at', required=True, help='When to send, e.g. "2026-12-01 09:00".')
+@click.option('--timezone', 'zone', default='UTC', show_default=True, help='The time zone of --at.')
+@click.option('--preview', is_flag=True, help='Print the email as a subscriber would get it; store nothing.')
+def broadcast_create(subject, text_file, html_file, send_at, zone, preview):
+    """Schedule a broadcast to every active, confirmed subscriber."""
+    text, html = text_file.read(), html_file.read()
+    try:
+        when = broadcasts.parse_local_time(send_at)
+        if preview:
+            email = broadcasts.preview(Broadcast(id=0, subject=subject, text=text, html=html))
+            click.echo(f'Subject: {email.subject}\n\n{email.text}')
+            return
+        created = broadcasts.schedule_broadcast(subject, text, html, when, zone, created_by='flask broadcast')
+    except broadcasts.BroadcastError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f'broadcast {created.id}: scheduled for {when:%Y-%m-%d %H:%M} {zone} '
+               f'({created.send_at:%Y-%m-%d %H:%M} UTC); a job worker sends it')
+
+
+@broadcast_group.command('list')
+def broadcast_list():
+    """Every broadcast, newest first, with its progress."""
+    for item in db.session.scalars(sa.select(Broadcast).order_by(Broadcast.id.desc())):
+        counts = broadcasts.delivery_counts(item)
+        when = broadcasts.utc_to_local(item.send_at, item.timezone)
+        click.echo(f'{item.id}\t{item.status}\t{when:%Y-%m-%d %H:%M} {item.timezone}\tsent {counts.get("sent", 0)}'
+                   f', failed {counts.get("failed", 0)}\t{item.subject}')
+
+
+def _broadcast_action(name, action):
+    @broadcast_group.command(name, help=f'{name.capitalize()} broadcast ID. {action.__doc__}')
+    @click.argument('broadcast_id', type=int)
+    def command(broadcast_id):
+        try:
+            action(broadcast_id)
+        except broadcasts.BroadcastError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f'broadcast {broadcast_id}: {name}')
+
+
+for _name, _action in (('cancel', broadcasts.cancel), ('pause', broadcasts.pause), ('resume', broadcasts.resume)):
+    _broadcast_action(_name, _action)

@@ -36,9 +36,11 @@ def claim(model, *conditions, owner, seconds, limit):
     return sorted(ids)
 
 
-def renew(model, *conditions, owner, seconds):
-    """Push back the expiry of every lease `owner` holds on rows matching `conditions`, and commit."""
-    db.session.execute(
+def renew(model, *conditions, owner, seconds, **values):
+    """Push back the expiry of every lease `owner` holds on rows matching `conditions` (and set
+    `values`), and commit.  :return: how many rows `owner` still holds."""
+    held = db.session.execute(
         sa.update(model).where(model.claimed_by == owner, *conditions)
-        .values(lease_until=lease_end(seconds)).execution_options(synchronize_session=False))
+        .values(lease_until=lease_end(seconds), **values).execution_options(synchronize_session=False)).rowcount
     db.session.commit()
+    return held

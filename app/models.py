@@ -1,9 +1,10 @@
-"""The database tables: subscribers, the per-subscriber send log of the drip, and the outbox."""
+"""The database tables: subscribers, the per-subscriber send log, broadcasts, and background jobs."""
 import re
 from datetime import datetime, timezone
 
 import sqlalchemy as sa
 from sqlalchemy import orm as so
+from sqlalchemy.dialects import postgresql, sqlite
 
 from app import db
 
@@ -11,6 +12,13 @@ from app import db
 def utcnow():
     """Naive UTC everywhere: SQLite keeps no time zone, and mixing aware and naive values breaks comparisons."""
     return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def insert_ignoring_conflicts(model, unique_columns):
+    """INSERT that leaves out rows colliding on `unique_columns`: how the database, not the code,
+    decides which of two racing processes claims something first."""
+    insert = (postgresql if db.engine.dialect.name == 'postgresql' else sqlite).insert
+    return insert(model).on_conflict_do_nothing(index_elements=unique_columns)
 
 
 def greeting_name(email):
@@ -43,22 +51,22 @@ class Client(db.Model):
 
 
 class Delivery(db.Model):
-    """One row per subscriber and drip stage, and the guard that makes the drip send at most once:
-    the unique (client_id, stage) pair is claimed *before* the message goes out. While `status` is
-    'sending' the claim belongs to `claimed_by` until `lease_until`; after that another run may take
-    it over (the first one died)."""
+    """One row per subscriber and mailing (a drip stage such as 'week1', or a broadcast such as
+    'broadcast7'), and the guard that makes every send at most once: the unique (client_id, mailing)
+    pair is claimed *before* the message goes out. While `status` is 'sending' the claim belongs to
+    `claimed_by` until `lease_until`; after that another run may take it over (the first one died)."""
     __tablename__ = 'deliveries'
     __table_args__ = (
-        sa.UniqueConstraint('client_id', 'stage', name='uq_deliveries_client_stage'),
-        # Only claims in flight are indexed by stage: a full (stage) index tempts PostgreSQL, with stale
-        # statistics, into rescanning a stage's whole send log for every subscriber it checks.
-        sa.Index('ix_deliveries_in_flight', 'stage', postgresql_where=sa.text("status = 'sending'"),
+        sa.UniqueConstraint('client_id', 'mailing', name='uq_deliveries_client_mailing'),
+        # Only claims in flight are indexed by mailing: a full (mailing) index tempts PostgreSQL, with
+        # stale statistics, into rescanning a mailing's whole send log for every subscriber it checks.
+        sa.Index('ix_deliveries_in_flight', 'mailing', postgresql_where=sa.text("status = 'sending'"),
                  sqlite_where=sa.text("status = 'sending'")),
     )
 
     id: so.Mapped[int] = so.mapped_column(primary_key=True)
     client_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey('clients.id', ondelete='CASCADE'))
-    stage: so.Mapped[int]
+    mailing: so.Mapped[str] = so.mapped_column(sa.String(40))
     status: so.Mapped[str] = so.mapped_column(sa.String(10))  # sending, sent, failed
     claimed_by: so.Mapped[str | None] = so.mapped_column(sa.String(32))
     lease_until: so.Mapped[datetime | None]
@@ -71,24 +79,52 @@ class Delivery(db.Model):
     client: so.Mapped[Client] = so.relationship()
 
 
-class OutboxEmail(db.Model):
-    """An email the app has accepted (confirmation, admin notice). Written in the same transaction as
-    the change that caused it, so it exists exactly when that change does; the outbox worker delivers it."""
-    __tablename__ = 'outbox'
-    __table_args__ = (sa.Index('ix_outbox_due', 'status', 'next_attempt_at'),)
+class Broadcast(db.Model):
+    """A one-off issue, written by an admin and sent once, at `send_at`, to every active subscriber
+    confirmed by the time it starts. Its send log is the `deliveries` rows of mailing 'broadcast<id>'."""
+    __tablename__ = 'broadcasts'
 
     id: so.Mapped[int] = so.mapped_column(primary_key=True)
-    recipient: so.Mapped[str] = so.mapped_column(sa.String(254))
     subject: so.Mapped[str] = so.mapped_column(sa.String(255))
     text: so.Mapped[str] = so.mapped_column(sa.Text)
     html: so.Mapped[str] = so.mapped_column(sa.Text)
-    headers: so.Mapped[dict] = so.mapped_column(sa.JSON, default=dict)
-    message_id: so.Mapped[str] = so.mapped_column(sa.String(255))
-    status: so.Mapped[str] = so.mapped_column(sa.String(10), default='pending')  # pending, sent, failed
+    send_at: so.Mapped[datetime]  # UTC
+    timezone: so.Mapped[str] = so.mapped_column(sa.String(64))  # the one the admin wrote send_at in
+    # scheduled -> sending -> sent; scheduled -> cancelled; sending <-> paused
+    status: so.Mapped[str] = so.mapped_column(sa.String(10), default='scheduled')
+    created_by: so.Mapped[str] = so.mapped_column(sa.String(254))
+    created_at: so.Mapped[datetime] = so.mapped_column(default=utcnow)
+    started_at: so.Mapped[datetime | None]  # when its audience was fixed
+    finished_at: so.Mapped[datetime | None]
+
+    @property
+    def mailing(self):
+        return f'broadcast{self.id}'
+
+
+class Job(db.Model):
+    """A unit of background work (app/jobs.py): a task name and its keyword arguments, with everything an
+    admin needs to see what became of it. `unique_key`, when set, makes a job exist at most once (a
+    schedule's firing for one due time)."""
+    __tablename__ = 'jobs'
+    __table_args__ = (sa.Index('ix_jobs_due', 'queue', 'status', 'run_after'),)
+
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    task: so.Mapped[str] = so.mapped_column(sa.String(100))
+    queue: so.Mapped[str] = so.mapped_column(sa.String(20))
+    payload: so.Mapped[dict] = so.mapped_column(sa.JSON)
+    unique_key: so.Mapped[str | None] = so.mapped_column(sa.String(200), unique=True)
+    # queued -> running -> done | failed (or queued again, to retry); queued -> cancelled; skipped
+    status: so.Mapped[str] = so.mapped_column(sa.String(10), default='queued')
     attempts: so.Mapped[int] = so.mapped_column(default=0)
-    next_attempt_at: so.Mapped[datetime] = so.mapped_column(default=utcnow)
+    max_attempts: so.Mapped[int]
+    run_after: so.Mapped[datetime] = so.mapped_column(default=utcnow)
     claimed_by: so.Mapped[str | None] = so.mapped_column(sa.String(32))
     lease_until: so.Mapped[datetime | None]
-    last_error: so.Mapped[str | None] = so.mapped_column(sa.Text)
+    progress_done: so.Mapped[int | None]
+    progress_total: so.Mapped[int | None]
+    result: so.Mapped[dict | None] = so.mapped_column(sa.JSON)
+    error: so.Mapped[str | None] = so.mapped_column(sa.Text)
     created_at: so.Mapped[datetime] = so.mapped_column(default=utcnow)
-    sent_at: so.Mapped[datetime | None]
+    started_at: so.Mapped[datetime | None]
+    finished_at: so.Mapped[datetime | None]

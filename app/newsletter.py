@@ -1,17 +1,20 @@
-"""The drip send: stage `weekN` goes to every active, confirmed subscriber who has received stage N-1.
+"""The send, the heart of the product. A mailing goes to every subscriber it is due to: drip stage
+`weekN` (a DripStage, below) to every active, confirmed subscriber who has received stage N-1; a
+broadcast (app/broadcasts.py) to everyone confirmed when it started. Both go through MailingSend.
 
 How it keeps its promises, in the order the code below does things:
 
-1. At most once per subscriber and stage. Before a message goes out, its row in `deliveries` (unique
-   per subscriber and stage) is inserted and committed by this run. Two runs racing for the same
-   subscriber (cron fired twice, an admin by hand while cron runs) both try the insert; one wins, the
-   other counts the subscriber as skipped.
+1. At most once per subscriber and mailing. Before a message goes out, its row in `deliveries`
+   (unique per subscriber and mailing) is inserted and committed by this run. Two runs racing for the
+   same subscriber (cron fired twice, an admin by hand while cron runs) both try the insert; one
+   wins, the other counts the subscriber as skipped.
 2. Resumable. Subscribers are claimed, sent and recorded a batch (SEND_BATCH_SIZE) at a time, and
    each batch's outcome is committed at once. While one batch is on the wire the next is claimed,
    but none of it is sent before the first is recorded. A run killed part-way leaves those claims
    behind; when their lease runs out, the next run takes them over and sends them. So only the
    batch in flight at the kill can arrive twice, and its messages carry a Message-ID made from
-   stage and subscriber, so a repeat is the same message.
+   mailing and subscriber, so a repeat is the same message. A run asked to stop (a paused broadcast,
+   a worker shutting down) stops the same way, after recording its batch.
 3. Failures. A temporary failure is retried MAIL_RETRIES times with back-off; if it persists the
    subscriber's claim is released and the next run tries again. A permanent one (SMTP 5xx) is
    recorded on that subscriber's delivery and the run goes on. If the way out itself stays down, the
@@ -30,13 +33,12 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from flask import current_app
-from sqlalchemy.dialects import postgresql, sqlite
 
 from app import db
 from app.email import make_message_id, render_email
 from app.leases import claim, lease_end, new_owner, renew
 from app.links import list_unsubscribe_headers, unsubscribe_url
-from app.models import Client, Delivery, greeting_name, utcnow
+from app.models import Client, Delivery, greeting_name, insert_ignoring_conflicts, utcnow
 from app.transports import PermanentFailure, TemporaryFailure, TransportFailure, retry_delay
 
 STAGES_DIR = Path(__file__).parent / 'templates' / 'emails' / 'newsletter'
@@ -60,67 +62,101 @@ class Recipient:
     email: str
 
 
+PREVIEW_RECIPIENT = Recipient(0, 'preview@example.com')
+
+
+class DripStage:
+    """Stage `weekN` of the drip, as a mailing for MailingSend. Sending it advances `num_newsletter`,
+    which is what makes the subscriber due the next stage."""
+
+    def __init__(self, name):
+        self.key, self.number = name, stage_number(name)
+
+    def conditions(self):
+        return Client.active, Client.email_confirmed_at.is_not(None), Client.num_newsletter == self.number - 1
+
+    def compose(self, recipient):
+        """The stage's email for one subscriber, with its personal unsubscribe link and headers, and a
+        Message-ID made from stage and subscriber, so a message sent again is recognisably the same."""
+        link = unsubscribe_url(recipient.client_id)
+        return render_email(
+            f'emails/newsletter/{self.key}', recipient.email,
+            make_message_id('newsletter', self.key, recipient.client_id, address_digest(recipient.email)),
+            headers=list_unsubscribe_headers(link, recipient.client_id),
+            email=recipient.email, greeting_name=greeting_name(recipient.email), unsubscribe_url=link)
+
+    def advance(self, client_ids):
+        return sa.update(Client).where(Client.id.in_(client_ids)).values(num_newsletter=self.number)
+
+
+def address_digest(email):
+    """Part of a Message-ID: ties it to the address, so a subscriber row reused for another address
+    never repeats an ID."""
+    return hashlib.sha256(email.encode()).hexdigest()[:10]
+
+
 @dataclass
 class Report:
-    stage: str
+    mailing: str
     due: int = 0
     sent: int = 0
     skipped: int = 0
     failed: list = field(default_factory=list)  # (email, reason)
     aborted: str | None = None
+    stopped: bool = False  # asked to stop part-way (paused, or its worker shutting down)
 
     @property
     def ok(self):
         return not self.failed and not self.aborted
 
     def summary(self):
-        return f'{self.stage}: sent {self.sent}, skipped {self.skipped}, failed {len(self.failed)}'
+        return f'{self.mailing}: sent {self.sent}, skipped {self.skipped}, failed {len(self.failed)}'
+
+    def as_dict(self):
+        return {'sent': self.sent, 'skipped': self.skipped, 'failed': len(self.failed), 'aborted': self.aborted,
+                'stopped': self.stopped}
 
 
-def due_subscribers(stage, after, limit):
-    """The next `limit` subscribers by id after `after` who are due `stage` and not claimed by any run."""
+def due_subscribers(mailing, after, limit):
+    """The next `limit` subscribers by id after `after` who are due `mailing` and not claimed by any run."""
     # `client_id > after` repeats the outer bound so PostgreSQL starts its walk of the send log there
     # too, instead of from the beginning, for every batch.
-    claimed = sa.select(Delivery.id).where(Delivery.client_id == Client.id, Delivery.stage == stage,
+    claimed = sa.select(Delivery.id).where(Delivery.client_id == Client.id, Delivery.mailing == mailing.key,
                                            Delivery.client_id > after)
     rows = db.session.execute(
         sa.select(Client.id, Client.email)
-        .where(*_due_conditions(stage), Client.id > after, ~sa.exists(claimed))
+        .where(*mailing.conditions(), Client.id > after, ~sa.exists(claimed))
         .order_by(Client.id).limit(limit))
     return [Recipient(*row) for row in rows]
 
 
-def spread_starts(stage, runs):
+def spread_starts(mailing, runs):
     """Where `runs` parallel runs should start in the list of due subscribers (by id) so that they
     do not all contend for the same first batch."""
-    due = count_due(stage)
+    due = count_due(mailing)
     starts = [0]
     for i in range(1, runs):
         starts.append(db.session.scalar(
-            sa.select(Client.id).where(*_due_conditions(stage)).order_by(Client.id)
+            sa.select(Client.id).where(*mailing.conditions()).order_by(Client.id)
             .offset(max(due * i // runs - 1, 0)).limit(1)) or 0)
     return starts
 
 
-def _due_conditions(stage):
-    return Client.active, Client.email_confirmed_at.is_not(None), Client.num_newsletter == stage - 1
+def count_due(mailing):
+    return db.session.scalar(sa.select(sa.func.count(Client.id)).where(*mailing.conditions()))
 
 
-def count_due(stage):
-    return db.session.scalar(sa.select(sa.func.count(Client.id)).where(*_due_conditions(stage)))
-
-
-def iter_due(stage):
-    """Everyone due `stage`, read a batch at a time (for --dry-run)."""
+def iter_due(mailing):
+    """Everyone due `mailing`, read a batch at a time (for --dry-run)."""
     after, batch = 0, current_app.config['SEND_BATCH_SIZE']
-    while recipients := due_subscribers(stage, after, batch):
+    while recipients := due_subscribers(mailing, after, batch):
         yield from recipients
         after = recipients[-1].client_id
 
 
-def forget_failures(stage):
+def forget_failures(mailing):
     """Make permanently failed subscribers due again (after the admin fixed the cause)."""
-    db.session.execute(sa.delete(Delivery).where(Delivery.stage == stage, Delivery.status == 'failed'))
+    db.session.execute(sa.delete(Delivery).where(Delivery.mailing == mailing.key, Delivery.status == 'failed'))
     db.session.commit()
 
 
@@ -139,45 +175,33 @@ def refresh_planner_statistics():
         current_app.logger.warning('could not ANALYZE before sending (the send may be slower): %s', exc)
 
 
-def check_templates(stage_name):
-    """Render the stage once for a made-up subscriber before claiming anyone: a broken template
+def check_templates(mailing):
+    """Compose the mailing once for a made-up subscriber before claiming anyone: a broken template
     stops a run (or a queued send) while it holds no subscriber.  :raise TemplateError, jinja2 errors:"""
-    compose(stage_name, Recipient(0, 'preview@example.com'))
+    mailing.compose(PREVIEW_RECIPIENT)
 
 
-def compose(stage_name, recipient):
-    """The stage's email for one subscriber, with its personal unsubscribe link and headers, and a
-    Message-ID made from stage and subscriber, so a message sent again is recognisably the same."""
-    link = unsubscribe_url(recipient.client_id)
-    digest = hashlib.sha256(recipient.email.encode()).hexdigest()[:10]
-    return render_email(
-        f'emails/newsletter/{stage_name}', recipient.email,
-        make_message_id('newsletter', stage_name, recipient.client_id, digest),
-        headers=list_unsubscribe_headers(link, recipient.client_id),
-        email=recipient.email, greeting_name=greeting_name(recipient.email), unsubscribe_url=link)
-
-
-class StageSend:
-    """One run of one stage over a SenderPool. `run()` returns a Report. For display, `on_batch(report)`
+class MailingSend:
+    """One run of one mailing over a SenderPool. `run()` returns a Report. For display, `on_batch(report)`
     is called after each batch is recorded, and `on_wait(claimed, lease_until)` when the run waits for
-    another run's claims."""
+    another run's claims. `should_stop()`, asked after each batch, ends the run early."""
 
-    def __init__(self, stage_name, pool, on_batch=None, on_wait=None, start_after=0):
-        self.name, self.stage = stage_name, stage_number(stage_name)
-        self.pool, self.start_after = pool, start_after
+    def __init__(self, mailing, pool, on_batch=None, on_wait=None, start_after=0, should_stop=None):
+        self.mailing, self.pool, self.start_after = mailing, pool, start_after
         self.on_batch = on_batch or (lambda report: None)
         self.on_wait = on_wait or (lambda claimed, lease_until: None)
+        self.should_stop = should_stop or (lambda: False)
         config = current_app.config
         self.batch_size, self.lease = config['SEND_BATCH_SIZE'], config['LEASE_SECONDS']
         self.retries = config['MAIL_RETRIES']
         self.owner = new_owner()
-        self.report = Report(stage_name)
+        self.report = Report(mailing.key)
         self.renew_at = 0.0
 
     def run(self):
-        check_templates(self.name)
+        check_templates(self.mailing)
         refresh_planner_statistics()
-        self.report.due = count_due(self.stage)
+        self.report.due = count_due(self.mailing)
         self.after, self.wrapped = self.start_after, self.start_after == 0
         batch = self._next_batch(wait=True)
         while batch:
@@ -189,7 +213,8 @@ class StageSend:
             upcoming = self._next_batch(wait=False)
             self._finish(sending)
             self.on_batch(self.report)
-            if self.report.aborted:
+            if self.report.aborted or self.should_stop():
+                self.report.stopped = not self.report.aborted
                 self._record(released=[delivery_id for delivery_id, _, _ in upcoming])
                 break
             batch = upcoming or self._next_batch(wait=True)
@@ -199,10 +224,10 @@ class StageSend:
         """Claim the next batch, composed and ready to send. With `wait`, wait for other runs' claims
         to be finished or to expire.  :return: [] when nothing (else) is left for this run."""
         while True:
-            recipients = due_subscribers(self.stage, self.after, self.batch_size)
+            recipients = due_subscribers(self.mailing, self.after, self.batch_size)
             if recipients:
                 self.after = recipients[-1].client_id
-                prepared = [(recipient, compose(self.name, recipient)) for recipient in recipients]
+                prepared = [(recipient, self.mailing.compose(recipient)) for recipient in recipients]
                 batch = self._claim(prepared)
                 self.report.skipped += len(prepared) - len(batch)
                 if batch:
@@ -218,14 +243,13 @@ class StageSend:
 
     def _claim(self, prepared):
         """Insert this run's claims; a subscriber another run claimed first is silently not ours."""
-        insert = (postgresql if db.engine.dialect.name == 'postgresql' else sqlite).insert
         now, lease_until = utcnow(), lease_end(self.lease)
-        rows = [dict(client_id=r.client_id, stage=self.stage, status='sending', claimed_by=self.owner,
+        rows = [dict(client_id=r.client_id, mailing=self.mailing.key, status='sending', claimed_by=self.owner,
                      lease_until=lease_until, message_id=email.message_id, created_at=now, attempts=1)
                 for r, email in prepared]
         # executemany, not one multi-row VALUES: SQLAlchemy compiles it once and batches the rows itself.
         won = dict(db.session.execute(
-            insert(Delivery).on_conflict_do_nothing(index_elements=['client_id', 'stage'])
+            insert_ignoring_conflicts(Delivery, ['client_id', 'mailing'])
             .returning(Delivery.client_id, Delivery.id), rows).all())
         db.session.commit()
         self._lease_renewed()
@@ -233,27 +257,28 @@ class StageSend:
 
     def _take_over_expired_claims(self):
         """Claims whose lease ran out belong to a run that died: take them over and send them again."""
-        ids = claim(Delivery, Delivery.stage == self.stage, Delivery.status == 'sending',
+        ids = claim(Delivery, Delivery.mailing == self.mailing.key, Delivery.status == 'sending',
                     owner=self.owner, seconds=self.lease, limit=self.batch_size)
         if not ids:
             return []
         self._lease_renewed()
         rows = db.session.execute(
-            sa.select(Delivery.id, Client.id, Client.email, Client.active & Client.email_confirmed_at.is_not(None))
+            sa.select(Delivery.id, Client.id, Client.email, sa.and_(*self.mailing.conditions()))
             .join(Client, Client.id == Delivery.client_id).where(Delivery.id.in_(ids)).order_by(Client.id)).all()
         gone = [delivery_id for delivery_id, _, _, eligible in rows if not eligible]
         if gone:  # unsubscribed since the dead run claimed them
             self._record(released=gone)
         recipients = [(delivery_id, Recipient(client_id, email)) for delivery_id, client_id, email, eligible in rows
                       if eligible]
-        return [(delivery_id, recipient, compose(self.name, recipient)) for delivery_id, recipient in recipients]
+        return [(delivery_id, recipient, self.mailing.compose(recipient)) for delivery_id, recipient in recipients]
 
     def _wait_for_other_runs(self):
-        """While another live run still holds claims on this stage, wait: it finishes them, or it dies
+        """While another live run still holds claims on this mailing, wait: it finishes them, or it dies
         and its lease runs out and we take them over. :return: False when nothing is left to wait for."""
         claimed, soonest = db.session.execute(
             sa.select(sa.func.count(Delivery.id), sa.func.min(Delivery.lease_until))
-            .where(Delivery.stage == self.stage, Delivery.status == 'sending', Delivery.claimed_by != self.owner)
+            .where(Delivery.mailing == self.mailing.key, Delivery.status == 'sending',
+                   Delivery.claimed_by != self.owner)
         ).one()
         db.session.commit()
         if not claimed:
@@ -335,9 +360,8 @@ class StageSend:
                 sa.update(Delivery).where(Delivery.id.in_(delivery_ids))
                 .values(status='sent', sent_at=utcnow(), lease_until=None, claimed_by=None)
                 .execution_options(synchronize_session=False))
-            db.session.execute(
-                sa.update(Client).where(Client.id.in_(client_ids)).values(num_newsletter=self.stage)
-                .execution_options(synchronize_session=False))
+            if (advance := self.mailing.advance(client_ids)) is not None:
+                db.session.execute(advance.execution_options(synchronize_session=False))
         if failed:
             db.session.execute(sa.update(Delivery), list(failed))
         if released:

@@ -139,7 +139,7 @@ def main():
         env = {**os.environ, 'FLASK_SKIP_DOTENV': '1', 'INSTANCE_PATH': folder, 'DATABASE_URL': database.url,
                'SECRET_KEY': 'bench', 'BASE_URL': 'https://news.example.com', 'MAIL_SERVER': '127.0.0.1',
                'MAIL_PORT': str(sink.port), 'MAIL_DEFAULT_SENDER': 'The Newsletter <news@example.com>',
-               'MAIL_CONCURRENCY': str(args.connections), 'OUTBOX_WORKER': 'off'}
+               'MAIL_CONCURRENCY': str(args.connections), 'JOB_WORKER': 'off'}
         if args.batch_size:
             env['SEND_BATCH_SIZE'] = str(args.batch_size)
         if args.rate_limit:

@@ -132,7 +132,7 @@ def settings(database_url, smtp, tmp_path):
         'SENDGRID_API_KEY': None,
         'UNSUBSCRIBE_MAILTO': 'unsubscribe@example.com',
         'ADMINS': ['admin@example.com'],
-        'OUTBOX_WORKER': 'off',
+        'JOB_WORKER': 'off',
         'EMAIL_CHECK_DELIVERABILITY': False,
         'SEND_BATCH_SIZE': 10,
         'LEASE_SECONDS': 30,
@@ -145,7 +145,8 @@ def app(settings):
     with app.app_context():
         db.create_all()
     yield app
-    app.extensions['outbox'].stop_thread()
+    if app.extensions['jobs']:
+        app.extensions['jobs'].stop()
     with app.app_context():
         db.session.remove()
         db.engine.dispose()
@@ -187,7 +188,7 @@ def flask_command(settings):
         'MAIL_DEFAULT_SENDER': settings['MAIL_DEFAULT_SENDER'],
         'MAIL_RETRY_BACKOFF': str(settings['MAIL_RETRY_BACKOFF']),
         'SEND_BATCH_SIZE': str(settings['SEND_BATCH_SIZE']), 'LEASE_SECONDS': str(settings['LEASE_SECONDS']),
-        'OUTBOX_WORKER': 'off', 'EMAIL_CHECK_DELIVERABILITY': 'false',
+        'JOB_WORKER': 'off', 'EMAIL_CHECK_DELIVERABILITY': 'false',
         'MAIL_CONCURRENCY': str(settings.get('MAIL_CONCURRENCY', 1)),
         'REDIS_URL': settings.get('REDIS_URL') or '', 'RQ_QUEUE': settings.get('RQ_QUEUE', 'newsletter'),
     })

@@ -16,7 +16,7 @@ def clients(app):
 def deliveries(app, stage=1):
     with app.app_context():
         return {d.client.email: (d.status, d.error) for d in db.session.scalars(
-            sa.select(Delivery).where(Delivery.stage == stage).options(sa.orm.joinedload(Delivery.client)))}
+            sa.select(Delivery).where(Delivery.mailing == f'week{stage}').options(sa.orm.joinedload(Delivery.client)))}
 
 
 def test_week1_goes_to_confirmed_active_new_subscribers_and_advances_them(app, runner, smtp, subscribers):

@@ -1,4 +1,5 @@
-"""The outbox: web requests never wait on SMTP, and an email the app accepted is never lost."""
+"""Emails the app accepts (confirmations, admin notices) are `send_email` jobs: web requests never wait
+on SMTP, and an accepted email is never lost."""
 import signal
 import time
 from collections import Counter
@@ -9,8 +10,9 @@ import sqlalchemy as sa
 
 from app import db
 from app.email import Email
-from app.models import OutboxEmail, utcnow
-from app.outbox import deliver_due, queue_email
+from app.jobs import run_due
+from app.models import Job, utcnow
+from app.tasks import queue_email
 from tests.test_signup import sign_up
 
 
@@ -23,17 +25,20 @@ def queue(app, *recipients):
 
 def outbox(app):
     with app.app_context():
-        return {row.recipient: row for row in db.session.scalars(sa.select(OutboxEmail))}
+        return {row.payload['recipient']: row for row in db.session.scalars(sa.select(Job))}
 
 
 def deliver(app):
+    """:return: how many emails went out."""
     with app.app_context():
-        return deliver_due()
+        before = db.session.scalar(sa.select(sa.func.count()).where(Job.status == 'done'))
+        run_due()
+        return db.session.scalar(sa.select(sa.func.count()).where(Job.status == 'done')) - before
 
 
 def make_due_now(app):
     with app.app_context():
-        db.session.execute(sa.update(OutboxEmail).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
+        db.session.execute(sa.update(Job).values(run_after=utcnow() - timedelta(seconds=1)))
         db.session.commit()
 
 
@@ -44,13 +49,13 @@ def test_sign_up_does_not_wait_for_a_dead_smtp_server_and_the_email_goes_out_whe
     assert deliver(app) == 0
 
     row = outbox(app)['jane@example.com']
-    assert row.status == 'pending' and row.attempts == 1
-    assert 'cannot connect' in row.last_error and row.next_attempt_at > row.created_at
+    assert row.status == 'queued' and row.attempts == 1
+    assert 'cannot connect' in row.error and row.run_after > row.created_at
     smtp.start()
     make_due_now(app)
     assert deliver(app) == 1
     assert smtp.recipients() == ['jane@example.com']
-    assert outbox(app)['jane@example.com'].status == 'sent'
+    assert outbox(app)['jane@example.com'].status == 'done'
 
 
 def test_an_email_exists_only_if_its_transaction_commits(app, smtp):
@@ -67,12 +72,13 @@ def test_a_permanent_failure_is_kept_as_failed_and_the_rest_go_out(app, smtp):
     assert deliver(app) == 2
 
     rows = outbox(app)
-    assert rows['gone@example.com'].status == 'failed' and '550' in rows['gone@example.com'].last_error
+    assert rows['gone@example.com'].status == 'failed' and '550' in rows['gone@example.com'].error
+    assert rows['gone@example.com'].attempts == 1, 'a permanent failure is not retried'
     assert sorted(smtp.recipients()) == ['a@example.com', 'b@example.com']
 
 
 def test_a_temporary_failure_is_retried_with_growing_back_off_then_kept_as_failed(app, smtp):
-    app.config.update(OUTBOX_MAX_ATTEMPTS=3, MAIL_RETRY_BACKOFF=60)
+    app.config.update(JOB_MAX_ATTEMPTS=3, MAIL_RETRY_BACKOFF=60)
     smtp.refuse_for_now['busy@example.com'] = 99
     queue(app, 'busy@example.com')
 
@@ -81,10 +87,10 @@ def test_a_temporary_failure_is_retried_with_growing_back_off_then_kept_as_faile
         before = utcnow()
         deliver(app)
         row = outbox(app)['busy@example.com']
-        waits.append((row.next_attempt_at - before).total_seconds())
+        waits.append((row.run_after - before).total_seconds())
         make_due_now(app)
 
-    assert row.status == 'failed' and 'gave up after 3 attempts' in row.last_error
+    assert row.status == 'failed' and row.attempts == 3 and '451' in row.error
     assert 59 <= waits[0] <= 61 and 119 <= waits[1] <= 121, waits  # 60 s, then doubled
     assert outbox(app)['busy@example.com'] is not None, 'kept, for the admin to see'
 
@@ -99,7 +105,8 @@ def test_two_workers_deliver_each_email_once(app, smtp, flask_command):
 
     assert all(code == 0 for _, _, code in results), results
     assert Counter(smtp.recipients()) == Counter(recipients)
-    assert {row.status for row in outbox(app).values()} == {'sent'}
+    assert {row.status for row in outbox(app).values()} == {'done'}
+    assert {row.attempts for row in outbox(app).values()} == {1}
 
 
 def test_emails_claimed_by_a_killed_worker_are_delivered_by_another(app, smtp, flask_command):
@@ -112,7 +119,7 @@ def test_emails_claimed_by_a_killed_worker_are_delivered_by_another(app, smtp, f
     lease_until = None
     while lease_until is None:  # kill it while it holds an email (the server takes 0.2 s over each)
         with app.app_context():
-            lease_until = db.session.scalar(sa.select(sa.func.max(OutboxEmail.lease_until)))
+            lease_until = db.session.scalar(sa.select(sa.func.max(Job.lease_until)))
     doomed.send_signal(signal.SIGKILL)
     doomed.communicate()
 
@@ -127,7 +134,7 @@ def test_emails_claimed_by_a_killed_worker_are_delivered_by_another(app, smtp, f
 
 @pytest.fixture
 def threaded_settings(settings):
-    settings.update(OUTBOX_WORKER='thread', OUTBOX_POLL_SECONDS=300)
+    settings.update(JOB_WORKER='thread', JOB_POLL_SECONDS=300)
     return settings
 
 

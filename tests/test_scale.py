@@ -106,14 +106,14 @@ def test_queueing_without_redis_is_a_clear_error(runner, subscribers):
 
 
 def test_a_run_starting_part_way_comes_back_round_for_everyone_before_its_start(app, smtp, subscribers):
-    from app.newsletter import StageSend, spread_starts
+    from app.newsletter import DripStage, MailingSend, spread_starts
     from app.transports import SenderPool
     emails = subscribers(35)
 
     with app.app_context():
-        starts = spread_starts(1, 3)
+        starts = spread_starts(DripStage('week1'), 3)
         with SenderPool(1) as pool:
-            report = StageSend('week1', pool, start_after=starts[2]).run()
+            report = MailingSend(DripStage('week1'), pool, start_after=starts[2]).run()
 
     assert starts[0] == 0 and starts[0] < starts[1] < starts[2]
     assert report.sent == 35 and Counter(smtp.recipients()) == Counter(emails)

@@ -5,8 +5,8 @@ import pytest
 import sqlalchemy as sa
 
 from app import db
-from app.models import Client, OutboxEmail
-from app.outbox import deliver_due
+from app.jobs import run_due
+from app.models import Client, Job
 from tests.conftest import csrf_token
 
 CHECK_INBOX = 'We have sent a confirmation link to'
@@ -23,7 +23,7 @@ def rows(app, model):
 
 def deliver(app):
     with app.app_context():
-        return deliver_due()
+        return run_due()
 
 
 def confirm_link(message):
@@ -117,7 +117,7 @@ def test_a_bad_address_gets_a_form_error_and_writes_nothing(app, client, email, 
 
     assert response.status_code == 400
     assert error in response.get_data(as_text=True)
-    assert rows(app, Client) == [] and rows(app, OutboxEmail) == []
+    assert rows(app, Client) == [] and rows(app, Job) == []
 
 
 def test_a_post_without_csrf_token_is_refused_and_writes_nothing(app, client):

@@ -1,11 +1,11 @@
-"""The emails the public side sends, queued in the outbox with the change that causes them."""
+"""The emails the public side sends, queued as jobs with the change that causes them."""
 import secrets
 
 from flask import current_app
 
 from app.email import make_message_id, render_email
 from app.links import confirm_token, public_url, unsubscribe_url
-from app.outbox import queue_email
+from app.tasks import queue_email
 
 
 def queue_confirmation_email(client):

@@ -1,0 +1,189 @@
+"""Dated broadcasts: a one-off issue an admin writes (in the admin pages or with `flask broadcast`),
+scheduled for a date and time in a named time zone, and sent once to every active subscriber confirmed
+by the time it starts.
+
+It is sent by the same MailingSend as the drip, so it has the same guarantees: at most once per
+subscriber (its send log is the `deliveries` rows of mailing 'broadcast<id>'), resumable after a
+crash, progress and failures per subscriber. The sending job checks the broadcast's status after each
+batch, which is how pause (stop after this batch; resume applies a new job that carries on where it
+stopped) and cancel work.
+
+Admins write subject, text and HTML with {{ greeting_name }}, {{ email }} and {{ unsubscribe_url }}
+placeholders, rendered in Jinja's sandbox (an admin's template cannot reach into the app). The
+unsubscribe footer and List-Unsubscribe headers are always added."""
+import functools
+from datetime import datetime, timezone
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+
+import jinja2
+import sqlalchemy as sa
+from flask import current_app
+from jinja2.sandbox import SandboxedEnvironment
+
+from app import db
+from app.email import Email, make_message_id
+from app.jobs import define_task, stopping
+from app.links import list_unsubscribe_headers, unsubscribe_url
+from app.models import Broadcast, Client, Delivery, Job, greeting_name, utcnow
+from app.newsletter import PREVIEW_RECIPIENT, address_digest
+from app.tasks import send_mailing
+
+
+class BroadcastError(ValueError):
+    """What is wrong with a broadcast as written or with what was asked of it, in words for the admin."""
+
+
+class BroadcastMailing:
+    """A broadcast as a mailing for MailingSend. Its audience is fixed when it starts: subscribers who
+    confirm while it is being sent (or paused) get the drip, not this."""
+
+    def __init__(self, broadcast):
+        self.broadcast, self.key = broadcast, broadcast.mailing
+
+    def conditions(self):
+        return Client.active, Client.email_confirmed_at <= (self.broadcast.started_at or utcnow())
+
+    def compose(self, recipient):
+        broadcast, link = self.broadcast, unsubscribe_url(recipient.client_id)
+        context = dict(email=recipient.email, greeting_name=greeting_name(recipient.email), unsubscribe_url=link)
+        subject = _template(broadcast.subject, html=False).render(context).strip()
+        text = _template(broadcast.text, html=False).render(context)
+        body = _template(broadcast.html, html=True).render(context)
+        html = current_app.jinja_env.get_template('emails/broadcast.html').render(subject=subject, body=body,
+                                                                                     **context)
+        return Email(recipient.email, subject, f'{text.rstrip()}\n\n--\nUnsubscribe: {link}\n', html,
+                     make_message_id('broadcast', broadcast.id, recipient.client_id, address_digest(recipient.email)),
+                     list_unsubscribe_headers(link, recipient.client_id))
+
+    def advance(self, client_ids):
+        return None
+
+    def halted(self):
+        """Paused or cancelled since the send began."""
+        return db.session.scalar(sa.select(Broadcast.status).where(Broadcast.id == self.broadcast.id)) != 'sending'
+
+
+@functools.lru_cache(maxsize=64)
+def _template(source, html):
+    """Compiled once per process and text: composing runs once per subscriber."""
+    return _SANDBOXES[html].from_string(source)
+
+
+_SANDBOXES = {html: SandboxedEnvironment(autoescape=html, undefined=jinja2.StrictUndefined) for html in (False, True)}
+
+
+def preview(broadcast):
+    """The email as a made-up subscriber would get it.  :raise BroadcastError: if it cannot be rendered."""
+    try:
+        email = BroadcastMailing(broadcast).compose(PREVIEW_RECIPIENT)
+    except jinja2.TemplateError as exc:
+        raise BroadcastError(f'the broadcast cannot be rendered: {exc}') from exc
+    if not email.subject or '\n' in email.subject or '\r' in email.subject:
+        raise BroadcastError('the subject must be one line of text')
+    return email
+
+
+def parse_local_time(text):
+    """'2026-12-01 09:00' or '2026-12-01T09:00' -> naive datetime.  :raise BroadcastError:"""
+    try:
+        return datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise BroadcastError(f'{text!r} is not a date and time such as 2026-12-01 09:00') from exc
+
+
+def local_to_utc(local_time, zone_name):
+    """A wall-clock time in a named zone -> naive UTC.  :raise BroadcastError: unknown zone."""
+    if zone_name not in available_timezones():
+        raise BroadcastError(f'unknown time zone {zone_name!r} (use a name such as Europe/Paris or UTC)')
+    try:
+        zone = ZoneInfo(zone_name)
+    except ZoneInfoNotFoundError as exc:
+        raise BroadcastError(f'unknown time zone {zone_name!r}') from exc
+    return local_time.replace(tzinfo=zone).astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def utc_to_local(utc_time, zone_name):
+    return utc_time.replace(tzinfo=timezone.utc).astimezone(ZoneInfo(zone_name))
+
+
+def schedule_broadcast(subject, text, html, send_at, zone_name, created_by):
+    """Check a broadcast, store it, and queue its send for `send_at` (wall-clock time in `zone_name`), in
+    one commit.  :raise BroadcastError: with what to fix; nothing is stored then."""
+    if not subject.strip() or not text.strip() or not html.strip():
+        raise BroadcastError('a broadcast needs a subject, a text version and an HTML version')
+    send_at_utc = local_to_utc(send_at, zone_name)
+    if send_at_utc < utcnow().replace(second=0, microsecond=0):
+        raise BroadcastError(f'{send_at:%Y-%m-%d %H:%M} {zone_name} is in the past')
+    broadcast = Broadcast(subject=subject.strip(), text=text, html=html, send_at=send_at_utc, timezone=zone_name,
+                          created_by=created_by, status='scheduled')
+    preview(broadcast)
+    db.session.add(broadcast)
+    db.session.flush()
+    send_broadcast.apply(run_after=send_at_utc, unique_key=_job_key(broadcast.id), broadcast_id=broadcast.id)
+    db.session.commit()
+    return broadcast
+
+
+def _job_key(broadcast_id):
+    return f'broadcast:{broadcast_id}'
+
+
+def _change_status(broadcast_id, allowed_from, to, **values):
+    """One conditional UPDATE, so a pause cannot cross a send that just finished.  :raise BroadcastError:"""
+    changed = db.session.execute(
+        sa.update(Broadcast).where(Broadcast.id == broadcast_id, Broadcast.status.in_(allowed_from))
+        .values(status=to, **values).execution_options(synchronize_session=False)).rowcount
+    if not changed:
+        db.session.rollback()
+        status = db.session.scalar(sa.select(Broadcast.status).where(Broadcast.id == broadcast_id))
+        if status is None:
+            raise BroadcastError(f'there is no broadcast {broadcast_id}')
+        raise BroadcastError(f'broadcast {broadcast_id} is {status}: only a {" or ".join(allowed_from)} one can be '
+                             f'{to}')
+
+
+def cancel(broadcast_id):
+    """Before it starts, or while paused; its queued send job is cancelled with it."""
+    _change_status(broadcast_id, ('scheduled', 'paused'), 'cancelled', finished_at=utcnow())
+    db.session.execute(
+        sa.update(Job).where(Job.unique_key == _job_key(broadcast_id), Job.status == 'queued')
+        .values(status='cancelled', finished_at=utcnow()).execution_options(synchronize_session=False))
+    db.session.commit()
+
+
+def pause(broadcast_id):
+    """The send stops once its current batch is recorded."""
+    _change_status(broadcast_id, ('sending',), 'paused')
+    db.session.commit()
+
+
+def resume(broadcast_id):
+    _change_status(broadcast_id, ('paused',), 'sending')
+    send_broadcast.apply(broadcast_id=broadcast_id)
+    db.session.commit()
+
+
+def delivery_counts(broadcast):
+    """{'sent': n, 'failed': n, 'sending': n} from its send log."""
+    return dict(db.session.execute(
+        sa.select(Delivery.status, sa.func.count()).where(Delivery.mailing == broadcast.mailing)
+        .group_by(Delivery.status)).all())
+
+
+@define_task(queue='bulk')
+def send_broadcast(broadcast_id):
+    started = db.session.execute(
+        sa.update(Broadcast).where(Broadcast.id == broadcast_id, Broadcast.status == 'scheduled')
+        .values(status='sending', started_at=utcnow()).execution_options(synchronize_session=False)).rowcount
+    db.session.commit()
+    broadcast = db.session.get(Broadcast, broadcast_id)
+    if broadcast.status != 'sending':
+        return {'not sent': f'the broadcast is {broadcast.status}'}
+    mailing = BroadcastMailing(broadcast)
+    result = send_mailing(mailing, should_stop=lambda: stopping() or mailing.halted())
+    if not result['stopped']:
+        db.session.execute(
+            sa.update(Broadcast).where(Broadcast.id == broadcast_id, Broadcast.status == 'sending')
+            .values(status='sent', finished_at=utcnow()).execution_options(synchronize_session=False))
+    return {**result, 'started': bool(started)}
+

@@ -1,0 +1,323 @@
+"""Background jobs: the one mechanism for everything the app does outside a request or a cron command
+(confirmation mail, scheduled drip stages, broadcasts, an admin's "send now").
+
+A task is a function defined once with @define_task and applied from anywhere with keyword arguments:
+`send_email.apply(recipient=...)` adds a row to `jobs` in the caller's transaction, so the job exists
+exactly when the change that asked for it is committed. The row is also the job's public record:
+state, progress, result or error, and timings, for admins to see.
+
+Workers claim due jobs under a lease (app/leases.py), so a job runs in one worker at a time however
+many run, on PostgreSQL or SQLite. While a job runs, a heartbeat thread renews its lease and writes its
+progress; if the worker dies the lease runs out and another worker takes the job over. A job that
+raises is retried with back-off up to its max_attempts, then kept as failed with its error. A job's
+own database writes are committed together with its 'done' state, or not at all.
+
+Workers are threads inside the web process (JOB_WORKER=thread: nothing else to run), or `flask
+worker`. With JOB_BACKEND=rq, a worker hands each job it claims to RQ instead of running it, and
+`flask rq-worker` runs it; the claim passes to the RQ worker only if it is still the one handed over,
+so a job that reached RQ twice (re-handed after its lease ran out) still runs once."""
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import redis
+import rq
+import sqlalchemy as sa
+from flask import current_app, has_app_context
+from flask_sqlalchemy.session import Session
+
+from app import db
+from app.leases import claim, lease_end, new_owner, renew
+from app.models import Job, insert_ignoring_conflicts, utcnow
+from app.transports import PermanentFailure, retry_delay
+
+log = logging.getLogger(__name__)
+
+TASKS = {}
+QUEUES = ('mail', 'bulk')  # quick transactional mail never waits behind an hour-long broadcast
+
+
+class Interrupted(Exception):
+    """Raised by a task that stopped early because its worker is shutting down: the job goes back to
+    the queue at once, without counting as a failed attempt."""
+
+
+class Task:
+    def __init__(self, fn, queue, max_attempts):
+        self.fn, self.name, self.queue, self.max_attempts = fn, fn.__name__, queue, max_attempts
+
+    def __call__(self, **payload):
+        return self.fn(**payload)
+
+    def apply(self, run_after=None, unique_key=None, **payload):
+        """Queue a run with `payload` as part of the caller's transaction.  :return: the Job."""
+        job = Job(**self._row(payload, run_after), unique_key=unique_key)
+        db.session.add(job)
+        db.session.info['jobs_queued'] = True
+        return job
+
+    def apply_once(self, unique_key, run_after=None, status='queued', error=None, **payload):
+        """Queue a run unless a job with `unique_key` already exists, and commit.  :return: True if
+        this call queued it. Safe to call from any number of processes at once."""
+        inserted = db.session.execute(
+            insert_ignoring_conflicts(Job, ['unique_key'])
+            .values(**self._row(payload, run_after), unique_key=unique_key, status=status, error=error,
+                    attempts=0, created_at=utcnow())
+            .returning(Job.id)).first() is not None
+        db.session.info['jobs_queued'] = inserted
+        db.session.commit()
+        return inserted
+
+    def _row(self, payload, run_after):
+        json.dumps(payload)  # an argument that cannot be stored fails here, at the caller, not in a worker
+        return dict(task=self.name, queue=self.queue, payload=payload, run_after=run_after or utcnow(),
+                    max_attempts=self.max_attempts or current_app.config['JOB_MAX_ATTEMPTS'])
+
+
+def define_task(queue='mail', max_attempts=None):
+    """Make a function a task: `@define_task(queue='bulk')`. Its keyword arguments must be JSON."""
+    if queue not in QUEUES:
+        raise ValueError(f'queue must be one of {QUEUES}')
+
+    def decorate(fn):
+        TASKS[fn.__name__] = task = Task(fn, queue, max_attempts)
+        return task
+    return decorate
+
+
+@dataclass
+class _Running:
+    """What the heartbeat and the task share while a job runs."""
+    job_id: int
+    owner: str
+    worker_stopping: threading.Event
+    done: int | None = None
+    total: int | None = None
+    lost: bool = False
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+_local = threading.local()
+
+
+def report_progress(done, total=None):
+    """Called by a running task; the heartbeat stores it. Does nothing outside a job."""
+    if running := getattr(_local, 'running', None):
+        running.done, running.total = done, total
+
+
+def stopping():
+    """True when the running task should stop at its next safe point: its worker is shutting down, or
+    its lease was lost to another worker."""
+    running = getattr(_local, 'running', None)
+    return bool(running and (running.lost or running.worker_stopping.is_set()))
+
+
+def run_next(queue, worker_stopping=None):
+    """Claim the next due job of `queue` and run it here, or hand it to RQ.  :return: False if none was due."""
+    owner, config = new_owner(), current_app.config
+    ids = claim(Job, Job.queue == queue, Job.status.in_(('queued', 'running')), Job.run_after <= utcnow(),
+                owner=owner, seconds=config['LEASE_SECONDS'], limit=1)
+    if not ids:
+        return False
+    if config['JOB_BACKEND'] == 'rq':
+        rq_queue().enqueue_call(run_handed_over, args=(ids[0], owner), timeout=config['RQ_JOB_TIMEOUT'])
+    else:
+        execute(ids[0], owner, worker_stopping or threading.Event())
+    return True
+
+
+def rq_queue():
+    connection = redis.Redis.from_url(current_app.config['REDIS_URL'])
+    return rq.Queue(current_app.config['RQ_QUEUE'], connection=connection)
+
+
+def run_handed_over(job_id, owner):
+    """The RQ job: runs inside `flask rq-worker`."""
+    try:
+        execute(job_id, owner, threading.Event())
+    finally:
+        db.session.remove()
+
+
+def execute(job_id, claimed_by, worker_stopping):
+    """Run job `job_id`, which `claimed_by` holds, in this thread, and record what became of it."""
+    lease = current_app.config['LEASE_SECONDS']
+    owner = new_owner()
+    started = db.session.execute(
+        sa.update(Job).where(Job.id == job_id, Job.claimed_by == claimed_by)
+        .values(claimed_by=owner, lease_until=lease_end(lease), status='running', attempts=Job.attempts + 1,
+                started_at=utcnow(), finished_at=None, progress_done=None, progress_total=None)
+        .execution_options(synchronize_session=False)).rowcount
+    db.session.commit()
+    if not started:
+        return  # handed to RQ, then re-handed after its lease ran out: the newer hand-over runs it
+    job = db.session.get(Job, job_id)
+    name, payload, attempt, max_attempts = job.task, job.payload, job.attempts, job.max_attempts
+    running = _Running(job_id, owner, worker_stopping)
+    if attempt > max_attempts:
+        return _record(running, status='failed', finished_at=utcnow(), error=(
+            f'gave up: the worker running it stopped {attempt - 1} time(s) mid-job (killed, or out of memory)'))
+    if name not in TASKS:
+        return _record(running, status='failed', finished_at=utcnow(), error=f'no task named {name!r} in this app')
+
+    log.info('job %d: %s started (attempt %d of %d)', job_id, name, attempt, max_attempts)
+    heartbeat = threading.Thread(target=_keep_lease, args=(current_app._get_current_object(), running),
+                                 name=f'job-{job_id}-heartbeat', daemon=True)
+    heartbeat.start()
+    _local.running = running
+    try:
+        result = TASKS[name].fn(**payload)
+    except Interrupted:
+        db.session.rollback()
+        log.info('job %d: %s interrupted; queued again', job_id, name)
+        outcome = dict(status='queued', attempts=Job.attempts - 1)
+    except Exception as exc:
+        db.session.rollback()
+        error = f'{type(exc).__name__}: {exc}'
+        if isinstance(exc, PermanentFailure) or attempt >= max_attempts:
+            log.exception('job %d: %s failed for good', job_id, name)
+            outcome = dict(status='failed', finished_at=utcnow(), error=error)
+        else:
+            delay = retry_delay(attempt, cap=current_app.config['JOB_MAX_BACKOFF'])
+            log.warning('job %d: %s failed (%s); retrying in %.0fs', job_id, name, error, delay)
+            outcome = dict(status='queued', error=error, run_after=utcnow() + timedelta(seconds=delay))
+    else:
+        outcome = dict(status='done', finished_at=utcnow(), result=_jsonable(result), error=None)
+    finally:
+        _local.running = None
+        running.finished.set()
+        heartbeat.join()
+    _record(running, **outcome)
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def _record(running, **values):
+    """Write the job's outcome (with the task's own writes, if it left any uncommitted), unless
+    another worker has taken the job over: then both are dropped, since that worker runs it now."""
+    held = db.session.execute(
+        sa.update(Job).where(Job.id == running.job_id, Job.claimed_by == running.owner)
+        .values(claimed_by=None, lease_until=None, progress_done=running.done, progress_total=running.total,
+                **values)
+        .execution_options(synchronize_session=False)).rowcount
+    if held:
+        db.session.commit()
+    else:
+        db.session.rollback()
+        log.warning('job %d: its lease ran out and another worker took it over; this outcome is dropped',
+                    running.job_id)
+
+
+def _keep_lease(app, running):
+    """The heartbeat: renew the lease (and store progress) until the job is finished."""
+    lease = app.config['LEASE_SECONDS']
+    while not running.finished.wait(min(lease / 3, app.config['JOB_PROGRESS_SECONDS'])):
+        with app.app_context():
+            try:
+                held = renew(Job, Job.id == running.job_id, owner=running.owner, seconds=lease,
+                             progress_done=running.done, progress_total=running.total)
+            except sa.exc.DBAPIError:  # a database hiccup: the next beat tries again, well within the lease
+                db.session.rollback()
+                log.exception('job %d: could not renew its lease', running.job_id)
+                continue
+        if not held:
+            running.lost = True
+            log.warning('job %d: lost its lease to another worker; stopping it', running.job_id)
+            return
+
+
+class Worker:
+    """Runs the jobs of `queues` in this process, a thread per queue, and fires the schedules
+    (app/schedules.py) from a clock thread. Any number of workers, in any processes, may run."""
+
+    def __init__(self, app, queues=QUEUES):
+        self.app, self.queues = app, tuple(queues)
+        self.stopping = threading.Event()
+        self.wakes = [threading.Event() for _ in self.queues]
+        self.clock_wake = threading.Event()  # only for stop(): the clock runs on time, not on demand
+        self.threads = []
+
+    def start(self):
+        for queue, wake in zip(self.queues, self.wakes, strict=True):
+            self._spawn(f'jobs-{queue}', self._serve, queue, wake)
+        self._spawn('jobs-clock', self._clock)
+        return self
+
+    def _spawn(self, name, target, *args):
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def wake(self):
+        for wake in self.wakes:
+            wake.set()
+
+    def stop(self, timeout=None):
+        """Stop taking jobs; a running task is asked to stop at its next safe point (stopping())."""
+        self.stopping.set()
+        self.wake()
+        self.clock_wake.set()
+        for thread in self.threads:
+            thread.join(timeout)
+
+    def _serve(self, queue, wake):
+        self._loop(wake, lambda: run_next(queue, self.stopping))
+
+    def _clock(self):
+        from app.schedules import fire_due_schedules
+        self._loop(self.clock_wake, fire_due_schedules, repeat=False)
+
+    def _loop(self, wake, step, repeat=True):
+        """Call `step` until it returns falsy, then wait for a wake-up or JOB_POLL_SECONDS."""
+        while not self.stopping.is_set():
+            with self.app.app_context():
+                try:
+                    while step() and repeat and not self.stopping.is_set():
+                        pass
+                except Exception:  # a database outage must not kill the worker: log it and try again later
+                    db.session.rollback()
+                    log.exception('%s: failed; trying again in %ss', threading.current_thread().name,
+                                  self.app.config['JOB_POLL_SECONDS'])
+            wake.wait(self.app.config['JOB_POLL_SECONDS'])
+            wake.clear()
+
+
+def run_due(queues=QUEUES):
+    """Fire due schedules, then run every job due now, in this thread (`flask worker --once`).
+    :return: how many jobs ran."""
+    from app.schedules import fire_due_schedules
+    fire_due_schedules()
+    ran = 0
+    for queue in queues:
+        while run_next(queue):
+            ran += 1
+    return ran
+
+
+def init_app(app):
+    app.extensions['jobs'] = None
+    if app.config['JOB_WORKER'] != 'thread':
+        return
+    lock = threading.Lock()
+
+    # Started by the first request rather than here, so `flask db upgrade`, cron commands and
+    # gunicorn's master process (which only forks) never start a worker of their own.
+    @app.before_request
+    def _start_worker_threads():
+        if app.extensions['jobs'] is None:
+            with lock:
+                if app.extensions['jobs'] is None:
+                    app.extensions['jobs'] = Worker(app).start()
+
+
+@sa.event.listens_for(Session, 'after_commit')
+def _wake_worker(session):
+    """A job applied in this process starts at once, not at the next poll."""
+    if session.info.pop('jobs_queued', False) and has_app_context():
+        if worker := current_app.extensions.get('jobs'):
+            worker.wake()
