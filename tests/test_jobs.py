@@ -1,0 +1,245 @@
+"""The job mechanism (app/jobs.py): defined once, applied with keyword arguments, run once under a
+lease by any number of workers, retried with back-off, and kept with its outcome for admins."""
+import signal
+import threading
+import time
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from app import db
+from app.email import Email
+from app.jobs import Interrupted, Worker, define_task, report_progress, run_due, run_next, stopping
+from app.models import Client, Delivery, Job, utcnow
+from app.tasks import queue_email, send_stage
+from tests.test_outbox import queue
+
+
+@define_task()
+def add(a, b):
+    return {'sum': a + b}
+
+
+@define_task()
+def flaky(message):
+    raise ValueError(message)
+
+
+@define_task()
+def subscribe_then(email, fail):
+    db.session.add(Client(email=email))
+    db.session.flush()
+    if fail:
+        raise RuntimeError('failed after writing')
+
+
+@define_task(queue='bulk')
+def slow_counter(steps, step_seconds):
+    for step in range(steps):
+        report_progress(step, steps)
+        if stopping():
+            raise Interrupted
+        time.sleep(step_seconds)
+    return {'steps': steps}
+
+
+def jobs(app):
+    with app.app_context():
+        return db.session.scalars(sa.select(Job).order_by(Job.id)).all()
+
+
+def make_due_now(app):
+    with app.app_context():
+        db.session.execute(sa.update(Job).values(run_after=utcnow() - timedelta(seconds=1)))
+        db.session.commit()
+
+
+def run(app):
+    with app.app_context():
+        return run_due()
+
+
+def test_a_task_runs_with_its_keyword_arguments_and_its_result_and_timings_are_kept(app):
+    with app.app_context():
+        add.apply(a=2, b=3)
+        db.session.commit()
+
+    assert run(app) == 1
+
+    [job] = jobs(app)
+    assert (job.task, job.payload, job.status, job.result, job.attempts) == ('add', {'a': 2, 'b': 3}, 'done',
+                                                                             {'sum': 5}, 1)
+    assert job.created_at <= job.started_at <= job.finished_at and job.claimed_by is None
+    assert run(app) == 0, 'a done job is not run again'
+
+
+def test_an_argument_that_cannot_be_stored_is_refused_where_the_task_is_applied(app):
+    with app.app_context(), pytest.raises(TypeError):
+        add.apply(a=object(), b=1)
+
+
+def test_a_failing_job_is_retried_with_growing_back_off_then_kept_as_failed_with_its_error(app):
+    app.config.update(JOB_MAX_ATTEMPTS=3, MAIL_RETRY_BACKOFF=60)
+    with app.app_context():
+        flaky.apply(message='the disk is full')
+        db.session.commit()
+
+    waits = []
+    for _ in range(3):
+        before = utcnow()
+        run(app)
+        [job] = jobs(app)
+        waits.append((job.run_after - before).total_seconds())
+        assert run(app) == 0, 'not before its back-off has passed'
+        make_due_now(app)
+
+    assert job.status == 'failed' and job.attempts == 3 and job.error == 'ValueError: the disk is full'
+    assert 59 <= waits[0] <= 61 and 119 <= waits[1] <= 121, waits
+
+
+@pytest.mark.parametrize('fail', [False, True])
+def test_a_jobs_database_writes_are_committed_with_its_success_and_not_at_all_if_it_fails(app, fail):
+    with app.app_context():
+        subscribe_then.apply(email='new@example.com', fail=fail)
+        db.session.commit()
+
+    run(app)
+
+    with app.app_context():
+        written = db.session.scalar(sa.select(Client.email))
+    [job] = jobs(app)
+    assert (job.status, written) == (('queued', None) if fail else ('done', 'new@example.com'))
+
+
+def test_a_job_for_a_task_this_app_does_not_have_fails_with_a_clear_error(app):
+    with app.app_context():
+        db.session.add(Job(task='renamed_long_ago', queue='mail', payload={}, max_attempts=3))
+        db.session.commit()
+
+    run(app)
+
+    [job] = jobs(app)
+    assert job.status == 'failed' and "no task named 'renamed_long_ago'" in job.error
+
+
+def test_a_job_is_not_run_before_its_time(app):
+    with app.app_context():
+        add.apply(run_after=utcnow() + timedelta(minutes=5), a=1, b=1)
+        db.session.commit()
+
+    assert run(app) == 0
+    make_due_now(app)
+    assert run(app) == 1
+
+
+def test_a_long_job_keeps_its_lease_and_shows_its_progress_while_it_runs(app):
+    app.config.update(LEASE_SECONDS=0.6, JOB_PROGRESS_SECONDS=0.1)
+    with app.app_context():
+        slow_counter.apply(steps=20, step_seconds=0.1)
+        db.session.commit()
+    worker = threading.Thread(target=run, args=(app,))
+    worker.start()
+
+    seen, stolen = set(), []
+    while worker.is_alive():
+        with app.app_context():
+            stolen.append(run_next('bulk'))  # another worker trying to take it over
+            seen.add(db.session.scalar(sa.select(Job.progress_done)))
+        time.sleep(0.15)
+    worker.join()
+
+    [job] = jobs(app)
+    assert job.status == 'done' and job.attempts == 1 and job.result == {'steps': 20}
+    assert not any(stolen), 'its lease (0.6 s) was renewed through the 2 s it ran'
+    assert len(seen - {None}) >= 3, f'progress was written as it went: {seen}'
+
+
+def test_a_worker_asked_to_stop_puts_its_running_job_back_without_counting_an_attempt(app):
+    with app.app_context():
+        slow_counter.apply(steps=1000, step_seconds=0.01)
+        db.session.commit()
+    worker = Worker(app, queues=['bulk']).start()
+    while not any(job.status == 'running' for job in jobs(app)):
+        time.sleep(0.02)
+
+    worker.stop(timeout=10)
+
+    [job] = jobs(app)
+    assert (job.status, job.attempts, job.claimed_by) == ('queued', 0, None)
+    assert run(app) == 1 and jobs(app)[0].status == 'done'
+
+
+def test_a_job_whose_worker_keeps_dying_is_failed_instead_of_retried_forever(app):
+    with app.app_context():
+        db.session.add(Job(task='add', queue='mail', payload={'a': 1, 'b': 1}, max_attempts=3, attempts=3,
+                           status='running', claimed_by='dead', lease_until=utcnow() - timedelta(seconds=1)))
+        db.session.commit()
+
+    run(app)
+
+    [job] = jobs(app)
+    assert job.status == 'failed' and 'stopped 3 time(s) mid-job' in job.error
+
+
+def test_two_workers_racing_for_one_job_run_it_once(app, smtp, flask_command):
+    queue(app, 'jane@example.com')
+    smtp.delay = 0.5
+
+    racers = [flask_command('worker', '--once') for _ in range(2)]
+    outputs = [racer.communicate(timeout=60) for racer in racers]
+
+    assert smtp.recipients() == ['jane@example.com'], outputs
+    [job] = jobs(app)
+    assert job.status == 'done' and job.attempts == 1
+    assert sorted(out for out, _ in outputs) == ['jobs: ran 0\n', 'jobs: ran 1\n']
+
+
+def test_a_job_whose_worker_is_killed_mid_job_is_finished_by_another(app, smtp, subscribers, flask_command):
+    emails = subscribers(60)
+    with app.app_context():
+        send_stage.apply(stage='week1')
+        db.session.commit()
+    smtp.delay = 0.05
+
+    doomed = flask_command('worker', '--queue', 'bulk', LEASE_SECONDS='2', JOB_POLL_SECONDS='0.1')
+    assert smtp.wait_for(15, timeout=30) >= 15
+    doomed.send_signal(signal.SIGKILL)
+    doomed.communicate()
+    [job] = jobs(app)
+    assert job.status == 'running' and job.attempts == 1
+    while utcnow() <= job.lease_until:
+        time.sleep(0.1)
+
+    out, err = flask_command('worker', '--once').communicate(timeout=120)
+
+    [job] = jobs(app)
+    assert job.status == 'done' and job.attempts == 2, (out, err, job.error)
+    received = Counter(smtp.recipients())
+    assert set(received) == set(emails)
+    assert sum(received.values()) - len(emails) <= 10, 'only the batch in flight at the kill may repeat'
+    with app.app_context():
+        assert Counter(db.session.scalars(sa.select(Delivery.status))) == {'sent': 60}
+
+
+def test_with_the_rq_backend_a_job_handed_to_rq_twice_still_runs_once(settings, redis_server, request, smtp,
+                                                                     flask_command):
+    settings.update(JOB_BACKEND='rq', REDIS_URL='redis://127.0.0.1:6379/0', RQ_QUEUE=f'jobs-test-{time.time_ns()}')
+    app = request.getfixturevalue('app')
+    with app.app_context():
+        queue_email(Email('jane@example.com', 'Hi', 'text', '<p>html</p>', '<rq.1@example.com>'))
+        db.session.commit()
+        assert run_next('mail'), 'handed to RQ'
+        # Its hand-over lease runs out before an RQ worker got to it, so it is handed over again.
+        db.session.execute(sa.update(Job).values(lease_until=utcnow() - timedelta(seconds=1)))
+        db.session.commit()
+        assert run_next('mail')
+    assert redis_server.llen(f'rq:queue:{settings["RQ_QUEUE"]}') == 2
+
+    out, err = flask_command('rq-worker', '--burst', JOB_BACKEND='rq', REDIS_URL=settings['REDIS_URL'],
+                             RQ_QUEUE=settings['RQ_QUEUE']).communicate(timeout=60)
+
+    assert smtp.recipients() == ['jane@example.com'], err
+    [job] = jobs(app)
+    assert job.status == 'done' and job.attempts == 1
