@@ -1,0 +1,197 @@
+"""Dated broadcasts (app/broadcasts.py): written once, sent at their time to everyone confirmed, at most
+once per subscriber, resumable after a kill, and cancellable, pausable and resumable by an admin."""
+import signal
+import threading
+import time
+from collections import Counter
+from datetime import datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from app import broadcasts, db
+from app.jobs import run_due
+from app.models import Broadcast, Delivery, Job, utcnow
+
+TEXT = 'Hello {{ greeting_name }},\n\nOur winter sale starts today.'
+HTML = '<p>Hello {{ greeting_name }},</p><p>Our <b>winter sale</b> starts today.</p>'
+
+
+def schedule(app, at=None, zone='UTC', subject='Winter sale, {{ greeting_name }}', text=TEXT, html=HTML):
+    """Schedule a broadcast for `at` (local time in `zone`), a minute from now by default."""
+    at = at or datetime.now().replace(microsecond=0) + timedelta(minutes=1)
+    with app.app_context():
+        return broadcasts.schedule_broadcast(subject, text, html, at, zone, created_by='admin@example.com').id
+
+
+def make_due_now(app):
+    with app.app_context():
+        db.session.execute(sa.update(Job).values(run_after=utcnow() - timedelta(seconds=1)))
+        db.session.commit()
+
+
+def state(app, broadcast_id):
+    with app.app_context():
+        broadcast = db.session.get(Broadcast, broadcast_id)
+        return broadcast.status, broadcasts.delivery_counts(broadcast)
+
+
+def run(app):
+    with app.app_context():
+        return run_due()
+
+
+def test_a_broadcast_goes_at_its_time_once_to_every_active_confirmed_subscriber(app, smtp, subscribers):
+    emails = subscribers(25)
+    subscribers(1, start=100, email_confirmed_at=None)
+    subscribers(1, start=200, active=False)
+    broadcast_id = schedule(app, zone='Europe/Paris', at=datetime.now() + timedelta(hours=3))
+
+    assert run(app) == 0 and smtp.messages == [], 'not before its time'
+    make_due_now(app)
+    run(app)
+    run(app)
+
+    assert Counter(smtp.recipients()) == Counter(emails)
+    message = smtp.messages[0]
+    assert message['Subject'] == 'Winter sale, Reader'  # personalised: reader7@ -> Reader
+    assert 'Our winter sale starts today.' in message.get_body(('plain',)).get_content()
+    assert '<b>winter sale</b>' in message.get_body(('html',)).get_content()
+    assert 'Unsubscribe' in message.get_body(('html',)).get_content() and message['List-Unsubscribe']
+    assert message['Message-ID'].startswith(f'<broadcast.{broadcast_id}.')
+    assert state(app, broadcast_id) == ('sent', {'sent': 25})
+
+
+def test_send_at_is_read_in_the_time_zone_the_admin_chose(app):
+    broadcast_id = schedule(app, at=datetime(2031, 7, 1, 9, 0), zone='America/New_York')
+    with app.app_context():
+        broadcast = db.session.get(Broadcast, broadcast_id)
+        job = db.session.scalar(sa.select(Job))
+    assert broadcast.send_at == datetime(2031, 7, 1, 13, 0) == job.run_after  # EDT is UTC-4
+
+
+@pytest.mark.parametrize('changes, error', [
+    ({'at': datetime(2020, 1, 1, 9, 0)}, 'is in the past'),
+    ({'zone': 'Mars/Olympus_Mons'}, "unknown time zone 'Mars/Olympus_Mons'"),
+    ({'subject': 'Sale\r\nBcc: everyone@example.com'}, 'the subject must be one line'),
+    ({'text': 'Hello {{ greeting_name'}, 'cannot be rendered'),
+    ({'html': '{{ greeting_name.__class__.__mro__[1].__subclasses__() }}'}, 'cannot be rendered'),
+    ({'text': 'Hello {{ first_name }}'}, "'first_name' is undefined"),
+    ({'html': '  '}, 'needs a subject, a text version and an HTML version'),
+])
+def test_a_broadcast_that_cannot_be_sent_as_written_is_refused_and_nothing_is_stored(app, changes, error):
+    with pytest.raises(broadcasts.BroadcastError, match=error):
+        schedule(app, **changes)
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count(Broadcast.id))) == 0
+        assert db.session.scalar(sa.select(sa.func.count(Job.id))) == 0
+
+
+def test_a_broadcast_cancelled_before_it_starts_is_never_sent(app, smtp, subscribers):
+    subscribers(5)
+    broadcast_id = schedule(app)
+
+    with app.app_context():
+        broadcasts.cancel(broadcast_id)
+    make_due_now(app)
+    run(app)
+
+    assert smtp.messages == [] and state(app, broadcast_id) == ('cancelled', {})
+    with app.app_context():
+        assert db.session.scalar(sa.select(Job.status)) == 'cancelled'
+        with pytest.raises(broadcasts.BroadcastError, match='is cancelled: only a sending one can be paused'):
+            broadcasts.pause(broadcast_id)
+
+
+def test_a_paused_broadcast_stops_after_its_batch_and_resumes_where_it_stopped(app, smtp, subscribers):
+    emails = subscribers(60)
+    broadcast_id = schedule(app)
+    make_due_now(app)
+    smtp.delay = 0.03
+    sender = threading.Thread(target=run, args=(app,))
+    sender.start()
+    smtp.wait_for(5, timeout=30)
+
+    with app.app_context():
+        broadcasts.pause(broadcast_id)
+    sender.join(timeout=60)
+
+    status, counts = state(app, broadcast_id)
+    assert status == 'paused' and 0 < counts['sent'] < 60 and set(counts) == {'sent'}, counts
+    paused_at = len(smtp.messages)
+    assert paused_at == counts['sent'], 'nothing in flight is left unrecorded'
+    time.sleep(0.3)
+    assert len(smtp.messages) == paused_at, 'nothing more goes out while paused'
+
+    with app.app_context():
+        broadcasts.resume(broadcast_id)
+    run(app)
+
+    assert Counter(smtp.recipients()) == Counter(emails), 'the rest, and nobody twice'
+    assert state(app, broadcast_id) == ('sent', {'sent': 60})
+
+
+def test_subscribers_who_confirm_after_a_broadcast_started_do_not_get_it(app, smtp, subscribers):
+    emails = subscribers(10)
+    broadcast_id = schedule(app)
+    make_due_now(app)
+    with app.app_context():
+        db.session.execute(sa.update(Broadcast).values(status='paused', started_at=utcnow()))
+        db.session.commit()
+    subscribers(3, start=50)  # confirmed while it is paused
+
+    with app.app_context():
+        broadcasts.resume(broadcast_id)
+    run(app)
+
+    assert Counter(smtp.recipients()) == Counter(emails)
+
+
+def test_a_broadcast_resumes_after_its_worker_is_killed(app, smtp, subscribers, flask_command):
+    emails = subscribers(60)
+    broadcast_id = schedule(app)
+    make_due_now(app)
+    smtp.delay = 0.05
+
+    doomed = flask_command('worker', LEASE_SECONDS='2')
+    assert smtp.wait_for(15, timeout=30) >= 15
+    doomed.send_signal(signal.SIGKILL)
+    doomed.communicate()
+    with app.app_context():
+        lease_until = db.session.scalar(sa.select(Job.lease_until))
+    while utcnow() <= lease_until:
+        time.sleep(0.1)
+
+    out, err = flask_command('worker', '--once').communicate(timeout=120)
+
+    received = Counter(smtp.recipients())
+    assert set(received) == set(emails), (out, err)
+    assert sum(received.values()) - len(emails) <= 10, 'only the batch in flight at the kill may repeat'
+    assert state(app, broadcast_id) == ('sent', {'sent': 60})
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count(Delivery.id))) == 60
+
+
+def test_flask_broadcast_previews_schedules_lists_and_cancels(app, runner, tmp_path):
+    (tmp_path / 'sale.txt').write_text(TEXT)
+    (tmp_path / 'sale.html').write_text(HTML)
+    files = ['--text', str(tmp_path / 'sale.txt'), '--html', str(tmp_path / 'sale.html')]
+    create = ['broadcast', 'create', '--subject', 'Winter sale', *files, '--at', '2031-12-01 09:00',
+              '--timezone', 'Europe/Paris']
+
+    preview = runner.invoke(args=[*create, '--preview'])
+    assert preview.exit_code == 0 and 'Hello Preview,' in preview.output and 'Unsubscribe: http' in preview.output
+
+    created = runner.invoke(args=create)
+    assert created.exit_code == 0, created.output
+    assert '2031-12-01 09:00 Europe/Paris (2031-12-01 08:00 UTC)' in created.output
+
+    listed = runner.invoke(args=['broadcast', 'list'])
+    assert 'scheduled\t2031-12-01 09:00 Europe/Paris\tsent 0, failed 0\tWinter sale' in listed.output
+
+    assert runner.invoke(args=['broadcast', 'cancel', '1']).exit_code == 0
+    again = runner.invoke(args=['broadcast', 'cancel', '1'])
+    assert again.exit_code == 1 and 'broadcast 1 is cancelled' in again.output
+
+    past = runner.invoke(args=[*create[:-4], '--at', '2020-01-01 09:00'])
+    assert past.exit_code == 1 and 'is in the past' in past.output
