@@ -4,6 +4,7 @@ import secrets
 from pathlib import Path
 
 from flask import Flask
+from flask_login import LoginManager
 from flask_mail import Mail
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
@@ -24,6 +25,9 @@ db = SQLAlchemy(metadata=MetaData(naming_convention={
 migrate = Migrate(render_as_batch=True)
 mail = Mail()
 csrf = CSRFProtect()
+login = LoginManager()
+login.login_view = 'admin.login_page'
+login.login_message = 'Please sign in to see the admin pages.'
 
 
 def create_app(config_class=Config):
@@ -39,6 +43,7 @@ def create_app(config_class=Config):
     migrate.init_app(app, db)
     mail.init_app(app)
     csrf.init_app(app)
+    login.init_app(app)
 
     from app import broadcasts, jobs, schedules, tasks  # noqa: F401  (tasks register with app.jobs)
     jobs.init_app(app)
@@ -48,6 +53,8 @@ def create_app(config_class=Config):
     app.register_blueprint(errors_bp)
     from app.main import bp as main_bp
     app.register_blueprint(main_bp)
+    from app.admin import bp as admin_bp
+    app.register_blueprint(admin_bp)
     from app.cli import bp as cli_bp
     app.register_blueprint(cli_bp)
 

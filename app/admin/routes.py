@@ -1,0 +1,86 @@
+"""What admins see and do: the state of every background job, the schedules, and broadcasts."""
+from datetime import datetime
+
+import sqlalchemy as sa
+from flask import abort, current_app, flash, redirect, render_template, request, url_for
+from flask_login import current_user
+
+from app import broadcasts, db, login
+from app.admin import bp
+from app.admin.forms import BroadcastForm
+from app.models import Broadcast, Client, Job, utcnow
+from app.newsletter import available_stages
+from app.tasks import send_stage
+
+
+@bp.before_request
+def _admins_only():
+    """Every admin page but the two that sign in needs a signed-in admin."""
+    if request.endpoint not in ('admin.login_page', 'admin.sign_in') and not current_user.is_authenticated:
+        return login.unauthorized()
+
+
+@bp.route('/')
+def dashboard():
+    subscribers = db.session.execute(sa.select(
+        sa.func.count(Client.id),
+        sa.func.count(Client.id).filter(Client.active, Client.email_confirmed_at.is_not(None)))).one()
+    jobs = db.session.scalars(sa.select(Job).order_by(Job.id.desc()).limit(50)).all()
+    schedules, zone = current_app.extensions['schedules']
+    now = utcnow()
+    upcoming = [(schedule, broadcasts.utc_to_local(schedule.latest_due(now, zone), zone.key)) for schedule in schedules]
+    return render_template('admin/dashboard.html', title='Admin', subscribers=subscribers, jobs=jobs,
+                           schedules=upcoming, zone=zone.key, stages=available_stages(),
+                           broadcasts=db.session.scalars(sa.select(Broadcast).order_by(Broadcast.id.desc())).all())
+
+
+@bp.route('/stages/<stage>/send', methods=['POST'])
+def send_stage_now(stage):
+    if stage not in available_stages():
+        abort(404)
+    job = send_stage.apply(stage=stage)
+    db.session.commit()
+    flash(f'{stage} is queued as job {job.id}: everyone due it gets it, nobody twice.')
+    return redirect(url_for('admin.dashboard'))
+
+
+@bp.route('/broadcasts/new', methods=['GET', 'POST'])
+def new_broadcast():
+    form, preview, error = BroadcastForm(), None, None
+    if form.validate_on_submit():
+        try:
+            if form.schedule.data:
+                created = broadcasts.schedule_broadcast(form.subject.data, form.text.data, form.html.data,
+                                                        form.send_at.data, form.timezone.data, current_user.email)
+                flash(f'Broadcast {created.id} is scheduled.')
+                return redirect(url_for('admin.broadcast', broadcast_id=created.id))
+            preview = broadcasts.preview(Broadcast(id=0, subject=form.subject.data, text=form.text.data,
+                                                   html=form.html.data))
+        except broadcasts.BroadcastError as exc:
+            error = str(exc)
+    elif not form.is_submitted():
+        form.send_at.data = datetime.now().replace(second=0, microsecond=0)
+    status = 400 if error or form.errors else 200
+    return render_template('admin/new_broadcast.html', title='New broadcast', form=form, preview=preview,
+                           error=error), status
+
+
+@bp.route('/broadcasts/<int:broadcast_id>')
+def broadcast(broadcast_id):
+    item = db.get_or_404(Broadcast, broadcast_id)
+    jobs = db.session.scalars(sa.select(Job).where(Job.task == 'send_broadcast').order_by(Job.id.desc())).all()
+    return render_template('admin/broadcast.html', title=f'Broadcast {item.id}', broadcast=item,
+                           counts=broadcasts.delivery_counts(item), preview=broadcasts.preview(item),
+                           send_at=broadcasts.utc_to_local(item.send_at, item.timezone),
+                           jobs=[job for job in jobs if job.payload.get('broadcast_id') == item.id])
+
+
+@bp.route('/broadcasts/<int:broadcast_id>/<any(cancel, pause, resume):verb>', methods=['POST'])
+def broadcast_action(broadcast_id, verb):
+    """POSTs are CSRF-checked by CSRFProtect, like every form in the app."""
+    try:
+        getattr(broadcasts, verb)(broadcast_id)
+        flash(f'Broadcast {broadcast_id}: {verb} done.')
+    except broadcasts.BroadcastError as exc:
+        flash(str(exc), 'error')
+    return redirect(url_for('admin.broadcast', broadcast_id=broadcast_id))

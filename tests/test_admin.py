@@ -1,0 +1,127 @@
+"""The admin pages: sign-in by emailed link, the jobs an admin can watch, broadcasts, "send now"."""
+import re
+import time
+from datetime import datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+from itsdangerous import TimestampSigner, URLSafeTimedSerializer
+
+from app import db
+from app.jobs import run_due
+from app.models import Broadcast, Job, utcnow
+from tests.conftest import csrf_token
+
+
+def deliver(app):
+    with app.app_context():
+        run_due()
+
+
+def sign_in(app, client, smtp, address='admin@example.com'):
+    client.post('/admin/login', data={'email': address, 'csrf_token': csrf_token(client, '/admin/login')})
+    deliver(app)
+    body = smtp.messages[-1].get_body(('plain',)).get_content()
+    return client.get(re.search(r'http://newsletter.test(/admin/sign-in/\S+)', body).group(1))
+
+
+@pytest.fixture
+def admin(app, client, smtp):
+    assert sign_in(app, client, smtp).status_code == 302
+    return client
+
+
+def test_the_admin_pages_need_a_signed_in_admin(client):
+    for url in ('/admin/', '/admin/broadcasts/new', '/admin/broadcasts/1'):
+        response = client.get(url)
+        assert response.status_code == 302 and response.location.startswith('/admin/login')
+
+
+def test_an_admin_signs_in_with_the_link_emailed_to_them(app, client, smtp):
+    response = sign_in(app, client, smtp)
+
+    assert smtp.recipients() == ['admin@example.com']
+    assert response.status_code == 302 and response.location == '/admin/'
+    page = client.get('/admin/').get_data(as_text=True)
+    assert 'Background jobs' in page and 'admin@example.com' in page
+
+
+def test_a_stranger_gets_the_same_answer_and_no_email(app, client, smtp):
+    page = client.post('/admin/login', data={'email': 'mallory@example.com',
+                                             'csrf_token': csrf_token(client, '/admin/login')})
+    deliver(app)
+
+    assert 'If mallory@example.com is an admin address' in page.get_data(as_text=True)
+    assert smtp.messages == []
+
+
+def test_a_forged_or_expired_sign_in_link_is_refused(app, client, monkeypatch):
+    forged = URLSafeTimedSerializer('not-our-key', salt='admin-sign-in').dumps('admin@example.com')
+    with monkeypatch.context() as an_hour_ago:
+        an_hour_ago.setattr(TimestampSigner, 'get_timestamp', lambda self: int(time.time()) - 3600)
+        expired = URLSafeTimedSerializer(app.config['SECRET_KEY'], salt='admin-sign-in').dumps('admin@example.com')
+
+    assert 'not valid' in client.get(f'/admin/sign-in/{forged}').get_data(as_text=True)
+    assert 'expired' in client.get(f'/admin/sign-in/{expired}').get_data(as_text=True)
+    assert client.get('/admin/').status_code == 302
+
+
+def test_an_address_taken_out_of_admins_is_locked_out_at_its_next_request(app, admin):
+    assert admin.get('/admin/').status_code == 200
+    app.config['ADMINS'] = ['someone.else@example.com']
+    assert admin.get('/admin/').status_code == 302
+
+
+def test_an_admin_previews_schedules_and_cancels_a_broadcast(app, admin):
+    form = {'subject': 'Winter sale', 'text': 'Hello {{ greeting_name }}', 'html': '<p>Hello <b>you</b></p>',
+            'send_at': (datetime.now() + timedelta(days=2)).strftime('%Y-%m-%dT%H:%M'), 'timezone': 'Europe/Paris',
+            'csrf_token': csrf_token(admin, '/admin/broadcasts/new')}
+
+    preview = admin.post('/admin/broadcasts/new', data={**form, 'preview': 'Preview'}).get_data(as_text=True)
+    assert 'Hello Preview' in preview and 'srcdoc=' in preview
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count(Broadcast.id))) == 0, 'a preview stores nothing'
+
+    created = admin.post('/admin/broadcasts/new', data={**form, 'schedule': 'Schedule'})
+    assert created.status_code == 302 and created.location == '/admin/broadcasts/1'
+    page = admin.get('/admin/broadcasts/1').get_data(as_text=True)
+    assert '<strong id="status">scheduled</strong>' in page and 'Europe/Paris' in page
+
+    admin.post('/admin/broadcasts/1/cancel', data={'csrf_token': form['csrf_token']})
+    with app.app_context():
+        assert db.session.get(Broadcast, 1).status == 'cancelled'
+        assert db.session.scalar(sa.select(Job.status).where(Job.task == 'send_broadcast')) == 'cancelled'
+
+
+def test_a_broadcast_written_badly_is_shown_back_with_the_reason(admin):
+    form = {'subject': 'Sale', 'text': 'Hello {{ greeting_name', 'html': '<p>Hi</p>', 'send_at': '2031-01-01T09:00',
+            'timezone': 'UTC', 'schedule': 'Schedule', 'csrf_token': csrf_token(admin, '/admin/broadcasts/new')}
+
+    response = admin.post('/admin/broadcasts/new', data=form)
+
+    assert response.status_code == 400 and 'cannot be rendered' in response.get_data(as_text=True)
+    assert 'Hello {{ greeting_name' in response.get_data(as_text=True), 'what the admin wrote is kept'
+
+
+def test_a_button_without_its_csrf_token_changes_nothing(app, admin):
+    assert admin.post('/admin/stages/week1/send').status_code == 400
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count(Job.id))) == 1  # only the sign-in email
+
+
+def test_send_now_queues_the_stage_and_the_dashboard_shows_each_jobs_state(app, admin, subscribers):
+    subscribers(3)
+    with app.app_context():
+        db.session.add(Job(task='send_email', queue='mail', payload={'recipient': 'x@example.com'}, max_attempts=15,
+                           status='failed', attempts=15, error='SMTP 550: no such user', finished_at=utcnow()))
+        db.session.commit()
+
+    admin.post('/admin/stages/week1/send', data={'csrf_token': csrf_token(admin, '/admin/')})
+    page = admin.get('/admin/').get_data(as_text=True)
+
+    assert 'week1 is queued as job' in page
+    assert re.search(r'send_stage <small>week1</small></td>\s*<td>queued', page)
+    assert 'SMTP 550: no such user' in page
+    deliver(app)
+    page = admin.get('/admin/').get_data(as_text=True)
+    assert re.search(r'send_stage <small>week1</small></td>\s*<td>done</td>\s*<td>3 / 3</td>', page)
