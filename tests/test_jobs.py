@@ -135,24 +135,26 @@ def test_a_job_is_not_run_before_its_time(app):
 
 
 def test_a_long_job_keeps_its_lease_and_shows_its_progress_while_it_runs(app):
-    app.config.update(LEASE_SECONDS=0.6, JOB_PROGRESS_SECONDS=0.1)
+    app.config.update(LEASE_SECONDS=1.5, JOB_PROGRESS_SECONDS=0.2)
     with app.app_context():
-        slow_counter.apply(steps=20, step_seconds=0.1)
+        slow_counter.apply(steps=25, step_seconds=0.2)
         db.session.commit()
     worker = threading.Thread(target=run, args=(app,))
     worker.start()
+    while not any(job.status == 'running' for job in jobs(app)):
+        time.sleep(0.02)
 
     seen, stolen = set(), []
     while worker.is_alive():
         with app.app_context():
             stolen.append(run_next('bulk'))  # another worker trying to take it over
             seen.add(db.session.scalar(sa.select(Job.progress_done)))
-        time.sleep(0.15)
+        time.sleep(0.3)
     worker.join()
 
     [job] = jobs(app)
-    assert job.status == 'done' and job.attempts == 1 and job.result == {'steps': 20}
-    assert not any(stolen), 'its lease (0.6 s) was renewed through the 2 s it ran'
+    assert job.status == 'done' and job.attempts == 1 and job.result == {'steps': 25}
+    assert not any(stolen), 'its lease (1.5 s) was renewed through the 5 s it ran'
     assert len(seen - {None}) >= 3, f'progress was written as it went: {seen}'
 
 
