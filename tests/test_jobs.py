@@ -160,7 +160,7 @@ def test_a_long_job_keeps_its_lease_and_shows_its_progress_while_it_runs(app):
 
 def test_a_worker_asked_to_stop_puts_its_running_job_back_without_counting_an_attempt(app):
     with app.app_context():
-        slow_counter.apply(steps=1000, step_seconds=0.01)
+        slow_counter.apply(steps=200, step_seconds=0.01)
         db.session.commit()
     worker = Worker(app, queues=['bulk']).start()
     while not any(job.status == 'running' for job in jobs(app)):
