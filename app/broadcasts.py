@@ -13,7 +13,7 @@ placeholders, rendered in Jinja's sandbox (an admin's template cannot reach into
 unsubscribe footer and List-Unsubscribe headers are always added."""
 import functools
 from datetime import datetime, timezone
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jinja2
 import sqlalchemy as sa
@@ -93,12 +93,10 @@ def parse_local_time(text):
 
 def local_to_utc(local_time, zone_name):
     """A wall-clock time in a named zone -> naive UTC.  :raise BroadcastError: unknown zone."""
-    if zone_name not in available_timezones():
-        raise BroadcastError(f'unknown time zone {zone_name!r} (use a name such as Europe/Paris or UTC)')
     try:
         zone = ZoneInfo(zone_name)
-    except ZoneInfoNotFoundError as exc:
-        raise BroadcastError(f'unknown time zone {zone_name!r}') from exc
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise BroadcastError(f'unknown time zone {zone_name!r} (use a name such as Europe/Paris or UTC)') from exc
     return local_time.replace(tzinfo=zone).astimezone(timezone.utc).replace(tzinfo=None)
 
 

@@ -66,7 +66,8 @@ class Task:
             .values(**self._row(payload, run_after), unique_key=unique_key, status=status, error=error,
                     attempts=0, created_at=utcnow())
             .returning(Job.id)).first() is not None
-        db.session.info['jobs_queued'] = inserted
+        if inserted:
+            db.session.info['jobs_queued'] = True
         db.session.commit()
         return inserted
 
@@ -300,6 +301,10 @@ def run_due(queues=QUEUES):
 
 
 def init_app(app):
+    if app.config['JOB_BACKEND'] not in ('database', 'rq'):
+        raise ValueError(f'JOB_BACKEND must be "database" or "rq", not {app.config["JOB_BACKEND"]!r}')
+    if app.config['JOB_BACKEND'] == 'rq' and not app.config['REDIS_URL']:
+        raise ValueError('JOB_BACKEND=rq needs REDIS_URL (the Redis that `flask rq-worker` uses)')
     app.extensions['jobs'] = None
     if app.config['JOB_WORKER'] != 'thread':
         return

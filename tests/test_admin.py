@@ -86,6 +86,7 @@ def test_an_admin_previews_schedules_and_cancels_a_broadcast(app, admin):
     assert created.status_code == 302 and created.location == '/admin/broadcasts/1'
     page = admin.get('/admin/broadcasts/1').get_data(as_text=True)
     assert '<strong id="status">scheduled</strong>' in page and 'Europe/Paris' in page
+    assert re.search(r'<tr id="job-2">\s*<td>2</td>\s*<td>send_broadcast <small>1</small>', page), 'its send job'
 
     admin.post('/admin/broadcasts/1/cancel', data={'csrf_token': form['csrf_token']})
     with app.app_context():

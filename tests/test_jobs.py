@@ -9,11 +9,12 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from app import db
+from app import create_app, db
 from app.email import Email
 from app.jobs import Interrupted, Worker, define_task, report_progress, run_due, run_next, stopping
 from app.models import Client, Delivery, Job, utcnow
 from app.tasks import queue_email, send_stage
+from config import Config
 from tests.test_outbox import queue
 
 
@@ -245,3 +246,9 @@ def test_with_the_rq_backend_a_job_handed_to_rq_twice_still_runs_once(settings, 
     assert smtp.recipients() == ['jane@example.com'], err
     [job] = jobs(app)
     assert job.status == 'done' and job.attempts == 1
+
+
+def test_the_rq_backend_without_redis_stops_the_app_at_start_up(settings):
+    settings.update(JOB_BACKEND='rq', REDIS_URL=None)
+    with pytest.raises(ValueError, match='JOB_BACKEND=rq needs REDIS_URL'):
+        create_app(type('TestConfig', (Config,), settings))

@@ -28,9 +28,9 @@ def dashboard():
     jobs = db.session.scalars(sa.select(Job).order_by(Job.id.desc()).limit(50)).all()
     schedules, zone = current_app.extensions['schedules']
     now = utcnow()
-    upcoming = [(schedule, broadcasts.utc_to_local(schedule.latest_due(now, zone), zone.key)) for schedule in schedules]
+    last_due = [(schedule, broadcasts.utc_to_local(schedule.latest_due(now, zone), zone.key)) for schedule in schedules]
     return render_template('admin/dashboard.html', title='Admin', subscribers=subscribers, jobs=jobs,
-                           schedules=upcoming, zone=zone.key, stages=available_stages(),
+                           schedules=last_due, zone=zone.key, stages=available_stages(),
                            broadcasts=db.session.scalars(sa.select(Broadcast).order_by(Broadcast.id.desc())).all())
 
 
@@ -68,11 +68,13 @@ def new_broadcast():
 @bp.route('/broadcasts/<int:broadcast_id>')
 def broadcast(broadcast_id):
     item = db.get_or_404(Broadcast, broadcast_id)
-    jobs = db.session.scalars(sa.select(Job).where(Job.task == 'send_broadcast').order_by(Job.id.desc())).all()
+    jobs = db.session.scalars(
+        sa.select(Job).where(Job.task == 'send_broadcast', Job.payload['broadcast_id'].as_integer() == item.id)
+        .order_by(Job.id.desc())).all()
     return render_template('admin/broadcast.html', title=f'Broadcast {item.id}', broadcast=item,
                            counts=broadcasts.delivery_counts(item), preview=broadcasts.preview(item),
                            send_at=broadcasts.utc_to_local(item.send_at, item.timezone),
-                           jobs=[job for job in jobs if job.payload.get('broadcast_id') == item.id])
+                           jobs=jobs)
 
 
 @bp.route('/broadcasts/<int:broadcast_id>/<any(cancel, pause, resume):verb>', methods=['POST'])
