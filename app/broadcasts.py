@@ -52,8 +52,10 @@ class BroadcastMailing:
         html = current_app.jinja_env.get_template('emails/broadcast.html').render(subject=subject, body=body,
                                                                                      **context)
         return Email(recipient.email, subject, f'{text.rstrip()}\n\n--\nUnsubscribe: {link}\n', html,
-                     make_message_id('broadcast', broadcast.id, recipient.client_id, address_digest(recipient.email)),
-                     list_unsubscribe_headers(link, recipient.client_id))
+                     self.message_id(recipient), list_unsubscribe_headers(link, recipient.client_id))
+
+    def message_id(self, recipient):
+        return make_message_id('broadcast', self.broadcast.id, recipient.client_id, address_digest(recipient.email))
 
     def advance(self, client_ids):
         return None
