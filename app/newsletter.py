@@ -33,12 +33,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import jinja2
 import sqlalchemy as sa
 from flask import current_app
 
 from app import db
-from app.email import TemplateError, make_message_id, render_email
+from app.email import make_message_id, render_email
 from app.leases import claim, lease_end, new_owner, renew
 from app.links import list_unsubscribe_headers, unsubscribe_url
 from app.models import Client, Delivery, greeting_name, insert_ignoring_conflicts, utcnow
@@ -367,8 +366,10 @@ class MailingSend:
         thread, which then keeps the lease between attempts (each is bounded by MAIL_TIMEOUT)."""
         try:
             email = outgoing.email
-        except (jinja2.TemplateError, TemplateError) as exc:  # this subscriber's data breaks the template
-            raise PermanentFailure(f'cannot compose the message to {outgoing.recipient.email}: {exc}') from exc
+        except Exception as exc:
+            # Only this subscriber's data can break it here: check_templates composed the mailing for a
+            # made-up subscriber before the run claimed anyone. So this one fails and the run goes on.
+            raise PermanentFailure(f'cannot compose the message: {type(exc).__name__}: {exc}') from exc
         meanwhile = successor.prepare if successor else None
         for attempt in itertools.count(1):
             if self.pool.inline and time.monotonic() > self.renew_at:

@@ -62,6 +62,20 @@ def test_a_broadcast_goes_at_its_time_once_to_every_active_confirmed_subscriber(
     assert state(app, broadcast_id) == ('sent', {'sent': 25})
 
 
+def test_a_broadcast_that_breaks_for_one_subscriber_fails_that_one_and_reaches_the_rest(app, smtp, subscribers):
+    subscribers(3)
+    broadcast_id = schedule(app, text=TEXT + '{% if email.startswith("reader1@") %}{{ 1 // 0 }}{% endif %}')
+    make_due_now(app)
+
+    run(app)
+
+    assert sorted(smtp.recipients()) == ['reader0@example.com', 'reader2@example.com']
+    assert state(app, broadcast_id) == ('sent', {'sent': 2, 'failed': 1})
+    with app.app_context():
+        error = db.session.scalar(sa.select(Delivery.error).where(Delivery.status == 'failed'))
+    assert error == 'cannot compose the message: ZeroDivisionError: integer division or modulo by zero'
+
+
 def test_send_at_is_read_in_the_time_zone_the_admin_chose(app):
     broadcast_id = schedule(app, at=datetime(2031, 7, 1, 9, 0), zone='America/New_York')
     with app.app_context():

@@ -228,8 +228,11 @@ def test_database_work_grows_with_batches_not_subscribers(app, runner, smtp, sub
 
 
 def test_a_header_injection_in_a_stored_address_is_refused_and_the_rest_are_sent(app, runner, smtp, subscribers):
-    subscribers(2)
+    # In the middle of the list: each message is prepared while the one before it is on the wire, and
+    # the refusal must land on this subscriber, not on that neighbour.
+    subscribers(1)
     subscribers(1, start=5, email='evil@example.com\r\nBcc: victim@example.org')
+    subscribers(1, start=1)
 
     result = runner.invoke(args=['send-newsletter-email', 'week1'])
 

@@ -1,4 +1,6 @@
-"""The other two ways out: the SendGrid Web API (against a local stand-in) and the .eml folder."""
+"""The ways out beyond the drip's own tests: the SendGrid Web API (against a local stand-in), the .eml
+folder, and the SMTP exchange and MIME encoding details."""
+import re
 from email import message_from_bytes, policy
 from pathlib import Path
 
@@ -100,3 +102,31 @@ def test_a_message_is_well_formed_mime_with_crlf_lines_and_survives_a_round_trip
     assert message['List-Unsubscribe'] == email.headers['List-Unsubscribe']
     assert message.get_body(('plain',)).get_content().replace('\r\n', '\n') == text.replace('\r\n', '\n')
     assert message.get_body(('html',)).get_content() == html
+
+
+def test_lines_that_start_with_a_period_arrive_intact_over_smtp(app, smtp):
+    """A line of just "." would end the message early (RFC 5321 4.5.2): each such line is doubled on
+    the wire, and the server takes the doubling off again."""
+    from app.email import Email
+    from app.transports import SmtpSender
+
+    text = 'Before\n.\n..two\n.three\nAfter'
+    email = Email('jane@example.com', 'Periods', text, '<p>.</p>', '<m.2@example.com>')
+    with app.app_context(), SmtpSender(app.config) as sender:
+        sender.send(email)
+
+    [message] = smtp.messages
+    assert message.get_body(('plain',)).get_content().replace('\r\n', '\n') == text
+
+
+@pytest.mark.parametrize('subject', ['x' * 69, ('Plain words that go on ' * 5).strip(), 'Schöne Grüße'])
+def test_a_subject_short_or_long_plain_or_not_comes_back_as_written_in_lines_of_78(app, subject):
+    from app.email import Email
+
+    with app.app_context():
+        raw = Email('jane@example.com', subject, 'text', '<p>html</p>', '<m.3@example.com>').mime
+
+    head = raw.split(b'\r\n\r\n', 1)[0].decode('ascii')
+    subject_lines = re.search(r'^Subject: .*?\r\n(?! )', head + '\r\n', re.M | re.S).group().splitlines()
+    assert max(map(len, subject_lines)) <= 78
+    assert message_from_bytes(raw, policy=policy.default)['Subject'] == subject
