@@ -20,8 +20,9 @@ How it keeps its promises, in the order the code below does things:
    recorded on that subscriber's delivery and the run goes on. If the way out itself stays down, the
    run stops, releases what it has not sent, and says so: nothing is lost, nothing is marked sent.
 4. Efficient. Subscribers are read by id in batches (never the whole table), messages go out over
-   MAIL_CONCURRENCY reused connections while the next batch is read, composed and claimed, and the
-   database sees four statements per batch, not per subscriber.
+   MAIL_CONCURRENCY reused connections, and the database sees four statements per batch, not per
+   subscriber. Over one connection each message is composed while the server is still busy with the
+   one before it (Outgoing), so the send stays close to the transport's own limit.
 """
 import concurrent.futures
 import contextlib
@@ -250,7 +251,7 @@ class MailingSend:
         return self.report
 
     def _next_batch(self, wait):
-        """Claim the next batch, composed and ready to send. With `wait`, wait for other runs' claims
+        """Claim the next batch of (delivery id, Outgoing). With `wait`, wait for other runs' claims
         to be finished or to expire.  :return: [] when nothing (else) is left for this run."""
         while True:
             recipients = due_subscribers(self.mailing, self.after, self.batch_size)
@@ -318,7 +319,7 @@ class MailingSend:
 
     def _submit(self, batch):
         """Over one connection (an inline pool), each message's successor is prepared while it is sent."""
-        successors = [outgoing for _, outgoing in batch[1:]] + [None] if self.pool.inline else [None] * len(batch)
+        successors = ([outgoing for _, outgoing in batch[1:]] + [None]) if self.pool.inline else [None] * len(batch)
         return [(self.pool.submit(self._send_with_retries, outgoing, successor), delivery_id, outgoing.recipient)
                 for (delivery_id, outgoing), successor in zip(batch, successors, strict=True)]
 

@@ -99,15 +99,15 @@ def refuse_header_injection(email):
             raise PermanentFailure(f'refused: line break in the {name} header of the message to {email.recipient!r}')
 
 
+_SUBJECT_FITS = 78 - len('Subject: ')  # RFC 5322 2.1.1: lines of at most 78 characters
+
+
 def _subject_header(subject):
     """A short ASCII subject is its own encoding; Header() would take as long as the rest of the message
     to tell us so."""
     if subject.isascii() and len(subject) <= _SUBJECT_FITS:
         return subject
     return Header(subject, 'us-ascii' if subject.isascii() else 'utf-8', header_name='Subject').encode(linesep='\r\n')
-
-
-_SUBJECT_FITS = 78 - len('Subject: ')  # RFC 5322 2.1.1: lines of at most 78 characters
 
 
 @functools.lru_cache(maxsize=1)
