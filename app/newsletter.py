@@ -19,6 +19,7 @@ How it keeps its promises, in the order the code below does things:
    subscriber's claim is released and the next run tries again. A permanent one (SMTP 5xx) is
    recorded on that subscriber's delivery and the run goes on. If the way out itself stays down, the
    run stops, releases what it has not sent, and says so: nothing is lost, nothing is marked sent.
+   An unexpected error (a bug) marks its one subscriber failed, and the run records its batch and stops.
 4. Efficient. Subscribers are read by id in batches (never the whole table), messages go out over
    MAIL_CONCURRENCY reused connections, and the database sees four statements per batch, not per
    subscriber. Over one connection each message is composed while the server is still busy with the
@@ -344,6 +345,13 @@ class MailingSend:
                 except TemporaryFailure as exc:
                     released.append(delivery_id)
                     self.report.failed.append((recipient.email, f'will be retried by the next run: {exc}'))
+                except Exception as exc:
+                    # A bug, not an answer from the way out: whether it went is unknown, so it is kept as
+                    # failed (never sent again unasked), the rest of the batch is recorded, and the run stops.
+                    failed.append({'id': delivery_id, 'status': 'failed', 'error': repr(exc)[:2000],
+                                   'lease_until': None, 'claimed_by': None})
+                    self.report.failed.append((recipient.email, f'unexpected error: {exc!r}'))
+                    self.report.aborted = f'stopped by an unexpected error: {exc!r}'
                 else:
                     sent.append((delivery_id, recipient.client_id))
         finally:

@@ -74,8 +74,8 @@ def mime_message(email):
     List-Unsubscribe and the other extra headers keep their URLs verbatim, folded only between their
     <...> items: mail clients do not decode encoded-words there (RFC 2369). Every line ends in CRLF:
     smtplib passes bytes through as they are, and a bare LF is what SMTP smuggling is made of.
-    :raise PermanentFailure: for a line break in any header value (header injection)."""
-    refuse_header_injection(email)
+    :raise PermanentFailure: see refuse_unsendable."""
+    refuse_unsendable(email)
     headers = {'From': _sender_header(current_app.config['MAIL_DEFAULT_SENDER']), 'To': email.recipient,
                'Subject': _subject_header(email.subject), 'Date': _date_header(int(time.time())),
                'Message-ID': email.message_id, **email.headers}
@@ -91,8 +91,12 @@ def mime_message(email):
     return '\r\n'.join(lines).encode('ascii') + parts + b'\r\n--%s--\r\n' % boundary.encode()
 
 
-def refuse_header_injection(email):
-    """:raise PermanentFailure: for a line break in any header value, whichever way the email goes out."""
+def refuse_unsendable(email):
+    """Whichever way the email goes out.  :raise PermanentFailure: for a line break in any header value
+    (header injection), or a non-ASCII address: that needs SMTPUTF8 (RFC 6531), which we do not speak,
+    and would otherwise break the run at the first such subscriber instead of failing that one alone."""
+    if not email.recipient.isascii():
+        raise PermanentFailure(f'refused: non-ASCII address {email.recipient!r} (SMTPUTF8 is not supported)')
     for name, value in {'To': email.recipient, 'Subject': email.subject, 'Message-ID': email.message_id,
                         **email.headers}.items():
         if '\r' in value or '\n' in value:
@@ -240,7 +244,7 @@ class SendGridSender(_Sender):
         return f'SendGrid API {self.config["SENDGRID_API_URL"]}'
 
     def send(self, email, meanwhile=None):
-        refuse_header_injection(email)
+        refuse_unsendable(email)
         name, address = parseaddr(self.config['MAIL_DEFAULT_SENDER'])
         message = Mail(from_email=From(address, name or None), to_emails=email.recipient,
                        subject=email.subject, plain_text_content=email.text, html_content=email.html)

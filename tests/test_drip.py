@@ -243,6 +243,45 @@ def test_a_header_injection_in_a_stored_address_is_refused_and_the_rest_are_sent
     assert deliveries(app)['evil@example.com\r\nBcc: victim@example.org'][0] == 'failed'
 
 
+def test_an_address_that_needs_smtputf8_fails_alone_with_the_reason(app, runner, smtp, subscribers):
+    # Sign-up refuses such addresses, but rows arrive by other ways too (imports, older versions).
+    subscribers(1)
+    subscribers(1, start=5, email='zoë@example.com')
+    subscribers(1, start=1)
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert result.exit_code == 1
+    assert 'sent 2, skipped 0, failed 1' in result.output
+    assert sorted(smtp.recipients()) == ['reader0@example.com', 'reader1@example.com']
+    status, error = deliveries(app)['zoë@example.com']
+    assert status == 'failed' and 'non-ASCII address' in error
+
+
+def test_a_bug_while_sending_one_message_stops_the_run_and_repeats_nothing(app, runner, smtp, subscribers,
+                                                                         monkeypatch):
+    from app.transports import SmtpSender
+    send = SmtpSender.send
+
+    def send_with_a_bug(self, email, meanwhile=None):
+        if email.recipient == 'reader1@example.com':
+            raise RuntimeError('a bug')
+        return send(self, email, meanwhile)
+
+    monkeypatch.setattr(SmtpSender, 'send', send_with_a_bug)
+    emails = subscribers(25)
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert result.exit_code == 1 and 'stopped by an unexpected error' in result.output
+    first_batch = set(emails[:app.config['SEND_BATCH_SIZE']]) - {'reader1@example.com'}
+    assert set(smtp.recipients()) == first_batch, 'the rest of the batch went and was recorded'
+    assert deliveries(app)['reader1@example.com'][0] == 'failed'
+    monkeypatch.setattr(SmtpSender, 'send', send)
+    assert runner.invoke(args=['send-newsletter-email', 'week1']).exit_code == 0
+    assert sorted(smtp.recipients()) == sorted(set(emails) - {'reader1@example.com'}), 'no one twice'
+
+
 @pytest.mark.parametrize('email, name', [
     ('jane.doe+news@example.com', 'Jane Doe'), ('john_smith1990@example.com', 'John Smith'),
     ('MARY-ANN@example.com', 'Mary Ann'), ('12345@example.com', 'there')])
