@@ -105,8 +105,8 @@ class Outgoing:
     """One subscriber's message of a mailing, composed on first use, or ahead of it: over one SMTP
     connection each message is prepared, step by step, while the server is still busy with the one
     before it (`prepare`, called between a command and its reply). Each step must stay short, so that
-    the server does not sit waiting for us: done in between messages, composing and encoding cost a
-    quarter of the send (bench/drip.py)."""
+    the server does not sit waiting for us. Done in between messages instead, composing and encoding
+    held the connection idle: 0.70 of raw smtplib's speed against 0.84 (bench/interleaved.py, SQLite)."""
 
     def __init__(self, mailing, recipient):
         self.mailing, self.recipient = mailing, recipient

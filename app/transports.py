@@ -152,8 +152,7 @@ class SmtpSender(_Sender):
 
     Rather than smtplib's sendmail, each command is sent and its reply read in two steps, so that the
     caller's `meanwhile()` runs in between: while the server works on the command, the caller prepares
-    its next message. That time is otherwise spent idle, and preparing messages between exchanges
-    instead cost a quarter of the drip's speed over one connection (bench/drip.py)."""
+    its next message. That time is otherwise spent idle on both sides (bench/interleaved.py)."""
 
     def __init__(self, config):
         super().__init__(config)
