@@ -77,7 +77,7 @@ class Config:
 
     # The drip: a batch is claimed, sent and recorded as one unit; its size bounds what a crash can repeat.
     SEND_BATCH_SIZE = env_int('SEND_BATCH_SIZE', 100)
-    # How long a claim on work (a drip batch, an outbox email) holds before another process may take it over.
+    # How long a claim on work (a drip batch, a background job) holds before another process may take it over.
     LEASE_SECONDS = env_float('LEASE_SECONDS', 120)
 
     # Background jobs (confirmation mail, schedules, broadcasts): run by threads inside the web process
