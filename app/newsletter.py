@@ -42,7 +42,7 @@ from app import db
 from app.email import make_message_id, render_email
 from app.leases import claim, lease_end, new_owner, renew
 from app.links import list_unsubscribe_headers, unsubscribe_url
-from app.models import Client, Delivery, greeting_name, insert_ignoring_conflicts, utcnow
+from app.models import Client, Delivery, among, greeting_name, insert_ignoring_conflicts, utcnow, values_table
 from app.transports import PermanentFailure, TemporaryFailure, TransportFailure, retry_delay
 
 STAGES_DIR = Path(__file__).parent / 'templates' / 'emails' / 'newsletter'
@@ -92,7 +92,8 @@ class DripStage:
             email=recipient.email, greeting_name=greeting_name(recipient.email), unsubscribe_url=link)
 
     def advance(self, client_ids):
-        return sa.update(Client).where(Client.id.in_(client_ids)).values(num_newsletter=self.number)
+        clients = Client.__table__
+        return sa.update(clients).where(among(clients.c.id, client_ids)).values(num_newsletter=self.number)
 
 
 def address_digest(email):
@@ -274,15 +275,17 @@ class MailingSend:
 
     def _claim(self, prepared):
         """Insert this run's claims; a subscriber another run claimed first is silently not ours."""
-        now, lease_until = utcnow(), lease_end(self.lease)
-        rows = [dict(client_id=o.recipient.client_id, mailing=self.mailing.key, status='sending',
-                     claimed_by=self.owner, lease_until=lease_until, message_id=o.message_id, created_at=now,
-                     attempts=1)
-                for o in prepared]
-        # executemany, not one multi-row VALUES: SQLAlchemy compiles it once and batches the rows itself.
+        deliveries = Delivery.__table__
+        wanted = values_table([(o.recipient.client_id, o.message_id) for o in prepared],
+                              client_id=sa.Integer, message_id=sa.String)
+        claims = sa.select(wanted.c.client_id, wanted.c.message_id, sa.literal(self.mailing.key), sa.literal('sending'),
+                           sa.literal(self.owner), sa.literal(lease_end(self.lease), sa.DateTime),
+                           sa.literal(utcnow(), sa.DateTime), sa.literal(1)).where(sa.true())  # SQLite: WHERE before ON CONFLICT
         won = dict(db.session.execute(
-            insert_ignoring_conflicts(Delivery, ['client_id', 'mailing'])
-            .returning(Delivery.client_id, Delivery.id), rows).all())
+            insert_ignoring_conflicts(deliveries, ['client_id', 'mailing'])
+            .from_select(['client_id', 'message_id', 'mailing', 'status', 'claimed_by', 'lease_until', 'created_at',
+                          'attempts'], claims)
+            .returning(deliveries.c.client_id, deliveries.c.id)).all())
         db.session.commit()
         self._lease_renewed()
         return [(won[o.recipient.client_id], o) for o in prepared if o.recipient.client_id in won]
@@ -401,18 +404,18 @@ class MailingSend:
     def _record(self, sent=(), failed=(), released=()):
         """One commit for the whole batch: sent ones advance, failed ones keep their reason, released
         ones become due again."""
+        deliveries = Delivery.__table__
         if sent:
             delivery_ids, client_ids = zip(*sent, strict=True)
             db.session.execute(
-                sa.update(Delivery).where(Delivery.id.in_(delivery_ids))
-                .values(status='sent', sent_at=utcnow(), lease_until=None, claimed_by=None)
-                .execution_options(synchronize_session=False))
+                sa.update(deliveries).where(among(deliveries.c.id, delivery_ids))
+                .values(status='sent', sent_at=utcnow(), lease_until=None, claimed_by=None))
             if (advance := self.mailing.advance(client_ids)) is not None:
-                db.session.execute(advance.execution_options(synchronize_session=False))
+                db.session.execute(advance)
         if failed:
             db.session.execute(sa.update(Delivery), list(failed))
         if released:
-            db.session.execute(sa.delete(Delivery).where(Delivery.id.in_(released)))
+            db.session.execute(sa.delete(deliveries).where(among(deliveries.c.id, released)))
         db.session.commit()
 
     def _keep_lease(self):
