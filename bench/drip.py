@@ -6,12 +6,18 @@
 Seeds N confirmed subscribers into a fresh database, starts a counting SMTP server on 127.0.0.1,
 runs `flask send-newsletter-email week1` as a user would, and reports wall time, messages per second,
 peak RSS of the command, SQL statements issued, and duplicates and losses counted at the server.
-In the same run it pushes N pre-rendered messages over the same number of raw smtplib connections
-to the same server, half before the app's run and half after (the transport limit), and prints the
-app's ratio to it.
+
+In the same run it pushes N pre-rendered messages over the same number of raw smtplib connections to
+the same server (the transport limit), and prints the app's ratio to it. The limit is measured in
+slices woven into the app's run: each time the app has delivered another 1/SLICES of its messages,
+the app is paused (SIGSTOP), as many raw messages are pushed, and the app resumes (SIGCONT). The app's
+time is its wall time less those pauses. A shared machine's speed drifts by a third within minutes;
+measured side by side in the same stretches of time, both sides feel the same drift.
 """
 import argparse
+import contextlib
 import os
+import signal
 import smtplib
 import socket
 import subprocess
@@ -27,7 +33,7 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.sink import Sink  # noqa: E402
+from bench.sink import LIMIT_PREFIX, Sink  # noqa: E402
 
 POSTGRESQL_URL = os.environ.get('TEST_POSTGRESQL_URL', 'postgresql://postgres@127.0.0.1:5432/test')
 
@@ -72,31 +78,38 @@ def seed(url, count):
     engine.dispose()
 
 
-def run_flask(env, *args):
+def run_flask(env, *args, while_running=None):
     """Run a flask command; return (seconds, peak RSS in MB, SQL statements, output)."""
-    return run_flask_processes(env, [args])
+    return run_flask_processes(env, [args], while_running)
 
 
-def run_flask_processes(env, commands):
-    """Run flask commands side by side; return (seconds until the last ended, the largest peak RSS in
-    MB, SQL statements in all, the last one's output)."""
+def run_flask_processes(env, commands, while_running=None):
+    """Run flask commands side by side; return (seconds until the last ended, less the time
+    `while_running` kept them paused; the largest peak RSS in MB; SQL statements in all; the last one's
+    output). `while_running(processes)`, if given, is called over and over until they have all ended,
+    and returns the seconds it kept them paused."""
     started = time.perf_counter()
     processes = [subprocess.Popen([sys.executable, str(ROOT / 'bench' / 'counted_flask.py'), *args], cwd=ROOT,
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for args in commands]
-    outputs = {}
-    readers = [threading.Thread(target=lambda p=p: outputs.__setitem__(p.pid, (p.stdout.read(), p.stderr.read())))
-               for p in processes]
-    for reader in readers:
-        reader.start()
-    peak, statements = 0.0, 0
-    for process in processes:
-        _, status, usage = os.wait4(process.pid, 0)
+    outputs, usages = {}, {}
+
+    def wait(process):
+        outputs[process.pid] = (process.stdout.read(), process.stderr.read())
+        _, status, usages[process.pid] = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
-        peak = max(peak, usage.ru_maxrss / 1024)
-    seconds = time.perf_counter() - started
-    for reader in readers:
-        reader.join()
+
+    waiters = [threading.Thread(target=wait, args=(p,)) for p in processes]
+    for waiter in waiters:
+        waiter.start()
+    paused = 0.0
+    while any(waiter.is_alive() for waiter in waiters):
+        if while_running is None:
+            time.sleep(0.05)
+        else:
+            paused += while_running(processes)
+    seconds = time.perf_counter() - started - paused
+    peak, statements = max(usage.ru_maxrss for usage in usages.values()) / 1024, 0
     for process, args in zip(processes, commands, strict=True):
         out, err = outputs[process.pid]
         if process.returncode != 0:
@@ -105,22 +118,59 @@ def run_flask_processes(env, commands):
     return seconds, peak, statements, out + err
 
 
-def transport_limit(sink, count, connections, message):
-    """Seconds to push `count` copies of a pre-rendered message over `connections` raw smtplib connections."""
-    def push(numbers):
-        with smtplib.SMTP('127.0.0.1', sink.port) as smtp:
-            for n in numbers:
-                smtp.sendmail('news@example.com', [f'reader{n}@example.com'], message)
+class TransportLimit:
+    """N pre-rendered messages pushed over raw smtplib connections, in slices woven into the app's run:
+    `step` is run_flask_processes's `while_running`, `finish` pushes what is left once the app is done.
+    The messages go to LIMIT_PREFIX addresses, which the sink counts apart from the app's."""
 
-    threads = [threading.Thread(target=push, args=(range(i, count, connections),)) for i in range(connections)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
-    assert len(sink.reset()[0]) == count, 'the transport limit run lost messages'
-    return seconds
+    def __init__(self, sink, count, connections, message, slices):
+        self.sink, self.count, self.connections, self.message = sink, count, connections, message
+        self.slice = max(count // slices, 1)
+        self.pushed, self.seconds, self.pauses = 0, 0.0, []
+
+    def step(self, processes):
+        """Once the app has delivered its next slice, pause it and push as many.  :return: seconds paused."""
+        delivered, _ = self.sink.progress()
+        owed = min(delivered // self.slice * self.slice, self.count) - self.pushed
+        if owed <= 0:
+            time.sleep(0.05)
+            return 0.0
+        stopped = time.monotonic()
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):  # it has just ended
+                process.send_signal(signal.SIGSTOP)
+        self._push(owed)
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGCONT)
+        self.pauses.append((stopped, time.monotonic()))
+        return self.pauses[-1][1] - stopped
+
+    def finish(self):
+        if self.pushed < self.count:
+            self._push(self.count - self.pushed)
+        assert self.sink.progress()[1] == self.count, 'the transport limit run lost messages'
+
+    def paused_between(self, first, last):
+        return sum(max(0.0, min(end, last) - max(start, first)) for start, end in self.pauses)
+
+    def _push(self, count):
+        numbers = range(self.pushed, self.pushed + count)
+
+        def push(share):
+            with smtplib.SMTP('127.0.0.1', self.sink.port) as smtp:
+                for n in share:
+                    smtp.sendmail('news@example.com', [f'{LIMIT_PREFIX}{n}@example.com'], self.message)
+
+        threads = [threading.Thread(target=push, args=(numbers[i::self.connections],))
+                   for i in range(self.connections)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.seconds += time.perf_counter() - started
+        self.pushed += count
 
 
 def main():
@@ -134,6 +184,7 @@ def main():
     parser.add_argument('--rq-workers', type=int, default=0,
                         help='send through RQ: queue that many jobs and run that many `flask rq-worker` processes')
     parser.add_argument('--skip-limit', action='store_true', help='do not measure the transport limit')
+    parser.add_argument('--slices', type=int, default=40, help='how many slices the limit is measured in')
     args = parser.parse_args()
     n = args.subscribers
 
@@ -149,37 +200,36 @@ def main():
             env['MAIL_RATE_LIMIT'] = str(args.rate_limit)
         run_flask(env, 'db', 'upgrade')
         seed(database.url, n)
-        # The limit is measured half before and half after the app's run: the speed of a shared machine
-        # drifts over minutes, and a drift then weighs on both sides of the ratio alike.
-        sample = _one_message(env, folder)
-        limit_seconds = 0.0 if args.skip_limit else transport_limit(sink, n // 2, args.connections, sample)
+        limit = None if args.skip_limit else TransportLimit(sink, n, args.connections, _one_message(env, folder),
+                                                            args.slices)
+        step = limit.step if limit else None
 
         if args.rq_workers:
             env.update(REDIS_URL=os.environ.get('REDIS_URL', 'redis://127.0.0.1:6379/0'), RQ_QUEUE=database.schema)
             run_flask(env, 'send-newsletter-email', 'week1', '--queue', str(args.rq_workers))
             seconds, rss, statements, output = run_flask_processes(
-                env, [('rq-worker', '--burst')] * args.rq_workers)
+                env, [('rq-worker', '--burst')] * args.rq_workers, while_running=step)
         else:
-            seconds, rss, statements, output = run_flask(env, 'send-newsletter-email', 'week1')
+            seconds, rss, statements, output = run_flask(env, 'send-newsletter-email', 'week1', while_running=step)
+        if limit:
+            limit.finish()
         counts, first, last = sink.reset()
-        if not args.skip_limit:
-            limit_seconds += transport_limit(sink, n - n // 2, args.connections, sample)
         duplicates = sum(c - 1 for c in counts.values() if c > 1)
         losses = n - len(counts)
 
         how = f'{args.rq_workers} RQ worker(s) x ' if args.rq_workers else ''
-        limit = f', rate limit {args.rate_limit:g}/s' if args.rate_limit else ''
+        rate = f', rate limit {args.rate_limit:g}/s' if args.rate_limit else ''
         print(f'drip send, {n} subscribers, {args.database}, {how}{args.connections} connection(s), '
-              f'server delay {args.delay * 1000:g} ms{limit}')
+              f'server delay {args.delay * 1000:g} ms{rate}')
         print(f'  app:    {seconds:8.2f} s  {n / seconds:9.1f} msg/s  peak RSS {rss:6.1f} MB  '
               f'{statements} SQL statements  duplicates {duplicates}  losses {losses}')
-        paced = (n - 1) / (last - first)
+        paced = (n - 1) / (last - first - (limit.paused_between(first, last) if limit else 0.0))
         off = f', {paced / args.rate_limit - 1:+.1%} off MAIL_RATE_LIMIT' if args.rate_limit else ''
         print(f'          at the server, first to last message: {paced:.1f} msg/s (no process start-up){off}')
-        if not args.skip_limit:
-            print(f'  limit:  {limit_seconds:8.2f} s  {n / limit_seconds:9.1f} msg/s  (raw smtplib, pre-rendered, '
-                  f'half before and half after the app)')
-            print(f'  ratio:  {limit_seconds / seconds:.2f} of the transport limit')
+        if limit:
+            print(f'  limit:  {limit.seconds:8.2f} s  {n / limit.seconds:9.1f} msg/s  (raw smtplib, pre-rendered, '
+                  f'in {len(limit.pauses)} slices woven into the app\'s run)')
+            print(f'  ratio:  {limit.seconds / seconds:.2f} of the transport limit')
 
 
 def _one_message(env, folder):

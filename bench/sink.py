@@ -1,5 +1,7 @@
 """An SMTP server (aiosmtpd) in a process of its own that accepts and counts messages per recipient,
-with an optional per-message delay to imitate a remote server."""
+with an optional per-message delay to imitate a remote server. Messages to LIMIT_PREFIX addresses are
+the transport-limit run's (bench/drip.py) and are counted apart, so that the app's duplicates, losses
+and first-to-last rate stay exact while both share the server."""
 import asyncio
 import multiprocessing
 import threading
@@ -8,19 +10,24 @@ from collections import Counter
 
 from aiosmtpd.controller import Controller
 
+LIMIT_PREFIX = 'limit'
+
 
 class _Counting:
     def __init__(self, delay):
-        self.delay, self.received, self.lock = delay, Counter(), threading.Lock()
+        self.delay, self.received, self.limit_received, self.lock = delay, Counter(), 0, threading.Lock()
         self.first = self.last = None
 
     async def handle_DATA(self, server, session, envelope):
         if self.delay:
             await asyncio.sleep(self.delay)
         with self.lock:
-            self.received.update(envelope.rcpt_tos)
-            self.last = time.monotonic()
-            self.first = self.first or self.last
+            app = [rcpt for rcpt in envelope.rcpt_tos if not rcpt.startswith(LIMIT_PREFIX)]
+            self.limit_received += len(envelope.rcpt_tos) - len(app)
+            if app:
+                self.received.update(app)
+                self.last = time.monotonic()
+                self.first = self.first or self.last
         return '250 OK'
 
 
@@ -31,16 +38,21 @@ def _serve(port, delay, commands, replies):
     replies.put('ready')
     for command in iter(commands.get, 'stop'):
         with handler.lock:
+            if command == 'progress':
+                replies.put((handler.received.total(), handler.limit_received))
+                continue
             replies.put((dict(handler.received), handler.first, handler.last))
             if command == 'reset':
                 handler.received.clear()
+                handler.limit_received = 0
                 handler.first = handler.last = None
     controller.stop()
 
 
 class Sink:
-    """`counts()` returns ({recipient: messages received}, first arrival, last arrival) in monotonic
-    seconds; `reset()` also starts counting afresh."""
+    """`counts()` returns ({recipient: messages received}, first arrival, last arrival) for the app's
+    messages, in monotonic seconds; `reset()` also starts counting afresh; `progress()` returns
+    (the app's messages, the limit run's messages) received so far."""
 
     def __init__(self, port, delay=0.0):
         self.port = port
@@ -58,9 +70,14 @@ class Sink:
         self.process.join(timeout=10)
 
     def counts(self):
-        self.commands.put('count')
-        return self.replies.get(timeout=60)
+        return self._ask('count')
 
     def reset(self):
-        self.commands.put('reset')
+        return self._ask('reset')
+
+    def progress(self):
+        return self._ask('progress')
+
+    def _ask(self, command):
+        self.commands.put(command)
         return self.replies.get(timeout=60)
