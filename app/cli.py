@@ -1,5 +1,6 @@
 """Commands for cron and admins. Attached with cli_group=None, so `flask <command>` runs them inside
 the app context with the app's own configuration, exactly as cron needs."""
+import gc
 import signal
 import sys
 import threading
@@ -62,6 +63,10 @@ def send_newsletter_email(stage, dry_run, retry_failed, jobs):
     # This process mostly waits on sockets: let a thread whose reply has arrived take the GIL back
     # within 0.5 ms instead of the default 5 ms, or composing the next messages starves the senders.
     sys.setswitchinterval(0.0005)
+    # What is loaded by now (Flask, SQLAlchemy, the templates) lives as long as the process. Frozen, it
+    # is left out of the collector's full passes, which otherwise scan all of it every few thousand
+    # messages while the connection waits (26 us a message, 2 % of a send: bench/drip.py).
+    gc.freeze()
 
     with SenderPool(current_app.config['MAIL_CONCURRENCY']) as pool:
         click.echo(f'{stage}: sending through {pool.describe()}', err=True)

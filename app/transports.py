@@ -185,6 +185,9 @@ class SmtpSender(_Sender):
         smtp = self.smtp
         try:
             smtp.putcmd('MAIL', f'FROM:<{self.envelope_from}>')
+            # RFC 5321 4.5.2: a line that starts with a period gets another; a lone period ends the data.
+            # Done while the server answers MAIL, not once it has said 354 and waits for the data.
+            data = re.sub(rb'(?m)^\.', b'..', payload) + b'.\r\n'
             code, reply = self._reply(meanwhile)
             if code != 250:
                 # Our own sender address refused is a configuration problem, not this subscriber's.
@@ -198,8 +201,7 @@ class SmtpSender(_Sender):
             if code != 354:
                 smtp.rset()
                 raise self._failure(code, reply, email)
-            # RFC 5321 4.5.2: a line that starts with a period gets another; a lone period ends the data.
-            smtp.send(re.sub(rb'(?m)^\.', b'..', payload) + b'.\r\n')
+            smtp.send(data)
             code, reply = self._reply(meanwhile)
             if code != 250:
                 raise self._failure(code, reply, email)
