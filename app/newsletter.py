@@ -22,8 +22,10 @@ How it keeps its promises, in the order the code below does things:
    An unexpected error (a bug) marks its one subscriber failed, and the run records its batch and stops.
 4. Efficient. Subscribers are read by id in batches (never the whole table), messages go out over
    MAIL_CONCURRENCY reused connections, and the database sees four statements per batch, not per
-   subscriber. Over one connection each message is composed while the server is still busy with the
-   one before it (Outgoing), so the send stays close to the transport's own limit.
+   subscriber, with as many parameters whatever the batch's size. The next batch is claimed on a
+   thread of its own while one is on the wire. Over one connection each message is composed while the
+   server is still busy with the one before it (Outgoing), so the send stays close to the transport's
+   own limit.
 """
 import concurrent.futures
 import contextlib
@@ -32,6 +34,7 @@ import hashlib
 import itertools
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -235,22 +238,33 @@ class MailingSend:
         refresh_planner_statistics()
         self.report.due = count_due(self.mailing)
         self.after, self.wrapped = self.start_after, self.start_after == 0
-        batch = self._next_batch(wait=True)
-        while batch:
-            sending = self._submit(batch)
-            # Claim the next batch while this one is on the wire. A claim reserves subscribers and
-            # sends nothing, so whatever crashes, only this batch's messages can have gone out unrecorded.
-            # No waiting for other runs here: two runs each holding an unrecorded batch while waiting
-            # for the other's would wait until their leases ran out, then send each other's batch.
-            upcoming = self._next_batch(wait=False)
-            self._finish(sending)
-            self.on_batch(self.report)
-            if self.report.aborted or self.should_stop():
-                self.report.stopped = not self.report.aborted
-                self._record(released=[delivery_id for delivery_id, _ in upcoming])
-                break
-            batch = upcoming or self._next_batch(wait=True)
+        with ThreadPoolExecutor(1, thread_name_prefix='claims') as claims:
+            batch = self._claim_on(claims, wait=True).result()
+            while batch:
+                # Claim the next batch on a thread of its own while this one is on the wire, so the wire
+                # does not wait for it. A claim reserves subscribers and sends nothing, and none of the
+                # next batch is sent before this one is recorded: whatever crashes, only this batch's
+                # messages can have gone out unrecorded. No waiting for other runs here: two runs each
+                # holding an unrecorded batch while waiting for the other's would wait until their leases
+                # ran out, then send each other's batch.
+                upcoming = self._claim_on(claims, wait=False)
+                self._finish(self._submit(batch))
+                self.on_batch(self.report)
+                if self.report.aborted or self.should_stop():
+                    self.report.stopped = not self.report.aborted
+                    self._record(released=[delivery_id for delivery_id, _ in upcoming.result()])
+                    break
+                batch = upcoming.result() or self._claim_on(claims, wait=True).result()
         return self.report
+
+    def _claim_on(self, claims, wait):
+        """_next_batch on the `claims` thread, in an app context (and so a database session) of its own."""
+        app = current_app._get_current_object()
+
+        def claim():
+            with app.app_context():
+                return self._next_batch(wait)
+        return claims.submit(claim)
 
     def _next_batch(self, wait):
         """Claim the next batch of (delivery id, Outgoing). With `wait`, wait for other runs' claims

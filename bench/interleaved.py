@@ -2,12 +2,11 @@
 
     .venv/bin/python bench/interleaved.py --subscribers 3000 --rounds 6 --database postgresql
 
-bench/drip.py runs the real command and measures the limit around it, minutes apart; on a shared
-machine whose speed drifts within minutes, that ratio moves by a fifth from run to run. Here every
-round sends N messages three ways back to back: raw smtplib (pre-rendered), MailingSend as the
-command runs it, and MailingSend without preparing the next message in the gaps (Outgoing.prepare
-made a no-op), and the medians of the rounds are compared. Each round starts from the same state:
-the send log emptied and every subscriber due week1 again.
+bench/drip.py runs the real command, with the limit woven into its run. This one isolates what
+preparing ahead is worth: every round sends N messages three ways back to back, raw smtplib
+(pre-rendered), MailingSend as the command runs it, and MailingSend without preparing the next
+message in the gaps (Outgoing.prepare made a no-op), and the medians of the rounds are compared.
+Each round starts from the same state: the send log emptied and every subscriber due week1 again.
 """
 import argparse
 import os
