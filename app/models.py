@@ -40,7 +40,7 @@ def values_table(rows, **columns):
 
 
 def among(column, values):
-    """`column IN values`, as one array parameter on PostgreSQL: see insert_rows_ignoring_conflicts."""
+    """`column IN values`, as one array parameter on PostgreSQL, for the reason values_table gives."""
     if db.engine.dialect.name == 'postgresql':
         return column == sa.any_(sa.bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
     return column.in_(values)

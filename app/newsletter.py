@@ -292,13 +292,13 @@ class MailingSend:
         deliveries = Delivery.__table__
         wanted = values_table([(o.recipient.client_id, o.message_id) for o in prepared],
                               client_id=sa.Integer, message_id=sa.String)
-        claims = sa.select(wanted.c.client_id, wanted.c.message_id, sa.literal(self.mailing.key), sa.literal('sending'),
-                           sa.literal(self.owner), sa.literal(lease_end(self.lease), sa.DateTime),
-                           sa.literal(utcnow(), sa.DateTime), sa.literal(1)).where(sa.true())  # SQLite: WHERE before ON CONFLICT
+        rows = sa.select(wanted.c.client_id, wanted.c.message_id, sa.literal(self.mailing.key),
+                         sa.literal('sending'), sa.literal(self.owner), sa.literal(lease_end(self.lease), sa.DateTime),
+                         sa.literal(utcnow(), sa.DateTime), sa.literal(1))
         won = dict(db.session.execute(
             insert_ignoring_conflicts(deliveries, ['client_id', 'mailing'])
             .from_select(['client_id', 'message_id', 'mailing', 'status', 'claimed_by', 'lease_until', 'created_at',
-                          'attempts'], claims)
+                          'attempts'], rows.where(sa.true()))  # SQLite parses ON CONFLICT only after a WHERE
             .returning(deliveries.c.client_id, deliveries.c.id)).all())
         db.session.commit()
         self._lease_renewed()
