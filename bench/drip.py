@@ -136,15 +136,19 @@ class TransportLimit:
             time.sleep(0.05)
             return 0.0
         stopped = time.monotonic()
-        for process in processes:
-            with contextlib.suppress(ProcessLookupError):  # it has just ended
-                process.send_signal(signal.SIGSTOP)
+        self._signal(processes, signal.SIGSTOP)
         self._push(owed)
-        for process in processes:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGCONT)
+        self._signal(processes, signal.SIGCONT)
         self.pauses.append((stopped, time.monotonic()))
         return self.pauses[-1][1] - stopped
+
+    @staticmethod
+    def _signal(processes, signum):
+        # os.kill, not Popen.send_signal: that one polls first, and could reap a process that has just
+        # ended before run_flask_processes's wait4 does.
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):  # it has just ended
+                os.kill(process.pid, signum)
 
     def finish(self):
         if self.pushed < self.count:
