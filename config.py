@@ -47,7 +47,10 @@ class Config:
     BASE_URL = (os.environ.get('BASE_URL') or 'http://localhost:5000').rstrip('/')
     MAX_CONTENT_LENGTH = 64 * 1024
 
-    # Mail: SendGrid when SENDGRID_API_KEY is set, SMTP when MAIL_SERVER is set, else .eml files.
+    # Mail: SendGrid when SENDGRID_API_KEY is set, SMTP when MAIL_SERVER is set, else .eml files; or named
+    # here (smtp, sendgrid, folder). Once BASE_URL or DATABASE_URL look like a deployment, the folder must
+    # be named: a process missing the mail settings must not write a mailing into it and call it sent.
+    MAIL_TRANSPORT = os.environ.get('MAIL_TRANSPORT')
     MAIL_SERVER = os.environ.get('MAIL_SERVER')
     MAIL_PORT = env_int('MAIL_PORT', 25)
     MAIL_USE_TLS = env_bool('MAIL_USE_TLS')
@@ -56,13 +59,21 @@ class Config:
     MAIL_PASSWORD = os.environ.get('MAIL_PASSWORD')
     MAIL_DEFAULT_SENDER = os.environ.get('MAIL_DEFAULT_SENDER') or 'Newsletter <newsletter@localhost>'
     MAIL_MAX_EMAILS = env_int('MAIL_MAX_EMAILS', 0) or None
+    # Seconds for each SMTP command (and each API request); the reply to the end of a message's data is
+    # awaited longer, as RFC 5321 4.5.3.2.6 says: without it, the message may have arrived ("unknown").
     MAIL_TIMEOUT = env_float('MAIL_TIMEOUT', 30)
+    MAIL_DATA_TIMEOUT = env_float('MAIL_DATA_TIMEOUT', 600)
+    # TLS to MAIL_SERVER is verified against the system's CA store, or this file for a private CA.
+    MAIL_TLS_CA_FILE = os.environ.get('MAIL_TLS_CA_FILE')
+    # Off only by this explicit setting, and then logged loudly at every start.
+    MAIL_TLS_VERIFY = env_bool('MAIL_TLS_VERIFY', True)
     # Parallel connections the drip sends over (each with its own thread).
     MAIL_CONCURRENCY = env_int('MAIL_CONCURRENCY', 1)
     # Messages per second at most (0: no limit); with REDIS_URL, in total over all sending processes.
     MAIL_RATE_LIMIT = env_float('MAIL_RATE_LIMIT', 0)
     # Redis, for the shared rate limit and for sending through RQ workers (`--queue`).
     REDIS_URL = os.environ.get('REDIS_URL')
+    REDIS_TIMEOUT = env_float('REDIS_TIMEOUT', 5)  # seconds to connect, and for each answer
     RQ_QUEUE = os.environ.get('RQ_QUEUE') or 'newsletter'
     RQ_JOB_TIMEOUT = env_int('RQ_JOB_TIMEOUT', 24 * 3600)
     MAIL_FOLDER = os.environ.get('MAIL_FOLDER')  # default: <instance>/mail
@@ -71,12 +82,18 @@ class Config:
     UNSUBSCRIBE_MAILTO = os.environ.get('UNSUBSCRIBE_MAILTO')
     ADMINS = env_list('ADMINS')
 
-    # Temporary failures are retried after MAIL_RETRY_BACKOFF seconds, doubling each time.
+    # Temporary failures are retried after MAIL_RETRY_BACKOFF seconds, doubling each time; one that
+    # outlasts a run's MAIL_RETRIES is deferred, and tried again later (the back-off going on doubling,
+    # to an hour) until it has been deferred for MAIL_GIVE_UP_AFTER seconds, like an MTA's queue lifetime.
     MAIL_RETRIES = env_int('MAIL_RETRIES', 3)
     MAIL_RETRY_BACKOFF = env_float('MAIL_RETRY_BACKOFF', 2)
+    MAIL_GIVE_UP_AFTER = env_float('MAIL_GIVE_UP_AFTER', 5 * 24 * 3600)
 
-    # The drip: a batch is claimed, sent and recorded as one unit; its size bounds what a crash can repeat.
+    # Subscribers are claimed this many at a time.
     SEND_BATCH_SIZE = env_int('SEND_BATCH_SIZE', 100)
+    # Messages are marked as going out, and their outcomes recorded, this many to a commit: a run killed at
+    # any moment leaves at most this many (plus one per connection) "unknown", and repeats none.
+    SEND_RECORD_EVERY = env_int('SEND_RECORD_EVERY', 10)
     # How long a claim on work (a drip batch, a background job) holds before another process may take it over.
     LEASE_SECONDS = env_float('LEASE_SECONDS', 120)
 

@@ -42,6 +42,7 @@ def create_app(config_class=Config):
     db.init_app(app)
     migrate.init_app(app, db)
     mail.init_app(app)
+    _check_mail(app)
     csrf.init_app(app)
     login.init_app(app)
 
@@ -63,6 +64,15 @@ def create_app(config_class=Config):
     return app
 
 
+def _check_mail(app):
+    """Say no at start-up, not at the first send: a way out chosen badly, or none for a deployment (see
+    app.transports.mail_transport); and say loudly, at every start, that TLS is not being verified."""
+    from app.transports import mail_transport
+    if mail_transport(app.config) == 'smtp' and not app.config['MAIL_TLS_VERIFY']:
+        app.logger.warning('MAIL_TLS_VERIFY is off: the certificate of %s is not checked, so anyone on the way '
+                           'to it can read MAIL_PASSWORD and every email', app.config['MAIL_SERVER'])
+
+
 def _instance_secret_key(app):
     """Links in emails are signed with SECRET_KEY, so the key must survive restarts and be the same for
     the web process and cron; a fresh random key per process would break every link already sent."""
@@ -76,11 +86,14 @@ def _instance_secret_key(app):
 @event.listens_for(Engine, 'connect')
 def _sqlite_concurrency(dbapi_connection, connection_record):
     """Cron, the web process and workers share one SQLite file: WAL lets readers run beside the writer,
-    and the busy timeout makes a writer wait for the lock instead of failing at once."""
+    and the busy timeout makes a writer wait for the lock instead of failing at once. In WAL mode,
+    synchronous=NORMAL keeps every commit through a killed process (only a power cut can lose the last
+    few), and spares the send log's frequent small commits a wait on the disk each."""
     if type(dbapi_connection).__module__ != 'sqlite3':
         return
     cursor = dbapi_connection.cursor()
     cursor.execute('PRAGMA journal_mode=WAL')
+    cursor.execute('PRAGMA synchronous=NORMAL')
     cursor.execute('PRAGMA busy_timeout=30000')
     cursor.execute('PRAGMA foreign_keys=ON')
     cursor.close()

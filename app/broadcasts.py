@@ -2,16 +2,17 @@
 scheduled for a date and time in a named time zone, and sent once to every active subscriber confirmed
 by the time it starts.
 
-It is sent by the same MailingSend as the drip, so it has the same guarantees: at most once per
-subscriber (its send log is the `deliveries` rows of mailing 'broadcast<id>'), resumable after a
-crash, progress and failures per subscriber. The sending job checks the broadcast's status after each
+It is sent by the same send as the drip (app/sending.py), so it has the same guarantees: at most once
+per subscriber (its send log is the `deliveries` rows of mailing 'broadcast<id>'), nothing sent twice
+after a crash, an outcome per subscriber. The sending job checks the broadcast's status after each
 batch, which is how pause (stop after this batch; resume applies a new job that carries on where it
-stopped) and cancel work.
+stopped) and cancel work; and it is not finished while a subscriber is deferred: the job comes back.
 
 Admins write subject, text and HTML with {{ greeting_name }}, {{ email }} and {{ unsubscribe_url }}
 placeholders, rendered in Jinja's sandbox (an admin's template cannot reach into the app). The
 unsubscribe footer and List-Unsubscribe headers are always added."""
 import functools
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -22,47 +23,61 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from app import db
 from app.email import Email, make_message_id
-from app.jobs import define_task, stopping
+from app.jobs import Reschedule, define_task, stopping
 from app.links import list_unsubscribe_headers, unsubscribe_url
-from app.models import Broadcast, Client, Delivery, Job, greeting_name, utcnow
-from app.newsletter import PREVIEW_RECIPIENT, address_digest
-from app.tasks import send_mailing
+from app.mailing import PREVIEW_RECIPIENT, address_digest
+from app.models import Broadcast, Client, Delivery, DeliveryStatus, Job, greeting_name, utcnow
+from app.sendlog import requeue
+from app.tasks import send_as_job
 
 
 class BroadcastError(ValueError):
     """What is wrong with a broadcast as written or with what was asked of it, in words for the admin."""
 
 
+@dataclass(frozen=True)
 class BroadcastMailing:
-    """A broadcast as a mailing for MailingSend. Its audience is fixed when it starts: subscribers who
-    confirm while it is being sent (or paused) get the drip, not this."""
+    """A broadcast as a Mailing: a copy of its row, taken when its send starts, so that sender threads
+    never read an ORM object that another thread's commit expires under them. Its audience is fixed
+    when it starts: subscribers who confirm while it is being sent (or paused) get the drip, not this."""
+    id: int
+    subject: str
+    text: str
+    html: str
+    started_at: datetime | None = None
 
-    def __init__(self, broadcast):
-        self.broadcast, self.key = broadcast, broadcast.mailing
+    @classmethod
+    def of(cls, broadcast):
+        return cls(broadcast.id, broadcast.subject, broadcast.text, broadcast.html, broadcast.started_at)
+
+    @property
+    def key(self):
+        return f'broadcast{self.id}'
 
     def conditions(self):
-        return Client.active, Client.email_confirmed_at <= (self.broadcast.started_at or utcnow())
+        return Client.active, Client.email_confirmed_at <= (self.started_at or utcnow())
 
     def compose(self, recipient):
-        broadcast, link = self.broadcast, unsubscribe_url(recipient.client_id)
+        link = unsubscribe_url(recipient.client_id)
         context = dict(email=recipient.email, greeting_name=greeting_name(recipient.email), unsubscribe_url=link)
-        subject = _template(broadcast.subject, html=False).render(context).strip()
-        text = _template(broadcast.text, html=False).render(context)
-        body = _template(broadcast.html, html=True).render(context)
+        subject = _template(self.subject, html=False).render(context).strip()
+        text = _template(self.text, html=False).render(context)
+        body = _template(self.html, html=True).render(context)
         html = current_app.jinja_env.get_template('emails/broadcast.html').render(subject=subject, body=body,
                                                                                      **context)
         return Email(recipient.email, subject, f'{text.rstrip()}\n\n--\nUnsubscribe: {link}\n', html,
                      self.message_id(recipient), list_unsubscribe_headers(link, recipient.client_id))
 
     def message_id(self, recipient):
-        return make_message_id('broadcast', self.broadcast.id, recipient.client_id, address_digest(recipient.email))
+        return make_message_id('broadcast', self.id, recipient.client_id, address_digest(recipient.email))
 
     def advance(self, client_ids):
         return None
 
-    def halted(self):
-        """Paused or cancelled since the send began."""
-        return db.session.scalar(sa.select(Broadcast.status).where(Broadcast.id == self.broadcast.id)) != 'sending'
+
+def _halted(broadcast_id):
+    """Paused or cancelled since its send began."""
+    return db.session.scalar(sa.select(Broadcast.status).where(Broadcast.id == broadcast_id)) != 'sending'
 
 
 @functools.lru_cache(maxsize=64)
@@ -77,7 +92,7 @@ _SANDBOXES = {html: SandboxedEnvironment(autoescape=html, undefined=jinja2.Stric
 def preview(broadcast):
     """The email as a made-up subscriber would get it.  :raise BroadcastError: if it cannot be rendered."""
     try:
-        email = BroadcastMailing(broadcast).compose(PREVIEW_RECIPIENT)
+        email = BroadcastMailing.of(broadcast).compose(PREVIEW_RECIPIENT)
     except jinja2.TemplateError as exc:
         raise BroadcastError(f'the broadcast cannot be rendered: {exc}') from exc
     if not email.subject or '\n' in email.subject or '\r' in email.subject:
@@ -163,8 +178,23 @@ def resume(broadcast_id):
     db.session.commit()
 
 
+def resend_unknown(broadcast_id):
+    """Its unknown deliveries sent again, at an admin's explicit request (after finding they did not
+    arrive).  :return: how many.  :raise BroadcastError:"""
+    broadcast = db.session.get(Broadcast, broadcast_id)
+    if broadcast is None:
+        raise BroadcastError(f'there is no broadcast {broadcast_id}')
+    count = requeue(broadcast.mailing, [DeliveryStatus.UNKNOWN])
+    if count:
+        db.session.execute(sa.update(Broadcast).where(Broadcast.id == broadcast_id, Broadcast.status == 'sent')
+                           .values(status='sending', finished_at=None))
+        send_broadcast.apply(broadcast_id=broadcast_id)
+        db.session.commit()
+    return count
+
+
 def delivery_counts(broadcast):
-    """{'sent': n, 'failed': n, 'sending': n} from its send log."""
+    """{status: n} from its send log."""
     return dict(db.session.execute(
         sa.select(Delivery.status, sa.func.count()).where(Delivery.mailing == broadcast.mailing)
         .group_by(Delivery.status)).all())
@@ -172,6 +202,8 @@ def delivery_counts(broadcast):
 
 @define_task(queue='bulk')
 def send_broadcast(broadcast_id):
+    """Sent when it is due, and again after a resume. It is finished (sent) only once nobody is left
+    deferred: until then its job comes back at their next attempt time."""
     started = db.session.execute(
         sa.update(Broadcast).where(Broadcast.id == broadcast_id, Broadcast.status == 'scheduled')
         .values(status='sending', started_at=utcnow()).execution_options(synchronize_session=False)).rowcount
@@ -179,11 +211,14 @@ def send_broadcast(broadcast_id):
     broadcast = db.session.get(Broadcast, broadcast_id)
     if broadcast.status != 'sending':
         return {'not sent': f'the broadcast is {broadcast.status}'}
-    mailing = BroadcastMailing(broadcast)
-    result = send_mailing(mailing, should_stop=lambda: stopping() or mailing.halted())
-    if not result['stopped']:
-        db.session.execute(
-            sa.update(Broadcast).where(Broadcast.id == broadcast_id, Broadcast.status == 'sending')
-            .values(status='sent', finished_at=utcnow()).execution_options(synchronize_session=False))
-    return {**result, 'started': bool(started)}
-
+    report = send_as_job(BroadcastMailing.of(broadcast), 'broadcast',
+                         should_stop=lambda: stopping() or _halted(broadcast_id))
+    result = {**report.as_dict(), 'started': bool(started)}
+    if report.stopped:
+        return result
+    if report.retry_at:
+        raise Reschedule(report.retry_at, result)
+    db.session.execute(
+        sa.update(Broadcast).where(Broadcast.id == broadcast_id, Broadcast.status == 'sending')
+        .values(status='sent', finished_at=utcnow()).execution_options(synchronize_session=False))
+    return result

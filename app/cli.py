@@ -1,6 +1,5 @@
 """Commands for cron and admins. Attached with cli_group=None, so `flask <command>` runs them inside
 the app context with the app's own configuration, exactly as cron needs."""
-import gc
 import signal
 import sys
 import threading
@@ -12,20 +11,15 @@ import sqlalchemy as sa
 from flask import Blueprint, current_app
 
 from app import broadcasts, db
+from app.drip import DripStage, available_stages
 from app.email import TemplateError
 from app.jobs import QUEUES, Worker, rq_queue, run_due
-from app.models import Broadcast
-from app.newsletter import (
-    DripStage,
-    MailingSend,
-    available_stages,
-    check_templates,
-    count_due,
-    forget_failures,
-    iter_due,
-)
-from app.tasks import enqueue_stage
-from app.transports import SenderPool
+from app.ledger import STATES, ledger, mailing_named, members
+from app.models import Broadcast, DeliveryStatus
+from app.sendlog import count_due, iter_due, requeue
+from app.sending import check_templates, send
+from app.tasks import enqueue_stage, queue_retry
+from app.transports import describe_transport
 
 bp = Blueprint('cli', __name__, cli_group=None)
 
@@ -34,14 +28,18 @@ bp = Blueprint('cli', __name__, cli_group=None)
 @click.argument('stage', type=click.Choice(available_stages()))
 @click.option('--dry-run', is_flag=True, help='List who would get STAGE now; send nothing.')
 @click.option('--retry-failed', is_flag=True,
-              help='Make subscribers whose STAGE failed permanently (e.g. a 5xx) due again first.')
+              help='Send again to subscribers whose STAGE failed for good (once you fixed the cause).')
+@click.option('--resend-unknown', is_flag=True,
+              help='Send again to subscribers whose STAGE may or may not have arrived (unknown): only once you '
+                   'know it did not.')
 @click.option('--queue', 'jobs', type=int, default=None, metavar='JOBS',
               help='Hand the send to RQ workers (`flask rq-worker`) as JOBS jobs instead; needs REDIS_URL.')
-def send_newsletter_email(stage, dry_run, retry_failed, jobs):
+def send_newsletter_email(stage, dry_run, retry_failed, resend_unknown, jobs):
     """Send drip STAGE to every active, confirmed subscriber who has received the stage before it.
 
-    Safe to run twice, by hand beside cron, or again after a crash: nobody gets a stage twice.
-    Prints a summary and exits with status 1 if any send failed, so cron's MAILTO reports it.
+    Safe to run twice, by hand beside cron, or again after a crash: nobody gets a stage twice. Prints
+    a summary, and exits with status 1 when anyone failed or may not have got it (unknown), or the run
+    stopped on an error, so cron's MAILTO reports it. Deferred subscribers are tried again by a job.
     """
     mailing = DripStage(stage)
     if dry_run:
@@ -55,32 +53,29 @@ def send_newsletter_email(stage, dry_run, retry_failed, jobs):
         check_templates(mailing)
     except (TemplateError, jinja2.TemplateError) as exc:
         raise click.ClickException(f'the {stage} templates cannot be rendered, nothing was sent: {exc}') from exc
-    if retry_failed:
-        forget_failures(mailing)
+    again = [status for status, asked in ((DeliveryStatus.FAILED, retry_failed), (DeliveryStatus.UNKNOWN, resend_unknown))
+             if asked]
+    if again:
+        click.echo(f'{stage}: {requeue(stage, again)} subscriber(s) to send again', err=True)
     if jobs is not None:
         _enqueue(stage, jobs)
         return
-    # This process mostly waits on sockets: let a thread whose reply has arrived take the GIL back
-    # within 0.5 ms instead of the default 5 ms, or composing the next messages starves the senders.
-    sys.setswitchinterval(0.0005)
-    # What is loaded by now (Flask, SQLAlchemy, the templates) lives as long as the process. Frozen, it
-    # is left out of the collector's full passes, which otherwise scan all of it every few thousand
-    # messages while the connection waits: 29 us a message, 9 once frozen (gc.callbacks, timed over a
-    # send to 10,000).
-    gc.freeze()
 
-    with SenderPool(current_app.config['MAIL_CONCURRENCY']) as pool:
-        click.echo(f'{stage}: sending through {pool.describe()}', err=True)
-        if sys.stdout.isatty():
-            report = _send_with_progress_bar(mailing, pool)
-        else:
-            report = MailingSend(mailing, pool, on_batch=_log_progress, on_wait=_log_wait()).run()
-
+    click.echo(f'{stage}: sending through {describe_transport()}', err=True)
+    report = _send_with_display(mailing)
     click.echo(report.summary())
-    for email, reason in report.failed:
-        click.echo(f'  failed: {email}: {reason}')
+    for label, entries in (('failed', report.failed), ('unknown', report.unknown), ('deferred', report.deferred)):
+        for email, reason in entries:
+            click.echo(f'  {label}: {email}: {reason}')
     if report.aborted:
         click.echo(f'  {report.aborted}')
+    if report.unknown:
+        click.echo(f'  unknown: it may have arrived, so it is not sent again. Once you know it did not: '
+                   f'flask send-newsletter-email {stage} --resend-unknown')
+    if report.retry_at:
+        queue_retry(stage, report.retry_at)
+        click.echo(f'  deferred: tried again from {report.retry_at:%Y-%m-%d %H:%M:%S} UTC by a job worker (the web '
+                   'process, or `flask worker`), and by the next run')
     if not report.ok:
         sys.exit(1)
 
@@ -92,30 +87,58 @@ def _enqueue(stage, jobs):
     click.echo(f'{stage}: {len(queued)} job(s) queued; `flask rq-worker` on any machine sends them')
 
 
-def _send_with_progress_bar(mailing, pool):
-    run = MailingSend(mailing, pool, on_wait=_log_wait())
-    with click.progressbar(length=count_due(mailing), label=mailing.key) as bar:
-        def advance(report):
-            bar.update(report.sent + report.skipped + len(report.failed) - bar.pos)
-
-        run.on_batch = advance
-        return run.run()
-
-
-def _log_progress(report):
-    # Cron has no terminal: one plain line per batch goes to the log instead of a progress bar.
-    click.echo(f'{report.summary()} (of {report.due} due at start)')
-
-
-def _log_wait():
+def _send_with_display(mailing):
+    """A progress bar on a terminal; for cron, which has none, a plain line per batch in its log."""
     said = set()
 
-    def say(claimed, lease_until):
-        if (claimed, lease_until) not in said:
-            said.add((claimed, lease_until))
-            click.echo(f'waiting for {claimed} subscriber(s) claimed by another run: it sends them, or its '
-                       f'claim runs out at {lease_until:%H:%M:%S} UTC and this run sends them', err=True)
-    return say
+    def waiting(held, seconds):
+        if held not in said:
+            said.add(held)
+            click.echo(f'waiting for {held} subscriber(s) claimed by another run: it sends them, or its claim runs '
+                       f'out within {seconds:.0f} s and this run takes them over', err=True)
+
+    if not sys.stdout.isatty():
+        return send(mailing, 'cli', on_wait=waiting,
+                    on_batch=lambda report: click.echo(f'{report.counts()} (of {report.due} due at start)'))
+    with click.progressbar(length=count_due(mailing, with_retries=True), label=mailing.key) as bar:
+        return send(mailing, 'cli', on_wait=waiting, on_batch=lambda report: bar.update(report.done - bar.pos))
+
+
+@bp.cli.group('mailing')
+def mailing_group():
+    """The ledger of a drip stage or a broadcast: who got it, who did not, and why."""
+
+
+@mailing_group.command('status')
+@click.argument('key', metavar='MAILING')
+@click.option('--list', 'state', type=click.Choice(STATES), help='Also list who is in this state, with the reason.')
+def mailing_status(key, state):
+    """Where everyone stands with MAILING (week1, week2, ..., or broadcast7): audience = sent + failed +
+    unknown + deferred + pending, checked against the subscribers' own records.
+
+    Exits with status 1 when it does not balance.
+    """
+    mailing = mailing_named(key)
+    if mailing is None:
+        raise click.BadParameter(f'no mailing {key!r} (a drip stage such as week1, or broadcast<id>)', param_hint='MAILING')
+    led = ledger(mailing)
+    click.echo(f'{led.mailing}: audience {led.audience}')
+    for name in STATES:
+        extra = f' ({led.pending - led.in_flight} due, {led.in_flight} being sent now)' if name == 'pending' else ''
+        click.echo(f'  {name:9s}{getattr(led, name):>8}{extra}')
+    terms = ' + '.join(str(getattr(led, name)) for name in STATES)
+    if led.balances:
+        click.echo(f'  balances: {terms} = {led.audience}')
+    else:
+        click.echo(f'  DOES NOT BALANCE: {terms} = {led.accounted}, audience {led.audience}')
+        for mismatch in led.mismatches:
+            click.echo(f'    {mismatch}')
+    if state:
+        click.echo(f'{state}:')
+        for email, detail in members(mailing, state):
+            click.echo(f'  {email}\t{detail}')
+    if not led.balances:
+        sys.exit(1)
 
 
 @bp.cli.command('rq-worker')
@@ -196,8 +219,8 @@ def broadcast_list():
     for item in db.session.scalars(sa.select(Broadcast).order_by(Broadcast.id.desc())):
         counts = broadcasts.delivery_counts(item)
         when = broadcasts.utc_to_local(item.send_at, item.timezone)
-        click.echo(f'{item.id}\t{item.status}\t{when:%Y-%m-%d %H:%M} {item.timezone}\tsent {counts.get("sent", 0)}'
-                   f', failed {counts.get("failed", 0)}\t{item.subject}')
+        outcomes = ', '.join(f'{state} {counts.get(state, 0)}' for state in ('sent', 'failed', 'unknown', 'deferred'))
+        click.echo(f'{item.id}\t{item.status}\t{when:%Y-%m-%d %H:%M} {item.timezone}\t{outcomes}\t{item.subject}')
 
 
 def _broadcast_action(name, action):
@@ -213,3 +236,15 @@ def _broadcast_action(name, action):
 
 for _name, _action in (('cancel', broadcasts.cancel), ('pause', broadcasts.pause), ('resume', broadcasts.resume)):
     _broadcast_action(_name, _action)
+
+
+@broadcast_group.command('resend-unknown')
+@click.argument('broadcast_id', type=int)
+def broadcast_resend_unknown(broadcast_id):
+    """Send broadcast ID again to those whose copy may or may not have arrived (unknown): only once you
+    know it did not."""
+    try:
+        count = broadcasts.resend_unknown(broadcast_id)
+    except broadcasts.BroadcastError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f'broadcast {broadcast_id}: {count} to send again; a job worker sends them')

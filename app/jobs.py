@@ -16,22 +16,24 @@ Workers are threads inside the web process (JOB_WORKER=thread: nothing else to r
 worker`. With JOB_BACKEND=rq, a worker hands each job it claims to RQ instead of running it, and
 `flask rq-worker` runs it; the claim passes to the RQ worker only if it is still the one handed over,
 so a job that reached RQ twice (re-handed after its lease ran out) still runs once."""
+import functools
 import json
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
-import redis
 import rq
 import sqlalchemy as sa
 from flask import current_app, has_app_context
 from flask_sqlalchemy.session import Session
 
 from app import db
-from app.leases import claim, lease_end, new_owner, renew
+from app.leases import Heartbeat, claim, db_later, new_owner, renew
 from app.models import Job, insert_ignoring_conflicts, utcnow
-from app.transports import PermanentFailure, retry_delay
+from app.ratelimit import redis_client
+from app.failures import PermanentFailure
+from app.transports import retry_delay
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,16 @@ QUEUES = ('mail', 'bulk')  # quick transactional mail never waits behind an hour
 class Interrupted(Exception):
     """Raised by a task that stopped early because its worker is shutting down: the job goes back to
     the queue at once, without counting as a failed attempt."""
+
+
+class Reschedule(Exception):
+    """Raised by a task that has done what it can for now and must come back at `at` (naive UTC): a
+    broadcast waiting on deferred deliveries. Not a failure: it uses up no attempt, and `result` is
+    kept as the job's result meanwhile."""
+
+    def __init__(self, at, result=None):
+        super().__init__(f'comes back at {at:%Y-%m-%d %H:%M:%S} UTC')
+        self.at, self.result = at, result
 
 
 class Task:
@@ -97,7 +109,6 @@ class _Running:
     done: int | None = None
     total: int | None = None
     lost: bool = False
-    finished: threading.Event = field(default_factory=threading.Event)
 
 
 _local = threading.local()
@@ -131,8 +142,7 @@ def run_next(queue, worker_stopping=None):
 
 
 def rq_queue():
-    connection = redis.Redis.from_url(current_app.config['REDIS_URL'])
-    return rq.Queue(current_app.config['RQ_QUEUE'], connection=connection)
+    return rq.Queue(current_app.config['RQ_QUEUE'], connection=redis_client())
 
 
 def run_handed_over(job_id, owner):
@@ -149,7 +159,7 @@ def execute(job_id, claimed_by, worker_stopping):
     owner = new_owner()
     started = db.session.execute(
         sa.update(Job).where(Job.id == job_id, Job.claimed_by == claimed_by)
-        .values(claimed_by=owner, lease_until=lease_end(lease), status='running', attempts=Job.attempts + 1,
+        .values(claimed_by=owner, lease_until=db_later(lease), status='running', attempts=Job.attempts + 1,
                 started_at=utcnow(), finished_at=None, progress_done=None, progress_total=None)
         .execution_options(synchronize_session=False)).rowcount
     db.session.commit()
@@ -165,16 +175,21 @@ def execute(job_id, claimed_by, worker_stopping):
         return _record(running, status='failed', finished_at=utcnow(), error=f'no task named {name!r} in this app')
 
     log.info('job %d: %s started (attempt %d of %d)', job_id, name, attempt, max_attempts)
-    heartbeat = threading.Thread(target=_keep_lease, args=(current_app._get_current_object(), running),
-                                 name=f'job-{job_id}-heartbeat', daemon=True)
-    heartbeat.start()
+    heartbeat = Heartbeat(functools.partial(_keep_lease, running, lease),
+                          every=min(lease / 3, current_app.config['JOB_PROGRESS_SECONDS']), name=f'job-{job_id}-heartbeat')
     _local.running = running
     try:
-        result = TASKS[name].fn(**payload)
+        with heartbeat:
+            result = TASKS[name].fn(**payload)
     except Interrupted:
         db.session.rollback()
         log.info('job %d: %s interrupted; queued again', job_id, name)
         outcome = dict(status='queued', attempts=Job.attempts - 1)
+    except Reschedule as later:
+        db.session.rollback()
+        log.info('job %d: %s comes back at %s UTC', job_id, name, later.at)
+        outcome = dict(status='queued', attempts=Job.attempts - 1, run_after=later.at, result=_jsonable(later.result),
+                       error=None)
     except Exception as exc:
         db.session.rollback()
         error = f'{type(exc).__name__}: {exc}'
@@ -189,8 +204,6 @@ def execute(job_id, claimed_by, worker_stopping):
         outcome = dict(status='done', finished_at=utcnow(), result=_jsonable(result), error=None)
     finally:
         _local.running = None
-        running.finished.set()
-        heartbeat.join()
     _record(running, **outcome)
 
 
@@ -214,22 +227,14 @@ def _record(running, **values):
                     running.job_id)
 
 
-def _keep_lease(app, running):
-    """The heartbeat: renew the lease (and store progress) until the job is finished."""
-    lease = app.config['LEASE_SECONDS']
-    while not running.finished.wait(min(lease / 3, app.config['JOB_PROGRESS_SECONDS'])):
-        with app.app_context():
-            try:
-                held = renew(Job, Job.id == running.job_id, owner=running.owner, seconds=lease,
-                             progress_done=running.done, progress_total=running.total)
-            except sa.exc.DBAPIError:  # a database hiccup: the next beat tries again, well within the lease
-                db.session.rollback()
-                log.exception('job %d: could not renew its lease', running.job_id)
-                continue
-        if not held:
-            running.lost = True
-            log.warning('job %d: lost its lease to another worker; stopping it', running.job_id)
-            return
+def _keep_lease(running, lease):
+    """The heartbeat's beat: renew the lease and store progress; a lease lost means stop."""
+    if not renew(Job, Job.id == running.job_id, owner=running.owner, seconds=lease,
+                 progress_done=running.done, progress_total=running.total):
+        running.lost = True
+        log.warning('job %d: lost its lease to another worker; stopping it', running.job_id)
+        return False
+    return True
 
 
 class Worker:

@@ -1,4 +1,5 @@
-"""The database tables: subscribers, the per-subscriber send log, broadcasts, and background jobs."""
+"""The database tables: subscribers, the per-subscriber send log, send runs, broadcasts, and background jobs."""
+import enum
 import json
 import re
 from datetime import datetime, timezone
@@ -75,33 +76,84 @@ class Client(db.Model):
         return f'<Client {self.id} {self.email}>'
 
 
+class DeliveryStatus(enum.StrEnum):
+    """Where one subscriber's copy of one mailing stands. Every move, and the only module that makes
+    them (app/sendlog.py), method by method:
+
+        (due)            -> claimed    claim: a run reserves the subscriber, under a lease
+        deferred         -> claimed    claim_deferred: its next attempt has come
+        claimed          -> claimed    take_over: its run died before sending it
+        claimed          -> sending    checkpoint: just before its data goes out; from here on it may arrive
+        sending          -> sent | failed | deferred | unknown    checkpoint: the answer, or its absence
+        sending          -> unknown    take_over: its run died or stalled past its lease while sending it
+        claimed, sending -> (due) or deferred    release: nothing of it went out, the run stopped first
+        deferred         -> failed     claim_deferred: deferred for longer than MAIL_GIVE_UP_AFTER
+        failed, unknown  -> deferred   requeue: an admin asks for it to be sent again
+    """
+    CLAIMED = 'claimed'
+    SENDING = 'sending'
+    SENT = 'sent'
+    FAILED = 'failed'  # refused for good, or deferred for too long
+    DEFERRED = 'deferred'  # refused for now; tried again from next_attempt_at
+    UNKNOWN = 'unknown'  # may have arrived; never sent again unless an admin asks
+
+    @classmethod
+    def held(cls):
+        """The states in which a run owns the row (claimed_by, lease_until)."""
+        return cls.CLAIMED, cls.SENDING
+
+
 class Delivery(db.Model):
     """One row per subscriber and mailing (a drip stage such as 'week1', or a broadcast such as
-    'broadcast7'), and the guard that makes every send at most once: the unique (client_id, mailing)
-    pair is claimed *before* the message goes out. While `status` is 'sending' the claim belongs to
-    `claimed_by` until `lease_until`; after that another run may take it over (the first one died)."""
+    'broadcast7'): the ledger of who got what, and the guard that makes every send at most once. The
+    unique (client_id, mailing) pair is claimed before anything goes out, and the row is marked
+    'sending' before the message's data does (DeliveryStatus has every move)."""
     __tablename__ = 'deliveries'
     __table_args__ = (
         sa.UniqueConstraint('client_id', 'mailing', name='uq_deliveries_client_mailing'),
-        # Only claims in flight are indexed by mailing: a full (mailing) index tempts PostgreSQL, with
+        # Only unfinished rows are indexed by mailing: a full (mailing) index tempts PostgreSQL, with
         # stale statistics, into rescanning a mailing's whole send log for every subscriber it checks.
-        sa.Index('ix_deliveries_in_flight', 'mailing', postgresql_where=sa.text("status = 'sending'"),
-                 sqlite_where=sa.text("status = 'sending'")),
+        sa.Index('ix_deliveries_unfinished', 'mailing',
+                 postgresql_where=sa.text("status IN ('claimed', 'sending', 'deferred')"),
+                 sqlite_where=sa.text("status IN ('claimed', 'sending', 'deferred')")),
     )
 
     id: so.Mapped[int] = so.mapped_column(primary_key=True)
     client_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey('clients.id', ondelete='CASCADE'))
     mailing: so.Mapped[str] = so.mapped_column(sa.String(40))
-    status: so.Mapped[str] = so.mapped_column(sa.String(10))  # sending, sent, failed
+    status: so.Mapped[str] = so.mapped_column(sa.String(10))  # a DeliveryStatus
     claimed_by: so.Mapped[str | None] = so.mapped_column(sa.String(32))
     lease_until: so.Mapped[datetime | None]
-    attempts: so.Mapped[int] = so.mapped_column(default=1)
+    attempts: so.Mapped[int] = so.mapped_column(default=0)  # answers had from the way out, retries included
     message_id: so.Mapped[str | None] = so.mapped_column(sa.String(255))
-    error: so.Mapped[str | None] = so.mapped_column(sa.Text)
+    error: so.Mapped[str | None] = so.mapped_column(sa.Text)  # the latest answer that was not a success
+    next_attempt_at: so.Mapped[datetime | None]  # while deferred
+    deferred_since: so.Mapped[datetime | None]  # while deferred: gives up MAIL_GIVE_UP_AFTER later
     created_at: so.Mapped[datetime] = so.mapped_column(default=utcnow)
+    updated_at: so.Mapped[datetime | None]  # its latest move
     sent_at: so.Mapped[datetime | None]
 
     client: so.Mapped[Client] = so.relationship()
+
+
+class SendRun(db.Model):
+    """One run of one mailing (a cron command, a job, an RQ worker): where its mail went and how it
+    ended. Admins see every run; and a database that has sent real mail refuses, from then on, to have
+    its mailings written into the local folder by a process that lacks the mail settings."""
+    __tablename__ = 'send_runs'
+
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    mailing: so.Mapped[str] = so.mapped_column(sa.String(40))
+    trigger: so.Mapped[str] = so.mapped_column(sa.String(20))  # cli, schedule, admin, job, rq
+    via: so.Mapped[str] = so.mapped_column(sa.String(255))  # the way out, as Sender.describe() says it
+    started_at: so.Mapped[datetime] = so.mapped_column(default=utcnow)
+    finished_at: so.Mapped[datetime | None]  # None: still running, or killed
+    sent: so.Mapped[int] = so.mapped_column(default=0)
+    failed: so.Mapped[int] = so.mapped_column(default=0)
+    unknown: so.Mapped[int] = so.mapped_column(default=0)
+    deferred: so.Mapped[int] = so.mapped_column(default=0)
+    skipped: so.Mapped[int] = so.mapped_column(default=0)
+    stopped: so.Mapped[str | None] = so.mapped_column(sa.Text)  # why it ended early, if it did
 
 
 class Broadcast(db.Model):

@@ -7,7 +7,16 @@ sending process (on any machine) reserves from the same one, so the limit holds 
 import threading
 import time
 
+import redis
 from flask import current_app
+
+
+def redis_client():
+    """A Redis client with time-outs of its own (REDIS_TIMEOUT): without them a Redis that stops
+    answering, rather than refusing, would hang the send that waits on it for ever."""
+    timeout = current_app.config['REDIS_TIMEOUT']
+    return redis.Redis.from_url(current_app.config['REDIS_URL'], socket_timeout=timeout,
+                                socket_connect_timeout=timeout)
 
 
 def rate_limiter():
@@ -16,8 +25,7 @@ def rate_limiter():
     if not rate:
         return None
     if current_app.config['REDIS_URL']:
-        import redis
-        return SharedSchedule(redis.Redis.from_url(current_app.config['REDIS_URL']), rate)
+        return SharedSchedule(redis_client(), rate)
     return LocalSchedule(rate)
 
 

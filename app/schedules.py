@@ -15,7 +15,7 @@ from croniter import croniter
 from flask import current_app
 
 from app.models import utcnow
-from app.newsletter import available_stages
+from app.drip import available_stages
 from app.tasks import send_stage
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,10 @@ def fire_due_schedules(now=None):
         late = (now - due).total_seconds()
         key = f'schedule:{schedule.stage}:{due:%Y-%m-%dT%H:%M}Z'
         if late <= max_late:
-            if send_stage.apply_once(key, stage=schedule.stage):
+            if send_stage.apply_once(key, stage=schedule.stage, trigger='schedule'):
                 log.info('schedule %s (%s): fired for %s UTC', schedule.stage, schedule.cron, due)
                 decided.append((schedule.stage, due, 'queued'))
-        elif send_stage.apply_once(key, status='skipped', stage=schedule.stage, error=(
+        elif send_stage.apply_once(key, status='skipped', stage=schedule.stage, trigger='schedule', error=(
                 f'not sent: {late / 3600:.1f} h past due when a worker next ran (SCHEDULE_MAX_LATE is '
                 f'{max_late:.0f} s); the next due time is sent as usual')):
             log.warning('schedule %s (%s): skipped %s UTC, %.1f h past due (the app was not running)',

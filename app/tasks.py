@@ -1,17 +1,26 @@
-"""The app's background tasks (run by the job workers of app/jobs.py), and the RQ side of sending.
+"""The app's background tasks (run by the job workers of app/jobs.py), the RQ side of sending, and the
+adapters that turn a send's Report into what each of those runners understands.
 
 RQ carries two kinds of work. `send-newsletter-email --queue N` puts N drip sends on it directly:
-each RQ job is an ordinary MailingSend, so any number of workers behave like that many overlapping
-cron runs and divide the subscribers through their claims in the database, which stays the one source
-of truth for who has received what. And with JOB_BACKEND=rq, app jobs go through it too (see
-app/jobs.py)."""
+each RQ job is an ordinary send, so any number of workers behave like that many overlapping cron runs
+and divide the subscribers through their claims in the database, which stays the one source of truth
+for who has received what. And with JOB_BACKEND=rq, app jobs go through it too (see app/jobs.py)."""
 from flask import current_app
+from rq import Retry
 
 from app import db
+from app.drip import DripStage
 from app.email import Email
-from app.jobs import Interrupted, define_task, report_progress, rq_queue, stopping
-from app.newsletter import DripStage, MailingSend, spread_starts
-from app.transports import SenderPool, TemporaryFailure, open_sender
+from app.failures import TemporaryFailure
+from app.jobs import Interrupted, Reschedule, define_task, report_progress, rq_queue, stopping
+from app.sendlog import spread_starts
+from app.sending import send
+from app.transports import open_sender
+
+
+class SendAborted(Exception):
+    """An RQ drip job whose send stopped on an error: raised so that RQ records the job as failed
+    (and retries it), where a returned value would have recorded a success."""
 
 
 def queue_email(email):
@@ -30,36 +39,55 @@ def send_email(recipient, subject, text, html, message_id, headers):
 
 
 @define_task(queue='bulk')
-def send_stage(stage):
-    """A drip stage sent by a schedule or an admin: the same send as `flask send-newsletter-email`."""
-    return send_mailing(DripStage(stage))
+def send_stage(stage, trigger='admin', deferred_only=False):
+    """A drip stage sent by a schedule or an admin (the same send as `flask send-newsletter-email`), or
+    its deferred deliveries tried again. Deferred ones come back as a job of their own, so that the stage
+    itself never goes out again at an hour nobody chose."""
+    report = send_as_job(DripStage(stage), trigger, deferred_only=deferred_only)
+    if report.retry_at and not report.stopped:
+        if deferred_only:
+            raise Reschedule(report.retry_at, report.as_dict())
+        queue_retry(stage, report.retry_at)
+    return report.as_dict()
 
 
-def send_mailing(mailing, should_stop=stopping):
-    """Run a MailingSend as a job: progress for the admin page, a stop at the next batch when the
-    worker shuts down, and a retry with back-off when the way out is down (nothing sent twice)."""
-    with SenderPool(current_app.config['MAIL_CONCURRENCY']) as pool:
-        report = MailingSend(mailing, pool, should_stop=should_stop,
-                             on_batch=lambda r: report_progress(r.sent + r.skipped + len(r.failed), r.due)).run()
+def send_as_job(mailing, trigger, should_stop=stopping, **options):
+    """send(), as a job: progress for the admin page; a retry with back-off when the send stopped on an
+    error (the next attempt carries on: nothing is sent twice); back to the queue at once when its
+    worker shuts down.  :return: the Report."""
+    report = send(mailing, trigger, should_stop=should_stop, on_batch=lambda r: report_progress(r.done, r.due),
+                  **options)
     if report.aborted:
         raise TemporaryFailure(report.aborted)
     if report.stopped and stopping():
         raise Interrupted
-    return report.as_dict()
+    return report
+
+
+def queue_retry(stage, at):
+    """Outside a job (cron, RQ), the drip stage's deferred deliveries come back as a job at `at`, so that
+    a greylisted subscriber gets this week's stage in minutes rather than at next week's run.
+    :return: True if this call queued it (one job per stage and time)."""
+    return send_stage.apply_once(f'retry:{stage}:{at:%Y-%m-%dT%H:%M:%S}', run_after=at, stage=stage, trigger='retry',
+                                 deferred_only=True)
 
 
 def enqueue_stage(stage_name, jobs):
-    """:return: the RQ jobs, one MailingSend each, each starting at another point of the list."""
+    """:return: the RQ jobs, one send each, each starting at another point of the list."""
     starts, work_queue = spread_starts(DripStage(stage_name), jobs), rq_queue()
     return [work_queue.enqueue_call(rq_send_stage, args=(stage_name, start),
-                                    timeout=current_app.config['RQ_JOB_TIMEOUT'])
+                                    timeout=current_app.config['RQ_JOB_TIMEOUT'], retry=Retry(max=3, interval=60))
             for start in starts]
 
 
 def rq_send_stage(stage_name, start_after=0):
     """Runs inside `flask rq-worker`, in the app context that command provides."""
     try:
-        with SenderPool(current_app.config['MAIL_CONCURRENCY']) as pool:
-            return MailingSend(DripStage(stage_name), pool, start_after=start_after).run().as_dict()
+        report = send(DripStage(stage_name), 'rq', start_after=start_after)
+        if report.retry_at:
+            queue_retry(stage_name, report.retry_at)
+        if report.aborted:
+            raise SendAborted(f'{report.summary()}: {report.aborted}')
+        return report.as_dict()
     finally:
         db.session.remove()

@@ -1,62 +1,88 @@
-"""The three ways out (SMTP through Flask-Mail, the SendGrid Web API, .eml files in a folder) behind one
-`send(email)`, and what their failures mean. Every caller retries by the same rule:
+"""The three ways out (SMTP, the SendGrid Web API, .eml files in a folder) behind one `send(email)`, each
+raising the failures of app/failures.py by the same rule: nothing can have arrived until the message's
+end has left us (the final dot, the whole API request, the file's rename); from then on, a missing
+answer is OutcomeUnknown, never a failure to retry.
 
-- TemporaryFailure: try again later (SMTP 4xx, HTTP 429/5xx);
-- TransportFailure, a TemporaryFailure: the way out itself is down (refused or dropped connection,
-  rejected credentials), so nothing else will get through either until it is back;
-- PermanentFailure: this message will never be accepted (SMTP 5xx for the address, HTTP 4xx)."""
+Which way out is used is decided once, by mail_transport(), and a deployment cannot fall into the folder
+by accident: once the settings look like a deployment, the folder must be chosen by name."""
 import functools
+import http.client
 import logging
+import os
 import re
-import secrets
 import smtplib
-import socket
+import ssl
+import tempfile
 import threading
-import time
 import urllib.error
-from binascii import b2a_qp
 from concurrent.futures import Future, ThreadPoolExecutor
-from email.header import Header
-from email.utils import formataddr, formatdate, parseaddr
+from email.utils import parseaddr
 from pathlib import Path
+from urllib.parse import urlsplit
 
-import flask_mail
 from flask import current_app
 from python_http_client.exceptions import HTTPError
 from sendgrid import SendGridAPIClient
 from sendgrid.helpers.mail import From, Mail
 from sendgrid.helpers.mail import Header as SendGridHeader
 
+from app.failures import DeliveryFailure, OutcomeUnknown, PermanentFailure, TemporaryFailure, TransportFailure
 from app.models import utcnow
 from app.ratelimit import rate_limiter
 
 log = logging.getLogger(__name__)
 
-
-class DeliveryFailure(Exception):
-    pass
+TRANSPORTS = ('smtp', 'sendgrid', 'folder')
 
 
-class TemporaryFailure(DeliveryFailure):
-    pass
+def mail_transport(config):
+    """'smtp', 'sendgrid' or 'folder': MAIL_TRANSPORT if set, else SendGrid when SENDGRID_API_KEY is set,
+    SMTP when MAIL_SERVER is, and the folder only on a machine that does not look like a deployment.
+    :raise ValueError: with what to set."""
+    chosen = (config.get('MAIL_TRANSPORT') or '').strip().lower()
+    if chosen and chosen not in TRANSPORTS:
+        raise ValueError(f'MAIL_TRANSPORT must be one of {", ".join(TRANSPORTS)}, not {chosen!r}')
+    if chosen == 'smtp' and not config['MAIL_SERVER']:
+        raise ValueError('MAIL_TRANSPORT=smtp needs MAIL_SERVER')
+    if chosen == 'sendgrid' and not config['SENDGRID_API_KEY']:
+        raise ValueError('MAIL_TRANSPORT=sendgrid needs SENDGRID_API_KEY')
+    if chosen:
+        return chosen
+    if config['SENDGRID_API_KEY']:
+        return 'sendgrid'
+    if config['MAIL_SERVER']:
+        return 'smtp'
+    if deployment := looks_deployed(config):
+        # A process started without the mail settings (cron, with another environment than the web
+        # service) would otherwise write every mailing into the folder, mark it sent, and exit 0.
+        raise ValueError(
+            f'no mail settings, and {deployment}: set MAIL_SERVER (SMTP) or SENDGRID_API_KEY, or MAIL_TRANSPORT=folder '
+            f'to write every email into {config.get("MAIL_FOLDER") or "the instance folder"} on purpose')
+    return 'folder'
 
 
-class TransportFailure(TemporaryFailure):
-    pass
-
-
-class PermanentFailure(DeliveryFailure):
-    pass
+def looks_deployed(config):
+    """:return: what makes the settings look like a deployment rather than a first try, or ''."""
+    host = urlsplit(config['BASE_URL']).hostname or ''
+    if host not in ('localhost', '127.0.0.1', '::1'):
+        return f'BASE_URL is {config["BASE_URL"]}'
+    if not config['SQLALCHEMY_DATABASE_URI'].startswith('sqlite'):
+        return 'DATABASE_URL is a database server'
+    return ''
 
 
 def open_sender():
     """The configured way out, as a context manager that closes its connection when done."""
     config = current_app.config
-    if config['SENDGRID_API_KEY']:
-        return SendGridSender(config)
-    if config['MAIL_SERVER']:
-        return SmtpSender(config)
-    return FolderSender(config)
+    return {'smtp': SmtpSender, 'sendgrid': SendGridSender, 'folder': FolderSender}[mail_transport(config)](config)
+
+
+def describe_transport():
+    """Where mail goes, in words for a run's summary."""
+    config = current_app.config
+    return {'smtp': lambda: f'SMTP {config["MAIL_SERVER"]}:{config["MAIL_PORT"]}',
+            'sendgrid': lambda: f'SendGrid API {config["SENDGRID_API_URL"]}',
+            'folder': lambda: f'folder {config["MAIL_FOLDER"]}'}[mail_transport(config)]()
 
 
 def retry_delay(attempt, cap=None):
@@ -65,67 +91,7 @@ def retry_delay(attempt, cap=None):
     return min(delay, cap) if cap else delay
 
 
-def mime_message(email):
-    """The message as MIME bytes: multipart/alternative, text and HTML in quoted-printable UTF-8.
-
-    Assembled here from the stdlib's encoders (Header for encoded-words, formataddr, b2a_qp) rather
-    than by EmailMessage.as_bytes(), which costs about 1.2 ms a message: more than the SMTP transaction
-    itself, and the largest single cost in the drip's profile (see bench/drip.py).
-    List-Unsubscribe and the other extra headers keep their URLs verbatim, folded only between their
-    <...> items: mail clients do not decode encoded-words there (RFC 2369). Every line ends in CRLF:
-    smtplib passes bytes through as they are, and a bare LF is what SMTP smuggling is made of.
-    :raise PermanentFailure: see refuse_unsendable."""
-    refuse_unsendable(email)
-    headers = {'From': _sender_header(current_app.config['MAIL_DEFAULT_SENDER']), 'To': email.recipient,
-               'Subject': _subject_header(email.subject), 'Date': _date_header(int(time.time())),
-               'Message-ID': email.message_id, **email.headers}
-    for name in email.headers:
-        headers[name] = headers[name].replace('>, <', '>,\r\n <')
-    boundary = f'=_{secrets.token_hex(16)}'
-    lines = [f'{name}: {value}' for name, value in headers.items()]
-    lines += ['MIME-Version: 1.0', f'Content-Type: multipart/alternative; boundary="{boundary}"', '']
-    parts = b''.join(
-        b'\r\n--%s\r\nContent-Type: text/%s; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable'
-        b'\r\n\r\n%s' % (boundary.encode(), subtype, b2a_qp(body.encode('utf-8')).replace(b'\n', b'\r\n'))
-        for subtype, body in ((b'plain', email.text), (b'html', email.html)))
-    return '\r\n'.join(lines).encode('ascii') + parts + b'\r\n--%s--\r\n' % boundary.encode()
-
-
-def refuse_unsendable(email):
-    """Whichever way the email goes out.  :raise PermanentFailure: for a line break in any header value
-    (header injection), or a non-ASCII address: that needs SMTPUTF8 (RFC 6531), which we do not speak,
-    and would otherwise break the run at the first such subscriber instead of failing that one alone."""
-    if not email.recipient.isascii():
-        raise PermanentFailure(f'refused: non-ASCII address {email.recipient!r} (SMTPUTF8 is not supported)')
-    for name, value in {'To': email.recipient, 'Subject': email.subject, 'Message-ID': email.message_id,
-                        **email.headers}.items():
-        if '\r' in value or '\n' in value:
-            raise PermanentFailure(f'refused: line break in the {name} header of the message to {email.recipient!r}')
-
-
-_SUBJECT_FITS = 78 - len('Subject: ')  # RFC 5322 2.1.1: lines of at most 78 characters
-
-
-def _subject_header(subject):
-    """A short ASCII subject is its own encoding; Header() would take as long as the rest of the message
-    to tell us so."""
-    if subject.isascii() and len(subject) <= _SUBJECT_FITS:
-        return subject
-    return Header(subject, 'us-ascii' if subject.isascii() else 'utf-8', header_name='Subject').encode(linesep='\r\n')
-
-
-@functools.lru_cache(maxsize=1)
-def _date_header(second):
-    """The Date header, formatted once a second rather than once a message."""
-    return formatdate(second, localtime=True)
-
-
-@functools.lru_cache(maxsize=8)
-def _sender_header(sender):
-    return formataddr(parseaddr(sender), charset='utf-8')
-
-
-class _Sender:
+class Sender:
     """`send(email, meanwhile=None)` delivers one email or raises a DeliveryFailure. `meanwhile` is
     optional work (preparing the caller's next message) to do while waiting for the way out; a sender
     that has no such wait ignores it, and the work is then done when that message is sent."""
@@ -143,16 +109,28 @@ class _Sender:
         pass
 
 
-class SmtpSender(_Sender):
-    """One SMTP connection, reused for many messages. We drive the MAIL, RCPT and DATA commands through
-    smtplib ourselves rather than Flask-Mail's Connection.send: that one reconnects after MAIL_MAX_EMAILS
-    *after* a message was accepted, and a failed reconnect there would make an accepted message look failed
-    (and be sent again). Flask-Mail also opens its socket without a time-out, so a silent server would
-    hang cron forever.
+@functools.lru_cache(maxsize=4)
+def tls_context(ca_file, verify):
+    """Certificates checked against the system's CA store (or `ca_file`, for a private CA) and the host
+    name, as a browser would: smtplib's own default checks nothing, so anyone on the path to the relay
+    would read MAIL_PASSWORD and every email, admins' sign-in links included."""
+    context = ssl.create_default_context(cafile=ca_file or None)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class SmtpSender(Sender):
+    """One SMTP connection, reused for many messages. It is opened here rather than by Flask-Mail (whose
+    settings it uses): with a verified TLS context, and with a time-out of its own, never the
+    process-wide socket default that threads opening connections at the same moment would trample.
 
     Rather than smtplib's sendmail, each command is sent and its reply read in two steps, so that the
     caller's `meanwhile()` runs in between: while the server works on the command, the caller prepares
-    its next message. That time is otherwise spent idle on both sides (bench/interleaved.py)."""
+    its next message. The reply to the final dot is awaited for MAIL_DATA_TIMEOUT (RFC 5321 4.5.3.2.6:
+    10 minutes), not the command time-out: a server may scan a message that long before taking it, and
+    giving up sooner would only turn a delivery into an unknown."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -165,16 +143,21 @@ class SmtpSender(_Sender):
         return f'SMTP {self.state.server}:{self.state.port}'
 
     def _connect(self):
-        previous = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(self.config['MAIL_TIMEOUT'])
+        state, timeout = self.state, self.config['MAIL_TIMEOUT']
+        context = tls_context(self.config['MAIL_TLS_CA_FILE'], self.config['MAIL_TLS_VERIFY'])
         try:
-            self.smtp = flask_mail.Connection(self.state).configure_host()
-            self.smtp.ehlo_or_helo_if_needed()
+            if state.use_ssl:
+                smtp = smtplib.SMTP_SSL(state.server, state.port, timeout=timeout, context=context)
+            else:
+                smtp = smtplib.SMTP(state.server, state.port, timeout=timeout)
+                if state.use_tls:
+                    smtp.starttls(context=context)
+            if state.username and state.password:
+                smtp.login(state.username, state.password)
+            smtp.ehlo_or_helo_if_needed()
         except (OSError, smtplib.SMTPException) as exc:
             raise TransportFailure(f'cannot connect to {self.describe()}: {exc}') from exc
-        finally:
-            socket.setdefaulttimeout(previous)
-        self.sent_on_connection = 0
+        self.smtp, self.sent_on_connection = smtp, 0
 
     def send(self, email, meanwhile=None):
         """:param meanwhile: called while each command waits for its reply; it must not raise."""
@@ -182,7 +165,7 @@ class SmtpSender(_Sender):
         if self.smtp is None:
             self._connect()
         meanwhile = meanwhile or (lambda: None)
-        smtp = self.smtp
+        smtp, data_went = self.smtp, False
         try:
             smtp.putcmd('MAIL', f'FROM:<{self.envelope_from}>')
             # RFC 5321 4.5.2: a line that starts with a period gets another; a lone period ends the data.
@@ -201,13 +184,24 @@ class SmtpSender(_Sender):
             if code != 354:
                 smtp.rset()
                 raise self._failure(code, reply, email)
-            smtp.send(data)
-            code, reply = self._reply(meanwhile)
+            smtp.send(data)  # sendall: if it raises, the final dot did not (all) go
+            data_went = True
+            code, reply = self._final_reply(meanwhile)
             if code != 250:
                 raise self._failure(code, reply, email)
+        except DeliveryFailure:
+            raise
         except (smtplib.SMTPException, OSError) as exc:
             self.close()
+            if data_went:
+                raise OutcomeUnknown(f'{self.describe()}: no answer after the end of the data: '
+                                     f'{exc or type(exc).__name__}') from exc
             raise TransportFailure(f'{self.describe()}: {exc or type(exc).__name__}') from exc
+        except BaseException as exc:
+            self.close()  # mid-conversation, in a state nobody can vouch for
+            if data_went:
+                raise OutcomeUnknown(f'unexpected error after the end of the data went out: {exc!r}') from exc
+            raise
         self.sent_on_connection += 1
         if self.state.max_emails and self.sent_on_connection >= self.state.max_emails:
             self.close()  # the next send reconnects
@@ -215,6 +209,13 @@ class SmtpSender(_Sender):
     def _reply(self, meanwhile):
         meanwhile()
         return self.smtp.getreply()
+
+    def _final_reply(self, meanwhile):
+        meanwhile()
+        self.smtp.sock.settimeout(self.config['MAIL_DATA_TIMEOUT'])
+        code, reply = self.smtp.getreply()  # on a time-out or hang-up it closes and raises
+        self.smtp.sock.settimeout(self.config['MAIL_TIMEOUT'])
+        return code, reply
 
     def _failure(self, code, reply, email):
         text = f'{code} {reply.decode(errors="replace") if isinstance(reply, bytes) else reply}'
@@ -234,8 +235,10 @@ class SmtpSender(_Sender):
             self.smtp = None
 
 
-class SendGridSender(_Sender):
-    """The SendGrid v3 Web API: one HTTPS request per message, through the `sendgrid` package."""
+class SendGridSender(Sender):
+    """The SendGrid v3 Web API: one HTTPS request per message, through the `sendgrid` package. urllib
+    wraps in URLError only what fails while the request is being sent; a failure after that, while
+    waiting for the answer, leaves the message possibly sent."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -245,7 +248,7 @@ class SendGridSender(_Sender):
         return f'SendGrid API {self.config["SENDGRID_API_URL"]}'
 
     def send(self, email, meanwhile=None):
-        refuse_unsendable(email)
+        email.refuse_unsendable()
         name, address = parseaddr(self.config['MAIL_DEFAULT_SENDER'])
         message = Mail(from_email=From(address, name or None), to_emails=email.recipient,
                        subject=email.subject, plain_text_content=email.text, html_content=email.html)
@@ -257,16 +260,21 @@ class SendGridSender(_Sender):
             text = f'{exc.status_code} {exc.body!r}'
             if exc.status_code in (401, 403):
                 raise TransportFailure(f'{self.describe()} refused the API key: {text}') from exc
-            if exc.status_code == 429 or exc.status_code >= 500:
+            if exc.status_code in (429, 503):  # turned away before any work: too many requests, or down
                 raise TemporaryFailure(f'{email.recipient}: {text}') from exc
+            if exc.status_code >= 500:  # "an error occurred while SendGrid processed it": maybe after sending
+                raise OutcomeUnknown(f'{self.describe()} answered {text} while processing it') from exc
             raise PermanentFailure(f'{email.recipient}: {text}') from exc
-        except (urllib.error.URLError, OSError) as exc:
-            raise TransportFailure(f'{self.describe()}: {exc}') from exc
+        except urllib.error.URLError as exc:
+            raise TransportFailure(f'{self.describe()}: {exc.reason}') from exc
+        except (OSError, http.client.HTTPException) as exc:
+            raise OutcomeUnknown(f'{self.describe()}: no answer to the request: {exc or type(exc).__name__}') from exc
 
 
-class FolderSender(_Sender):
+class FolderSender(Sender):
     """The embedded default: each message becomes an .eml file, so a new install shows exactly what it
-    would have sent without an SMTP server or an API key."""
+    would have sent without an SMTP server or an API key. Written under a temporary name and renamed, so
+    a file either is there whole or not at all."""
 
     def describe(self):
         return f'folder {self.config["MAIL_FOLDER"]}'
@@ -278,47 +286,39 @@ class FolderSender(_Sender):
         path = folder / f'{utcnow():%Y%m%dT%H%M%S.%f}-{name}.eml'
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(payload)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix='.writing-', delete=False) as file:
+                file.write(payload)
+            os.replace(file.name, path)
         except OSError as exc:
             raise TransportFailure(f'cannot write {path}: {exc}') from exc
         log.info('mail to %s written to %s', email.recipient, path)
 
 
 class SenderPool:
-    """`concurrency` connections of the configured way out, each owned by one thread of a fixed pool:
-    messages go out in parallel without a thread per message. `submit(fn, *args)` runs
-    `fn(sender, *args)` on some connection and returns its Future.
+    """`size` connections of the configured way out, each owned by one thread of a fixed pool: messages
+    go out in parallel without a thread per message. `submit(fn, *args)` runs `fn(sender, *args)` on
+    some connection and returns its Future.
 
     With one connection the pool is `inline`: `submit` runs on the caller's thread. A lone sending
-    thread gains nothing from overlapping with the caller and loses to it on the GIL (bench/drip.py:
-    0.62 -> 0.66-0.68 of the transport limit at 10,000, 0.71 -> 0.72 at 100,000 on PostgreSQL). Once the way out is down
-    (TransportFailure) an inline pool runs nothing more and hands back cancelled Futures, as the
-    threaded one cancels what has not started."""
+    thread gains nothing from overlapping with the caller and loses to it on the GIL (bench/README.md)."""
 
-    def __init__(self, concurrency):
+    def __init__(self, size):
         app = current_app._get_current_object()
+        self.size, self.inline = size, size == 1
         self.local, self.senders, self.lock = threading.local(), [], threading.Lock()
         self.limiter = rate_limiter()
-        self.inline, self.down = concurrency == 1, False
         # Each pool thread keeps an app context for its lifetime: senders read the app's settings.
         self.executor = None if self.inline else ThreadPoolExecutor(
-            concurrency, thread_name_prefix='sender', initializer=lambda: app.app_context().push())
-
-    def describe(self):
-        return open_sender().describe()
+            size, thread_name_prefix='sender', initializer=lambda: app.app_context().push())
 
     def submit(self, fn, *args):
         if not self.inline:
             return self.executor.submit(self._call, fn, *args)
         future = Future()
-        if self.down:
-            future.cancel()
-            future.set_running_or_notify_cancel()  # what an executor does: wait() counts it done only then
-            return future
+        future.set_running_or_notify_cancel()
         try:
             future.set_result(self._call(fn, *args))
         except Exception as exc:  # handed to the caller through the Future, as a pool thread would
-            self.down = isinstance(exc, TransportFailure)
             future.set_exception(exc)
         return future
 
@@ -348,7 +348,10 @@ class _Paced:
         self.sender, self.limiter = sender, limiter
 
     def send(self, email, meanwhile=None):
-        self.limiter.acquire()
+        try:
+            self.limiter.acquire()
+        except Exception as exc:  # its Redis down or silent: the infrastructure, not this subscriber
+            raise TransportFailure(f'the rate limiter is unavailable: {exc!r}') from exc
         return self.sender.send(email, meanwhile)
 
     def close(self):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 os.environ['FLASK_SKIP_DOTENV'] = '1'  # before config is imported: a developer's .env must not leak in
@@ -14,9 +15,11 @@ import pytest  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
 from app import create_app, db  # noqa: E402
-from app.models import Client, utcnow  # noqa: E402
+from app.ledger import ledger, mailing_named  # noqa: E402
+from app.models import Client, Delivery, utcnow  # noqa: E402
 from config import Config  # noqa: E402
 from tests.support.sendgrid import SendGridStandIn  # noqa: E402
+from tests.support.silent import SilentServer  # noqa: E402
 from tests.support.smtp import MailSink  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,6 +111,13 @@ def smtp():
 
 
 @pytest.fixture
+def silent_server():
+    server = SilentServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def sendgrid_api():
     stand_in = SendGridStandIn().start()
     yield stand_in
@@ -179,24 +189,49 @@ def subscribers(app):
 @pytest.fixture
 def flask_command(settings):
     """Run `flask ...` as a real process, configured from the environment as cron would run it."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(('MAIL_', 'SEND', 'DATABASE'))}
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(('MAIL_', 'SEND', 'DATABASE', 'REDIS', 'RQ_'))}
+    passed = ('SECRET_KEY', 'BASE_URL', 'MAIL_SERVER', 'MAIL_PORT', 'MAIL_DEFAULT_SENDER', 'MAIL_RETRY_BACKOFF',
+              'MAIL_TRANSPORT', 'MAIL_FOLDER', 'SEND_BATCH_SIZE', 'LEASE_SECONDS', 'REDIS_URL', 'RQ_QUEUE')
+    env.update({name: str(settings[name]) for name in passed if settings.get(name) is not None})
     env.update({
         'FLASK_SKIP_DOTENV': '1', 'INSTANCE_PATH': settings['INSTANCE_PATH'],
-        'DATABASE_URL': settings['SQLALCHEMY_DATABASE_URI'],
-        'SECRET_KEY': settings['SECRET_KEY'], 'BASE_URL': settings['BASE_URL'],
-        'MAIL_SERVER': settings['MAIL_SERVER'], 'MAIL_PORT': str(settings['MAIL_PORT']),
-        'MAIL_DEFAULT_SENDER': settings['MAIL_DEFAULT_SENDER'],
-        'MAIL_RETRY_BACKOFF': str(settings['MAIL_RETRY_BACKOFF']),
-        'SEND_BATCH_SIZE': str(settings['SEND_BATCH_SIZE']), 'LEASE_SECONDS': str(settings['LEASE_SECONDS']),
-        'JOB_WORKER': 'off', 'EMAIL_CHECK_DELIVERABILITY': 'false',
+        'DATABASE_URL': settings['SQLALCHEMY_DATABASE_URI'], 'JOB_WORKER': 'off', 'EMAIL_CHECK_DELIVERABILITY': 'false',
         'MAIL_CONCURRENCY': str(settings.get('MAIL_CONCURRENCY', 1)),
-        'REDIS_URL': settings.get('REDIS_URL') or '', 'RQ_QUEUE': settings.get('RQ_QUEUE', 'newsletter'),
     })
 
     def start(*args, stdout=subprocess.PIPE, **extra_env):
         return subprocess.Popen([sys.executable, '-m', 'flask', '--app', 'main', *args], cwd=ROOT,
                                 env={**env, **extra_env}, stdout=stdout, stderr=subprocess.PIPE, text=True)
     return start
+
+
+@pytest.fixture
+def promise_kept(app, smtp):
+    """Check the product's promise for one mailing, whatever happened on the way: every subscriber in
+    `emails` received it exactly once, but those recorded unknown (at most once) and failed (never);
+    nobody else received it; and its ledger balances. :return: {status: [email]}"""
+    def check(mailing_key, emails):
+        prefix = (f'<newsletter.{mailing_key}.' if mailing_key.startswith('week')
+                  else f'<broadcast.{mailing_key.removeprefix("broadcast")}.')
+        with app.app_context():
+            statuses = dict(db.session.execute(
+                sa.select(Client.email, Delivery.status).join(Client, Client.id == Delivery.client_id)
+                .where(Delivery.mailing == mailing_key)).all())
+            account = ledger(mailing_named(mailing_key))
+        with smtp.lock:
+            received = Counter(m['To'] for m in smtp.messages if m['Message-ID'].startswith(prefix))
+        allowed = {'sent': {1}, 'unknown': {0, 1}, 'failed': {0}}
+        wrong = {email: (statuses.get(email), received[email]) for email in emails
+                 if received[email] not in allowed.get(statuses.get(email), {0})}
+        assert not wrong, f'{mailing_key}: (recorded as, received) that break the promise: {wrong}'
+        assert set(received) <= set(emails), f'{mailing_key} went to others: {set(received) - set(emails)}'
+        assert account.balances, account
+        by_status = {}
+        for email in emails:
+            by_status.setdefault(statuses.get(email), []).append(email)
+        return by_status
+    return check
 
 
 def csrf_token(client, url):

@@ -161,7 +161,7 @@ def test_subscribers_who_confirm_after_a_broadcast_started_do_not_get_it(app, sm
     assert Counter(smtp.recipients()) == Counter(emails)
 
 
-def test_a_broadcast_resumes_after_its_worker_is_killed(app, smtp, subscribers, flask_command):
+def test_a_broadcast_resumes_after_its_worker_is_killed(app, smtp, subscribers, flask_command, promise_kept):
     emails = subscribers(60)
     broadcast_id = schedule(app)
     make_due_now(app)
@@ -178,12 +178,11 @@ def test_a_broadcast_resumes_after_its_worker_is_killed(app, smtp, subscribers, 
 
     out, err = flask_command('worker', '--once').communicate(timeout=120)
 
-    received = Counter(smtp.recipients())
-    assert set(received) == set(emails), (out, err)
-    assert sum(received.values()) - len(emails) <= 10, 'only the batch in flight at the kill may repeat'
-    assert state(app, broadcast_id) == ('sent', {'sent': 60})
-    with app.app_context():
-        assert db.session.scalar(sa.select(sa.func.count(Delivery.id))) == 60
+    outcome = promise_kept(f'broadcast{broadcast_id}', emails)
+    unknown = outcome.get('unknown', [])
+    assert len(unknown) <= 2, 'at this pace, each message is marked on its own'
+    expected = {'sent': 60 - len(unknown), **({'unknown': len(unknown)} if unknown else {})}
+    assert state(app, broadcast_id) == ('sent', expected), (out, err)
 
 
 def test_flask_broadcast_previews_schedules_lists_and_cancels(app, runner, tmp_path):
@@ -201,7 +200,7 @@ def test_flask_broadcast_previews_schedules_lists_and_cancels(app, runner, tmp_p
     assert '2031-12-01 09:00 Europe/Paris (2031-12-01 08:00 UTC)' in created.output
 
     listed = runner.invoke(args=['broadcast', 'list'])
-    assert 'scheduled\t2031-12-01 09:00 Europe/Paris\tsent 0, failed 0\tWinter sale' in listed.output
+    assert 'scheduled\t2031-12-01 09:00 Europe/Paris\tsent 0, failed 0, unknown 0, deferred 0\tWinter sale' in listed.output
 
     assert runner.invoke(args=['broadcast', 'cancel', '1']).exit_code == 0
     again = runner.invoke(args=['broadcast', 'cancel', '1'])

@@ -199,7 +199,8 @@ def test_two_workers_racing_for_one_job_run_it_once(app, smtp, flask_command):
     assert sorted(out for out, _ in outputs) == ['jobs: ran 0\n', 'jobs: ran 1\n']
 
 
-def test_a_job_whose_worker_is_killed_mid_job_is_finished_by_another(app, smtp, subscribers, flask_command):
+def test_a_job_whose_worker_is_killed_mid_job_is_finished_by_another(app, smtp, subscribers, flask_command,
+                                                                     promise_kept):
     emails = subscribers(60)
     with app.app_context():
         send_stage.apply(stage='week1')
@@ -219,11 +220,9 @@ def test_a_job_whose_worker_is_killed_mid_job_is_finished_by_another(app, smtp, 
 
     [job] = jobs(app)
     assert job.status == 'done' and job.attempts == 2, (out, err, job.error)
-    received = Counter(smtp.recipients())
-    assert set(received) == set(emails)
-    assert sum(received.values()) - len(emails) <= 10, 'only the batch in flight at the kill may repeat'
-    with app.app_context():
-        assert Counter(db.session.scalars(sa.select(Delivery.status))) == {'sent': 60}
+    outcome = promise_kept('week1', emails)
+    assert len(outcome['sent']) + len(outcome.get('unknown', [])) == 60
+    assert len(outcome.get('unknown', [])) <= 2, 'at this pace, each message is marked on its own'
 
 
 def test_with_the_rq_backend_a_job_handed_to_rq_twice_still_runs_once(settings, redis_server, request, smtp,

@@ -32,11 +32,11 @@ def rows_examined(statements):
 
 
 def fill_send_log(sent, expired):
-    """As a send does: every subscriber claimed ('sending'), then all but `expired` of them sent."""
+    """As a send does: every subscriber claimed, then all but `expired` of them sent."""
     db.session.execute(sa.insert(Client), [{'email': f'reader{n}@example.com'} for n in range(sent + expired)])
     ids = db.session.scalars(sa.select(Client.id).order_by(Client.id)).all()
     db.session.execute(sa.insert(Delivery), [
-        {'client_id': client_id, 'mailing': 'week1', 'status': 'sending', 'claimed_by': 'a dead run',
+        {'client_id': client_id, 'mailing': 'week1', 'status': 'claimed', 'claimed_by': 'a dead run',
          'lease_until': utcnow() - timedelta(minutes=1)} for client_id in ids])
     db.session.commit()
     db.session.execute(sa.update(Delivery).where(Delivery.client_id.in_(ids[:sent]))
@@ -59,7 +59,7 @@ def test_a_claim_reads_the_send_log_once_even_with_statistics_from_before_it_fil
         sa.event.listen(db.engine, 'before_cursor_execute', lambda conn, cursor, statement, parameters, *args:
                         statements.append((statement, parameters)))
 
-        claimed = claim(Delivery, Delivery.mailing == 'week1', Delivery.status == 'sending',
+        claimed = claim(Delivery, Delivery.mailing == 'week1', Delivery.status == 'claimed',
                         owner='a live run', seconds=30, limit=10)
 
         assert len(claimed) == expired

@@ -71,32 +71,27 @@ def rq_settings(settings, redis_server):
 
 
 def test_four_rq_workers_send_every_subscriber_once_even_when_one_is_killed(rq_settings, request, smtp,
-                                                                            subscribers, flask_command):
+                                                                            subscribers, flask_command, promise_kept):
     app = request.getfixturevalue('app')
     emails = subscribers(120)
     smtp.delay = 0.02
-    batch = 5
 
     code, out, err = finish(flask_command('send-newsletter-email', 'week1', '--queue', '4'))
     assert code == 0 and '4 job(s) queued' in out, (out, err)
-    workers = [flask_command('rq-worker', '--burst', SEND_BATCH_SIZE=str(batch), LEASE_SECONDS='2')
-               for _ in range(4)]
+    workers = [flask_command('rq-worker', '--burst', SEND_BATCH_SIZE='5', LEASE_SECONDS='2') for _ in range(4)]
     assert smtp.wait_for(20) >= 20
     workers[0].send_signal(signal.SIGKILL)
     workers[0].communicate()
     results = [finish(worker) for worker in workers[1:]]
 
     assert all(code == 0 for code, _, _ in results), results
-    counts = Counter(smtp.recipients())
-    assert set(counts) == set(emails), 'every subscriber receives week1'
-    repeated = [email for email, n in counts.items() if n > 1]
-    assert all(counts[email] == 2 for email in repeated) and len(repeated) <= batch
-    for email in repeated:
-        first, second = smtp.received_by(email)
-        assert first['Message-ID'] == second['Message-ID']
+    outcome = promise_kept('week1', emails)
+    unknown = outcome.get('unknown', [])
+    assert len(unknown) <= 2, 'at 20 ms a message, each is marked on its own: only the one on the wire'
+    assert len(outcome['sent']) + len(unknown) == 120
     with app.app_context():
-        assert Counter(db.session.scalars(sa.select(Client.num_newsletter))) == {1: 120}
-        assert Counter(db.session.scalars(sa.select(Delivery.status))) == {'sent': 120}
+        stages = Counter(db.session.scalars(sa.select(Client.num_newsletter)))
+    assert stages == {1: 120 - len(unknown), **({0: len(unknown)} if unknown else {})}
 
 
 def test_queueing_without_redis_is_a_clear_error(runner, subscribers):
@@ -106,7 +101,9 @@ def test_queueing_without_redis_is_a_clear_error(runner, subscribers):
 
 
 def test_a_run_starting_part_way_comes_back_round_for_everyone_before_its_start(app, smtp, subscribers):
-    from app.newsletter import DripStage, MailingSend, spread_starts
+    from app.drip import DripStage
+    from app.sendlog import spread_starts
+    from app.sending import MailingSend
     from app.transports import SenderPool
     emails = subscribers(35)
 

@@ -52,7 +52,8 @@ def test_a_schedule_fires_once_per_due_time_with_three_workers_and_not_again_aft
     outputs = [worker.communicate(timeout=120) for worker in workers]
 
     [job] = jobs(app)
-    assert job.task == 'send_stage' and job.payload == {'stage': 'week1'} and job.status == 'done', outputs
+    assert job.task == 'send_stage' and job.payload == {'stage': 'week1', 'trigger': 'schedule'}, outputs
+    assert job.status == 'done', outputs
     assert job.unique_key.startswith('schedule:week1:') and job.unique_key.endswith(':00Z')
     assert Counter(smtp.recipients()) == Counter(emails), 'everyone once'
 

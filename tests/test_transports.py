@@ -39,9 +39,10 @@ class TestSendGrid:
         assert headers['List-Unsubscribe-Post'] == 'List-Unsubscribe=One-Click'
         assert headers['Message-ID'].startswith('<newsletter.week1.')
 
-    def test_a_refused_address_fails_alone_and_a_server_error_is_retried(self, app, runner, sendgrid_api, subscribers):
+    def test_a_refused_address_fails_alone_and_a_request_turned_away_is_retried(self, app, runner, sendgrid_api,
+                                                                                subscribers):
         subscribers(3)
-        sendgrid_api.answers = {'reader0@example.com': [400], 'reader1@example.com': [500, 503]}
+        sendgrid_api.answers = {'reader0@example.com': [400], 'reader1@example.com': [429, 503]}
 
         result = runner.invoke(args=['send-newsletter-email', 'week1'])
 
@@ -49,6 +50,36 @@ class TestSendGrid:
         assert 'sent 2, skipped 0, failed 1' in result.output and 'reader0@example.com: 400' in result.output
         delivered = [r['body']['personalizations'][0]['to'][0]['email'] for r in sendgrid_api.requests]
         assert delivered == ['reader0@example.com'] + ['reader1@example.com'] * 3 + ['reader2@example.com']
+
+    @pytest.mark.parametrize('answer', [500, 'hang up', 'slow'])
+    def test_a_request_that_went_out_without_a_clear_answer_is_unknown_and_not_sent_again(
+            self, app, runner, sendgrid_api, subscribers, answer):
+        # 500: "an error occurred while SendGrid processed it"; or the whole request went out and the
+        # connection closed, or the answer took longer than MAIL_TIMEOUT: any of them may have sent it.
+        app.config['MAIL_TIMEOUT'] = 1
+        subscribers(3)
+        sendgrid_api.answers = {'reader1@example.com': [answer]}
+
+        result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+        assert result.exit_code == 1
+        assert 'sent 2, skipped 0, failed 0, unknown 1' in result.output and 'unknown: reader1@example.com' in result.output
+        delivered = [r['body']['personalizations'][0]['to'][0]['email'] for r in sendgrid_api.requests]
+        assert delivered.count('reader1@example.com') == 1, 'not retried'
+        with app.app_context():
+            assert db.session.scalar(sa.select(Delivery.status).join(Client)
+                                     .where(Client.email == 'reader1@example.com')) == 'unknown'
+
+    def test_an_api_that_cannot_be_reached_stops_the_run_and_loses_nothing(self, app, runner, sendgrid_api,
+                                                                          subscribers):
+        subscribers(3)
+        sendgrid_api.stop()
+
+        result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+        assert result.exit_code == 1 and 'Connection refused' in result.output
+        with app.app_context():
+            assert db.session.scalars(sa.select(Delivery)).all() == []
 
     def test_a_rejected_api_key_stops_the_run_and_loses_nothing(self, app, runner, sendgrid_api, subscribers):
         emails = subscribers(3)
@@ -65,7 +96,7 @@ class TestSendGrid:
 class TestMailFolder:
     @pytest.fixture
     def settings(self, settings):
-        settings.update(MAIL_SERVER=None)
+        settings.update(MAIL_SERVER=None, MAIL_TRANSPORT='folder')
         return settings
 
     def test_without_mail_settings_each_message_is_an_eml_file(self, app, runner, smtp, subscribers):
@@ -83,7 +114,7 @@ class TestMailFolder:
 
 def test_a_message_is_well_formed_mime_with_crlf_lines_and_survives_a_round_trip(app):
     from app.email import Email
-    from app.transports import mime_message
+    from app.email import mime_message
 
     text = 'Grüße, Zoë!\nA line with = and trailing space \n' + 'long ' * 100 + '\r\n.\nend'
     html = '<p>Ünïcode & <b>bold</b></p>' + '<span>x</span>' * 200

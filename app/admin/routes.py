@@ -9,7 +9,7 @@ from app import broadcasts, db, login
 from app.admin import bp
 from app.admin.forms import BroadcastForm
 from app.models import Broadcast, Client, Job, utcnow
-from app.newsletter import available_stages
+from app.drip import available_stages
 from app.tasks import send_stage
 
 

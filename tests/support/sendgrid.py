@@ -1,14 +1,21 @@
 """A local HTTP server standing in for the SendGrid v3 API: it records each request and answers as
-SendGrid does (202, or the status a test asks for)."""
+SendGrid does (202, or the status a test asks for), or, once it has the whole request, hangs up or
+takes longer to answer than the client waits."""
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class SendGridStandIn:
+    HANG_UP, SLOW = 'hang up', 'slow'
+
     def __init__(self):
         self.requests = []
-        self.answers = {}  # recipient address -> list of HTTP statuses to answer, in turn (then 202)
+        # recipient address -> what to answer, in turn (then 202): an HTTP status, HANG_UP, or SLOW (202
+        # after `slow_seconds`)
+        self.answers = {}
+        self.slow_seconds = 3.0
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -18,6 +25,12 @@ class SendGridStandIn:
                 recipient = body['personalizations'][0]['to'][0]['email']
                 planned = stand_in.answers.get(recipient)
                 status = planned.pop(0) if planned else 202
+                if status == stand_in.HANG_UP:
+                    self.close_connection = True
+                    return
+                if status == stand_in.SLOW:
+                    time.sleep(stand_in.slow_seconds)
+                    status = 202
                 self.send_response(status)
                 self.send_header('Content-Type', 'application/json')
                 reply = b'' if status == 202 else json.dumps({'errors': [{'message': 'refused'}]}).encode()

@@ -1,6 +1,11 @@
-"""A real SMTP server on 127.0.0.1 (aiosmtpd) that records what it accepts and can be told to
-misbehave the ways real servers do: refuse an address for good, refuse it for now, drop the
-connection, or take its time."""
+"""A real SMTP server on 127.0.0.1 (aiosmtpd) that records what it takes and misbehaves, per recipient,
+the ways real servers do: refuse an address for good or for now (greylisting), hang up before the
+end of the data, take a message and then hang up or fall silent instead of answering, or take its time
+answering. It can offer STARTTLS (or speak TLS from the first byte) with a certificate of the test's
+choosing.
+
+A message counts as delivered (`messages`) once the server has taken it, whatever the client then
+hears: exactly what a receiving server does when the connection drops after the final dot."""
 import asyncio
 import socket
 import threading
@@ -17,20 +22,27 @@ def free_port():
 
 
 class MailSink:
-    def __init__(self):
+    # What to do once a message's data is in, for `after_dot`: take it and hang up without a word; take
+    # it and never answer; or refuse it for now (451). A number: take it, answer 250 that many seconds later.
+    DROP, SILENT, REFUSE_FOR_NOW = 'drop', 'silent', 'refuse-for-now'
+
+    def __init__(self, tls_context=None, implicit_tls=False):
         self.messages = []
         self.lock = threading.Lock()
-        self.refuse_for_good = {}  # address -> SMTP reply
-        self.refuse_for_now = {}  # address -> how many more times to answer 451
-        self.drops = 0  # how many DATA commands to answer by hanging up
+        self.refuse_for_good = {}  # address -> SMTP reply, at RCPT
+        self.refuse_for_now = {}  # address -> how many more times to answer 451 at RCPT (greylisting)
+        self.hang_up_at_rcpt = {}  # address -> how many more times to hang up at RCPT: nothing taken
+        self.after_dot = {}  # address -> [what to do once its data is in, one per attempt; the last stays]
         self.delay = 0.0  # seconds to take over each message
         self.connections = 0
         self.port = free_port()
+        self.tls_context, self.implicit_tls = tls_context, implicit_tls
         self.controller = None
 
     def start(self):
         """Listen on the port (again, after stop(): a server back from an outage)."""
-        self.controller = Controller(self, hostname='127.0.0.1', port=self.port)
+        tls = {'ssl_context': self.tls_context} if self.implicit_tls else {'tls_context': self.tls_context}
+        self.controller = Controller(self, hostname='127.0.0.1', port=self.port, **tls)
         self.controller.start()
         return self
 
@@ -51,23 +63,37 @@ class MailSink:
                 return self.refuse_for_good[address]
             if self.refuse_for_now.get(address, 0) > 0:
                 self.refuse_for_now[address] -= 1
-                return '451 4.3.0 Mailbox busy, try again later'
+                return '451 4.7.1 Greylisted, try again later'
+            if self.hang_up_at_rcpt.get(address, 0) > 0:
+                self.hang_up_at_rcpt[address] -= 1
+                server.transport.close()
+                return '421 4.4.2 Closing'
         envelope.rcpt_tos.append(address)
         return '250 OK'
 
     async def handle_DATA(self, server, session, envelope):
-        with self.lock:
-            drop = self.drops > 0
-            self.drops -= drop
-        if drop:
-            server.transport.close()
-            return '421 4.4.2 Connection dropped'
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        action = self._after_dot(envelope.rcpt_tos[0])
+        if action == self.REFUSE_FOR_NOW:
+            return '451 4.3.0 Not now'
         message = message_from_bytes(envelope.content, policy=policy.default)
         with self.lock:
             self.messages.append(message)
+        if action == self.DROP:
+            server.transport.close()
+        elif action == self.SILENT:
+            await asyncio.sleep(3600)
+        elif action is not None:
+            await asyncio.sleep(action)
+        if self.delay:
+            await asyncio.sleep(self.delay)
         return '250 2.0.0 Accepted'
+
+    def _after_dot(self, address):
+        with self.lock:
+            plan = self.after_dot.get(address)
+            if not isinstance(plan, list):
+                return plan
+            return plan.pop(0) if len(plan) > 1 else plan[0]
 
     def received_by(self, address):
         with self.lock:

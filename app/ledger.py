@@ -1,0 +1,111 @@
+"""The ledger of one mailing, as an admin reads it: whom it is for (its audience), and where each of
+them stands: sent, failed, unknown, deferred, or pending (due and not yet sent, or being sent right
+now). The audience is counted from the subscribers' own records, not from the send log, so a gap
+between the two (a stage recorded sent to someone it did not move on, a subscriber moved past a stage
+nobody recorded sending) shows as counts that do not balance, with the reason, instead of being
+trusted away."""
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from app import db
+from app.broadcasts import BroadcastMailing
+from app.drip import STAGE_NAME, DripStage
+from app.models import Broadcast, Client, Delivery, DeliveryStatus
+from app.sendlog import count_due, iter_due
+
+STATES = ('sent', 'failed', 'unknown', 'deferred', 'pending')
+
+
+@dataclass(frozen=True)
+class Ledger:
+    mailing: str
+    audience: int
+    sent: int
+    failed: int
+    unknown: int
+    deferred: int
+    pending: int
+    in_flight: int  # of the pending: claimed or being sent right now
+    mismatches: tuple = ()  # what does not add up, in words
+
+    @property
+    def accounted(self):
+        return self.sent + self.failed + self.unknown + self.deferred + self.pending
+
+    @property
+    def balances(self):
+        return self.audience == self.accounted and not self.mismatches
+
+
+def mailing_named(key):
+    """'week2' or 'broadcast7' as a Mailing, or None if there is no such mailing."""
+    if STAGE_NAME.fullmatch(key):
+        return DripStage(key)
+    if key.startswith('broadcast') and key[len('broadcast'):].isdigit():
+        broadcast = db.session.get(Broadcast, int(key[len('broadcast'):]))
+        return BroadcastMailing.of(broadcast) if broadcast else None
+    return None
+
+
+def ledger(mailing):
+    """:return: the Ledger of `mailing` as it stands now."""
+    rows = dict(db.session.execute(sa.select(Delivery.status, sa.func.count()).where(Delivery.mailing == mailing.key)
+                                   .group_by(Delivery.status)).all())
+    in_flight = sum(rows.get(status, 0) for status in DeliveryStatus.held())
+    counts = {state: rows.get(state, 0) for state in STATES[:-1]}
+    due = count_due(mailing)
+    if isinstance(mailing, DripStage):
+        audience, mismatches = _drip_audience(mailing)
+    else:
+        audience = sum(rows.values()) + due
+        mismatches = _broadcast_mismatches(mailing, due + in_flight + counts['deferred'])
+    return Ledger(mailing.key, audience, **counts, pending=due + in_flight, in_flight=in_flight,
+                  mismatches=tuple(mismatches))
+
+
+def _drip_audience(stage):
+    """Those who reached the stage, and those one stage before it who are due it or have a row for it."""
+    logged = sa.exists(sa.select(Delivery.id).where(Delivery.client_id == Client.id, Delivery.mailing == stage.key))
+    before, reached = Client.num_newsletter == stage.number - 1, Client.num_newsletter >= stage.number
+    audience = db.session.scalar(sa.select(sa.func.count(Client.id)).where(
+        sa.or_(reached, sa.and_(before, sa.or_(logged, sa.and_(*stage.conditions()))))))
+
+    def count_rows(*conditions):
+        return db.session.scalar(sa.select(sa.func.count(Delivery.id)).join(Client, Client.id == Delivery.client_id)
+                                 .where(Delivery.mailing == stage.key, *conditions))
+    mismatches = []
+    if n := count_rows(Delivery.status == DeliveryStatus.SENT, ~reached):
+        mismatches.append(f'{n} recorded sent but not moved on to {stage.key}: they would never get the next stage')
+    if n := count_rows(Delivery.status != DeliveryStatus.SENT, reached):
+        mismatches.append(f'{n} moved on past {stage.key} although it is not recorded sent to them')
+    if n := db.session.scalar(sa.select(sa.func.count(Client.id)).where(reached, ~logged)):
+        mismatches.append(f'{n} past {stage.key} with no record of it (imported at a later stage, or sent before '
+                          'the send log)')
+    return audience, mismatches
+
+
+def _broadcast_mismatches(mailing, unfinished):
+    status = db.session.scalar(sa.select(Broadcast.status).where(Broadcast.id == mailing.id))
+    if status == 'sent' and unfinished:
+        return [f'marked sent while {unfinished} are still pending or deferred']
+    return []
+
+
+def members(mailing, state):
+    """Who is in `state` (one of STATES), by subscriber id: [(email, detail)]."""
+    if state == 'pending':
+        held = db.session.execute(
+            sa.select(Client.email, Delivery.status).join(Client, Client.id == Delivery.client_id)
+            .where(Delivery.mailing == mailing.key, Delivery.status.in_(DeliveryStatus.held()))
+            .order_by(Client.id)).all()
+        return [(email, f'{status} by a run now') for email, status in held] + \
+               [(recipient.email, 'due') for recipient in iter_due(mailing)]
+    rows = db.session.execute(
+        sa.select(Client.email, Delivery.error, Delivery.next_attempt_at, Delivery.attempts)
+        .join(Client, Client.id == Delivery.client_id)
+        .where(Delivery.mailing == mailing.key, Delivery.status == state).order_by(Client.id)).all()
+    if state == 'deferred':
+        return [(email, f'next attempt {retry:%Y-%m-%d %H:%M:%S} UTC, {attempts} so far: {error}')
+                for email, error, retry, attempts in rows]
+    return [(email, error or '') for email, error, _, _ in rows]

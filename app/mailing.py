@@ -1,0 +1,42 @@
+"""What the send (app/sending.py) needs of a mailing, whatever it is: a drip stage (app/drip.py) or a
+broadcast (app/broadcasts.py). A mailing is a frozen value: the send reads it from several threads at
+once, so nothing about it may change, or be loaded lazily from the database, while it goes out."""
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import sqlalchemy as sa
+
+from app.email import Email
+
+
+@dataclass(frozen=True)
+class Recipient:
+    client_id: int
+    email: str
+
+
+PREVIEW_RECIPIENT = Recipient(0, 'preview@example.com')
+
+
+class Mailing(Protocol):
+    key: str
+    """Its name in the send log (`deliveries.mailing`): 'week1', 'broadcast7'."""
+
+    def conditions(self) -> tuple[sa.ColumnElement[bool], ...]:
+        """Conditions on Client for whom it is due (the send log then leaves out those who have a row)."""
+
+    def message_id(self, recipient: Recipient) -> str:
+        """Made from mailing and subscriber, never from the moment: a repeat is recognisably the same."""
+
+    def compose(self, recipient: Recipient) -> Email:
+        """One subscriber's copy, with their unsubscribe link and headers."""
+
+    def advance(self, client_ids) -> sa.Executable | None:
+        """What sending it to `client_ids` changes besides the send log (a drip stage moves them on)."""
+
+
+def address_digest(email):
+    """Part of a Message-ID: ties it to the address, so a subscriber row reused for another address
+    never repeats an ID."""
+    return hashlib.sha256(email.encode()).hexdigest()[:10]
