@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from app.email import make_message_id, render_email
 from app.links import list_unsubscribe_headers, unsubscribe_url
 from app.mailing import address_digest
-from app.models import Client, among, greeting_name
+from app.models import Client, greeting_name
 
 STAGES_DIR = Path(__file__).parent / 'templates' / 'emails' / 'newsletter'
 STAGE_NAME = re.compile(r'week([1-9][0-9]*)')
@@ -54,5 +54,5 @@ class DripStage:
         """From N-1 to N only: a subscriber moved on by anything else in the meantime is left alone, so
         a stage can never be recorded as sent to someone the drip then skips past or sends back."""
         clients = Client.__table__
-        return (sa.update(clients).where(among(clients.c.id, client_ids), clients.c.num_newsletter == self.number - 1)
+        return (sa.update(clients).where(clients.c.id.in_(client_ids), clients.c.num_newsletter == self.number - 1)
                 .values(num_newsletter=self.number))

@@ -26,7 +26,7 @@ class Ledger:
     unknown: int
     deferred: int
     pending: int
-    in_flight: int  # of the pending: claimed or being sent right now
+    in_flight: int  # of the pending: claimed by a run right now
     mismatches: tuple = ()  # what does not add up, in words
 
     @property
@@ -52,7 +52,7 @@ def ledger(mailing):
     """:return: the Ledger of `mailing` as it stands now."""
     rows = dict(db.session.execute(sa.select(Delivery.status, sa.func.count()).where(Delivery.mailing == mailing.key)
                                    .group_by(Delivery.status)).all())
-    in_flight = sum(rows.get(status, 0) for status in DeliveryStatus.held())
+    in_flight = rows.get(DeliveryStatus.CLAIMED, 0)
     counts = {state: rows.get(state, 0) for state in STATES[:-1]}
     due = count_due(mailing)
     if isinstance(mailing, DripStage):
@@ -95,11 +95,11 @@ def _broadcast_mismatches(mailing, unfinished):
 def members(mailing, state):
     """Who is in `state` (one of STATES), by subscriber id: [(email, detail)]."""
     if state == 'pending':
-        held = db.session.execute(
-            sa.select(Client.email, Delivery.status).join(Client, Client.id == Delivery.client_id)
-            .where(Delivery.mailing == mailing.key, Delivery.status.in_(DeliveryStatus.held()))
+        held = db.session.scalars(
+            sa.select(Client.email).join(Client, Client.id == Delivery.client_id)
+            .where(Delivery.mailing == mailing.key, Delivery.status == DeliveryStatus.CLAIMED)
             .order_by(Client.id)).all()
-        return [(email, f'{status} by a run now') for email, status in held] + \
+        return [(email, 'claimed by a run now') for email in held] + \
                [(recipient.email, 'due') for recipient in iter_due(mailing)]
     rows = db.session.execute(
         sa.select(Client.email, Delivery.error, Delivery.next_attempt_at, Delivery.attempts)

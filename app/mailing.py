@@ -32,8 +32,9 @@ class Mailing(Protocol):
     def compose(self, recipient: Recipient) -> Email:
         """One subscriber's copy, with their unsubscribe link and headers."""
 
-    def advance(self, client_ids) -> sa.Executable | None:
-        """What sending it to `client_ids` changes besides the send log (a drip stage moves them on)."""
+    def advance(self, client_ids) -> sa.Update | None:
+        """What sending it to `client_ids` (an SQL expression: a parameter, or a subquery) changes besides
+        the send log: a drip stage moves them on."""
 
 
 def address_digest(email):

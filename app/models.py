@@ -23,28 +23,49 @@ def insert_ignoring_conflicts(model, unique_columns):
     return insert(model).on_conflict_do_nothing(index_elements=unique_columns)
 
 
-def values_table(rows, **columns):
-    """`rows` (tuples) as a table with `columns` (name=type), sent as one parameter per column, or one in
-    all, however many rows: a drip batch claims 100 subscribers in one INSERT ... SELECT from it. As 100
-    VALUES rows the claim had 800 placeholders, and psycopg parses placeholders in Python: that cost
-    more than the insert itself. On PostgreSQL each column is an array (unnest); on SQLite the rows are
-    one JSON array (json_each)."""
-    names = list(columns)
-    if db.engine.dialect.name == 'postgresql':
-        arrays = (sa.bindparam(f'{name}_values', [row[i] for row in rows], type_=postgresql.ARRAY(type_))
-                  for i, (name, type_) in enumerate(columns.items()))
-        table = sa.func.unnest(*arrays).table_valued(*names).render_derived()
-        return sa.select(*table.c).subquery()
-    table = sa.func.json_each(sa.bindparam('rows_json', json.dumps(rows))).table_valued('value')
-    return sa.select(*(sa.type_coerce(sa.func.json_extract(table.c.value, f'$[{i}]'), type_).label(name)
-                       for i, (name, type_) in enumerate(columns.items()))).subquery()
+class RowsParameter:
+    """Rows (tuples) as a table with `columns` (name=type) in a statement that is built once and run many
+    times, each time with `params(rows)`: one parameter per column on PostgreSQL (arrays, unnest), one
+    in all on SQLite (a JSON array, json_each), however many rows. A drip batch claims 100 subscribers
+    in one INSERT ... SELECT from it; as 100 VALUES rows the claim had 800 placeholders, and psycopg
+    parses placeholders in Python: that cost more than the insert itself. And built anew for each run,
+    a statement costs SQLAlchemy more than the database takes to run it (bench/README.md)."""
+
+    def __init__(self, name, **columns):
+        self.name, self.columns = name, columns
+        # An array is of one type: psycopg refuses [120, 0.5] for a float column.
+        self.python_types = [sa.types.to_instance(type_).python_type for type_ in columns.values()]
+        if db.engine.dialect.name == 'postgresql':
+            self.arrays = {column: sa.bindparam(f'{name}_{column}', type_=postgresql.ARRAY(type_))
+                           for column, type_ in columns.items()}
+            table = sa.func.unnest(*self.arrays.values()).table_valued(*columns).render_derived()
+            self.table = sa.select(*table.c).subquery()
+        else:
+            table = sa.func.json_each(sa.bindparam(f'{name}_json')).table_valued('value')
+            self.table = sa.select(*(sa.type_coerce(sa.func.json_extract(table.c.value, f'$[{i}]'), type_).label(column)
+                                     for i, (column, type_) in enumerate(columns.items()))).subquery()
+        self.c = self.table.c
+
+    def holds(self, key, column):
+        """`key IN` this table's `column`: on PostgreSQL as `= ANY` of its array, which the planner can use
+        to fetch those rows by index however wrong its statistics, where a join may scan them all."""
+        if db.engine.dialect.name == 'postgresql':
+            return key == sa.any_(self.arrays[column])
+        return key.in_(sa.select(self.c[column]))
+
+    def params(self, rows):
+        if db.engine.dialect.name == 'postgresql':
+            return {f'{self.name}_{column}': [None if row[i] is None else python_type(row[i]) for row in rows]
+                    for i, (column, python_type) in enumerate(zip(self.columns, self.python_types, strict=True))}
+        return {f'{self.name}_json': json.dumps(rows)}
 
 
-def among(column, values):
-    """`column IN values`, as one array parameter on PostgreSQL, for the reason values_table gives."""
+def among(column, name):
+    """`column IN :name`, its values given when the statement runs: one array parameter on PostgreSQL,
+    for the reason RowsParameter gives."""
     if db.engine.dialect.name == 'postgresql':
-        return column == sa.any_(sa.bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
-    return column.in_(values)
+        return column == sa.any_(sa.bindparam(name, type_=postgresql.ARRAY(column.type)))
+    return column.in_(sa.bindparam(name, expanding=True))
 
 
 def greeting_name(email):
@@ -80,50 +101,41 @@ class DeliveryStatus(enum.StrEnum):
     """Where one subscriber's copy of one mailing stands. Every move, and the only module that makes
     them (app/sendlog.py), method by method:
 
-        (due)            -> claimed    claim: a run reserves the subscriber, under a lease
-        deferred         -> claimed    claim_deferred: its next attempt has come
-        claimed          -> claimed    take_over: its run died before sending it
-        claimed          -> sending    checkpoint: just before its data goes out; from here on it may arrive
-        sending          -> sent | failed | deferred | unknown    checkpoint: the answer, or its absence
-        sending          -> unknown    take_over: its run died or stalled past its lease while sending it
-        claimed, sending -> (due) or deferred    release: nothing of it went out, the run stopped first
-        deferred         -> failed     claim_deferred: deferred for longer than MAIL_GIVE_UP_AFTER
-        failed, unknown  -> deferred   requeue: an admin asks for it to be sent again
+        (due)     -> claimed    claim: a run reserves the subscriber (its run's row is the lease)
+        deferred  -> claimed    claim_deferred: its next attempt has come
+        claimed   -> sent | failed | deferred | unknown    checkpoint: the answer, or its absence
+        claimed   -> unknown    take_over: its run died (or stalled past its lease) while sending it
+        claimed   -> claimed    take_over: its run died before sending it; another run takes it on
+        claimed   -> (due) or deferred    release: nothing of it went out, the run stopped first
+        deferred  -> failed     claim_deferred: deferred for longer than MAIL_GIVE_UP_AFTER
+        failed, unknown -> deferred   requeue: an admin asks for it to be sent again
     """
     CLAIMED = 'claimed'
-    SENDING = 'sending'
     SENT = 'sent'
     FAILED = 'failed'  # refused for good, or deferred for too long
     DEFERRED = 'deferred'  # refused for now; tried again from next_attempt_at
     UNKNOWN = 'unknown'  # may have arrived; never sent again unless an admin asks
 
-    @classmethod
-    def held(cls):
-        """The states in which a run owns the row (claimed_by, lease_until)."""
-        return cls.CLAIMED, cls.SENDING
-
 
 class Delivery(db.Model):
     """One row per subscriber and mailing (a drip stage such as 'week1', or a broadcast such as
     'broadcast7'): the ledger of who got what, and the guard that makes every send at most once. The
-    unique (client_id, mailing) pair is claimed before anything goes out, and the row is marked
-    'sending' before the message's data does (DeliveryStatus has every move)."""
+    unique (client_id, mailing) pair is claimed before anything goes out (DeliveryStatus has every move)."""
     __tablename__ = 'deliveries'
     __table_args__ = (
         sa.UniqueConstraint('client_id', 'mailing', name='uq_deliveries_client_mailing'),
-        # Only unfinished rows are indexed by mailing: a full (mailing) index tempts PostgreSQL, with
-        # stale statistics, into rescanning a mailing's whole send log for every subscriber it checks.
-        sa.Index('ix_deliveries_unfinished', 'mailing',
-                 postgresql_where=sa.text("status IN ('claimed', 'sending', 'deferred')"),
-                 sqlite_where=sa.text("status IN ('claimed', 'sending', 'deferred')")),
+        # Deferred rows are found by their next attempt. A delivery moves twice in a send, and an index
+        # on its status would keep an entry for each move until the next vacuum: PostgreSQL, planning on
+        # statistics from before the send, walked those dead entries at every step, more each time.
+        sa.Index('ix_deliveries_retries', 'next_attempt_at', postgresql_where=sa.text('next_attempt_at IS NOT NULL'),
+                 sqlite_where=sa.text('next_attempt_at IS NOT NULL')),
     )
 
     id: so.Mapped[int] = so.mapped_column(primary_key=True)
     client_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey('clients.id', ondelete='CASCADE'))
     mailing: so.Mapped[str] = so.mapped_column(sa.String(40))
     status: so.Mapped[str] = so.mapped_column(sa.String(10))  # a DeliveryStatus
-    claimed_by: so.Mapped[str | None] = so.mapped_column(sa.String(32))
-    lease_until: so.Mapped[datetime | None]
+    claimed_by: so.Mapped[str | None] = so.mapped_column(sa.String(32))  # the owner of the SendRun holding it
     attempts: so.Mapped[int] = so.mapped_column(default=0)  # answers had from the way out, retries included
     message_id: so.Mapped[str | None] = so.mapped_column(sa.String(255))
     error: so.Mapped[str | None] = so.mapped_column(sa.Text)  # the latest answer that was not a success
@@ -137,17 +149,23 @@ class Delivery(db.Model):
 
 
 class SendRun(db.Model):
-    """One run of one mailing (a cron command, a job, an RQ worker): where its mail went and how it
+    """One run of one mailing (a cron command, a job, an RQ worker): its lease on the deliveries it has
+    claimed, which of them it is sending right now, and, once over, where its mail went and how it
     ended. Admins see every run; and a database that has sent real mail refuses, from then on, to have
     its mailings written into the local folder by a process that lacks the mail settings."""
     __tablename__ = 'send_runs'
 
     id: so.Mapped[int] = so.mapped_column(primary_key=True)
     mailing: so.Mapped[str] = so.mapped_column(sa.String(40))
-    trigger: so.Mapped[str] = so.mapped_column(sa.String(20))  # cli, schedule, admin, job, rq
-    via: so.Mapped[str] = so.mapped_column(sa.String(255))  # the way out, as Sender.describe() says it
+    trigger: so.Mapped[str] = so.mapped_column(sa.String(20))  # cli, schedule, admin, retry, broadcast, rq
+    via: so.Mapped[str] = so.mapped_column(sa.String(255))  # the way out, as describe_transport() says it
+    owner: so.Mapped[str] = so.mapped_column(sa.String(32), unique=True)  # Delivery.claimed_by of its claims
+    lease_until: so.Mapped[datetime | None]  # while it runs: renewed by its heartbeat
+    sending_from: so.Mapped[int | None]  # the ids of the claimed deliveries whose data may be going out now
+    sending_to: so.Mapped[int | None]
+    taken_over_at: so.Mapped[datetime | None]  # its lease ran out, and another run took its claims on
     started_at: so.Mapped[datetime] = so.mapped_column(default=utcnow)
-    finished_at: so.Mapped[datetime | None]  # None: still running, or killed
+    finished_at: so.Mapped[datetime | None]  # None: running, or killed
     sent: so.Mapped[int] = so.mapped_column(default=0)
     failed: so.Mapped[int] = so.mapped_column(default=0)
     unknown: so.Mapped[int] = so.mapped_column(default=0)

@@ -9,16 +9,17 @@ How it keeps its promises, in the order the code below does things:
    the send log (app/sendlog.py): their row for the mailing, unique per subscriber and mailing, is
    inserted and committed. Of two runs racing for a subscriber (cron fired twice, an admin by hand
    while cron runs), one wins the insert and the other skips them.
-2. Claims a live run cannot lose. Claims are leases (LEASE_SECONDS) on the database's clock, renewed
-   by a heartbeat thread every third of a lease whatever the SMTP conversation is doing, and every
-   write the run makes is conditional on still holding the row. A run that was frozen past its lease
-   and finds a claim gone stops.
-3. Never twice, whatever dies. Before a message's data goes out its row is marked 'sending', in one
-   commit for up to SEND_RECORD_EVERY messages that also records the outcomes that came in since the
-   last. A run killed at any moment leaves its rows behind; once their lease has run out the next run
-   makes each 'sending' one 'unknown' (it may have arrived) and sends the merely claimed ones. So a
-   kill repeats nothing, and leaves at most SEND_RECORD_EVERY (or MAIL_CONCURRENCY, if more) messages,
-   plus one per connection, unknown; over a slow link, just the ones on the wire (GROUP_SECONDS).
+2. Claims a live run cannot lose. The run's own row is the lease on all its claims (LEASE_SECONDS, on
+   the database's clock), renewed by a heartbeat thread every third of a lease whatever the SMTP
+   conversation is doing, and every write the run makes is conditional on its row not having been
+   taken over. A run that was frozen past its lease, and was taken over, finds out and stops.
+3. Never twice, whatever dies. Before a group of messages' data goes out, the run's row says which
+   deliveries it is sending, in one commit (for up to SEND_RECORD_EVERY messages) that also records
+   the outcomes that came in since the last. A run killed at any moment leaves that behind; once its
+   lease has run out, the next run makes the deliveries it was sending 'unknown' (they may have
+   arrived) and sends its other claims. So a kill repeats nothing, and leaves at most SEND_RECORD_EVERY
+   (or MAIL_CONCURRENCY, if more) messages, plus one per connection, unknown; over a slow link, just
+   the ones on the wire (GROUP_SECONDS).
 4. The answer decides (sort_outcome): sent; failed, for a permanent refusal; deferred, for a temporary
    one that outlasts MAIL_RETRIES, tried again from its next attempt time until MAIL_GIVE_UP_AFTER;
    unknown, when the message's end went out and no answer came: never sent again unless an admin asks.
@@ -49,7 +50,7 @@ from app import db
 from app.failures import OutcomeUnknown, PermanentFailure, TemporaryFailure, TransportFailure
 from app.leases import Heartbeat
 from app.mailing import PREVIEW_RECIPIENT
-from app.models import DeliveryStatus, SendRun, utcnow
+from app.models import DeliveryStatus, SendRun
 from app.sendlog import (
     Found,
     Outcome,
@@ -62,9 +63,9 @@ from app.sendlog import (
 from app.transports import SenderPool, describe_transport, mail_transport, retry_delay
 
 UNKNOWN_IN_A_ROW_STOPS = 3
-# Messages are marked 'sending' in groups that take about this long to go out, SEND_RECORD_EVERY at most:
-# at loopback speed that keeps commits few, and over a slow link each message is marked on its own, so a
-# kill leaves only the one on the wire unknown.
+# Messages are declared as going out in groups that take about this long to send, SEND_RECORD_EVERY at
+# most: at loopback speed that keeps commits few, and over a slow link each message is declared on its
+# own, so a kill leaves only the one on the wire unknown.
 GROUP_SECONDS = 0.02
 LONGEST_DEFERRAL = 3600  # seconds between two attempts at a deferred message, at most (Postfix: 4000)
 
@@ -110,23 +111,8 @@ def send(mailing, trigger, **options):
     sends. `trigger` (cli, schedule, admin, job, rq) is kept with the run; `options` go to MailingSend.
     :return: the Report.  :raise TemplateError, jinja2.TemplateError: it cannot be composed at all (nothing
     was claimed)."""
-    report = Report(mailing.key, via=describe_transport())
-    run = SendRun(mailing=mailing.key, trigger=trigger, via=report.via)
-    db.session.add(run)
-    db.session.flush()
-    run_id = run.id
-    db.session.commit()
-    if refusal := _folder_refusal():
-        report.aborted = refusal
-    else:
-        with _tuned_for_sending(), SenderPool(current_app.config['MAIL_CONCURRENCY']) as pool:
-            MailingSend(mailing, pool, report=report, **options).run()
-    db.session.execute(sa.update(SendRun).where(SendRun.id == run_id).values(
-        finished_at=utcnow(), sent=report.sent, failed=len(report.failed), unknown=len(report.unknown),
-        deferred=len(report.deferred), skipped=report.skipped,
-        stopped=report.aborted or ('asked to stop' if report.stopped else None)))
-    db.session.commit()
-    return report
+    with _tuned_for_sending(), SenderPool(current_app.config['MAIL_CONCURRENCY']) as pool:
+        return MailingSend(mailing, pool, trigger, **options).run()
 
 
 def _folder_refusal():
@@ -213,29 +199,37 @@ def sort_outcome(outgoing, exc, answers):
 
 
 class MailingSend:
-    """One run of one mailing over a SenderPool; `run()` fills in and returns its Report. For display,
-    `on_batch(report)` is called after each batch is recorded, and `on_wait(held, seconds)` when the run
-    waits for other runs' claims. `should_stop()`, asked after each batch, ends the run early.
-    `start_after` (a subscriber id) spreads parallel runs over the list; `deferred_only` sends only the
-    deferred deliveries whose time has come."""
+    """One run of one mailing over a SenderPool; `run()` returns its Report. For display, `on_batch(report)`
+    is called after each batch is recorded, and `on_wait(held, seconds)` when the run waits for other
+    runs' claims. `should_stop()`, asked after each batch, ends the run early. `start_after` (a
+    subscriber id) spreads parallel runs over the list; `deferred_only` sends only the deferred
+    deliveries whose time has come."""
 
-    def __init__(self, mailing, pool, report=None, on_batch=None, on_wait=None, start_after=0, deferred_only=False,
+    def __init__(self, mailing, pool, trigger, on_batch=None, on_wait=None, start_after=0, deferred_only=False,
                  should_stop=None):
         config = current_app.config
-        self.mailing, self.pool = mailing, pool
-        self.report = report or Report(mailing.key, via=describe_transport())
+        self.mailing, self.pool, self.trigger = mailing, pool, trigger
+        self.report = Report(mailing.key, via=describe_transport())
         self.on_batch = on_batch or (lambda report: None)
         self.should_stop = should_stop or (lambda: False)
         self.log = SendLog(mailing)
         self.claimer = _Claimer(self.log, config['SEND_BATCH_SIZE'], start_after, deferred_only,
                                 on_wait or (lambda held, seconds: None))
         self.record_every, self.retries = max(config['SEND_RECORD_EVERY'], 1), config['MAIL_RETRIES']
-        self.unknown_in_a_row, self.answered, self.sending_since = 0, 0, None
+        self.unknown_in_a_row, self.pace = 0, None  # seconds a message takes on the wire, lately
 
     def run(self):
         check_templates(self.mailing)
+        self.log.start(self.trigger, self.report.via)
+        if refusal := _folder_refusal():
+            self.report.aborted = refusal
+            self.log.finish(self.report)
+            return self.report
         refresh_planner_statistics()
         self.report.due = count_due(self.mailing, with_retries=True)
+        # Left open, even a read's transaction holds back PostgreSQL's clean-up of the rows this run
+        # changes, and each of its statements then walks more dead row versions than the last.
+        db.session.commit()
         try:
             with Heartbeat(self.log.renew, self.log.lease / 3, name='send-heartbeat'), \
                     ThreadPoolExecutor(1, thread_name_prefix='claims') as claims:
@@ -253,13 +247,14 @@ class MailingSend:
                         break
                     batch = self._take(upcoming) or self._take(self._claim_on(claims, wait=True))
         except sa.exc.SQLAlchemyError as exc:
-            # What this run holds stays claimed or 'sending' until its lease runs out: then the next run
-            # sends the one and makes the other 'unknown', exactly as if this run had been killed.
+            # What this run holds stays claimed until its lease runs out: then the next run makes what it
+            # was sending 'unknown' and sends the rest, exactly as if this run had been killed.
             self.report.aborted = f'stopped: the database failed: {exc}'
         finally:
             self.log.close()
         with contextlib.suppress(sa.exc.SQLAlchemyError):
             self.report.retry_at = next_retry(self.mailing)
+            self.log.finish(self.report)
         return self.report
 
     def _claim_on(self, claims, wait):
@@ -280,48 +275,58 @@ class MailingSend:
         return [Outgoing(self.mailing, claimed) for claimed in found.claimed]
 
     def _send(self, batch):
-        """Send a claimed batch: mark up to record_every of it 'sending' in one commit (with the outcomes
-        that came in since the last), send those, and so on; keep the pool's connections busy; release
-        what is left unsent when the run must stop."""
-        waiting, marked, in_flight = deque(batch), deque(), {}
+        """Send a claimed batch (in the order of its delivery ids): declare up to record_every of it as
+        going out, in one commit with the outcomes that came in since the last, send those, and so on;
+        keep the pool's connections busy; release what is left unsent when the run must stop."""
+        waiting, declared, in_flight = deque(batch), deque(), {}
         outcomes, releases = [], []
-        while waiting or marked or in_flight:
-            if not marked and waiting and not self.report.aborted:
+        while waiting or declared or in_flight:
+            if not declared and waiting and not self.report.aborted:
                 group = [waiting.popleft() for _ in range(min(self._group_size(), len(waiting)))]
-                held = self._checkpoint(outcomes, releases, sending=[outgoing.delivery_id for outgoing in group])
+                if self._checkpoint(outcomes, releases, sending=[outgoing.delivery_id for outgoing in group]):
+                    declared.extend(group)
+                else:
+                    waiting.extendleft(reversed(group))
                 outcomes, releases = [], []
-                marked.extend(outgoing for outgoing in group if outgoing.delivery_id in held)
-                if len(held) < len(group):
-                    self.report.aborted = ('stopped: another run took over claims of this one (it was stalled for '
-                                           'longer than LEASE_SECONDS)')
-            while marked and len(in_flight) < self.pool.size and not self.report.aborted:
-                self.sending_since = self.sending_since or time.monotonic()
-                outgoing = marked.popleft()
-                successor = (marked[0] if marked else waiting[0] if waiting else None) if self.pool.inline else None
+            while declared and len(in_flight) < self.pool.size and not self.report.aborted:
+                outgoing = declared.popleft()
+                successor = (declared[0] if declared else waiting[0] if waiting else None) if self.pool.inline else None
                 in_flight[self.pool.submit(self._send_one, outgoing, successor)] = outgoing
             if not in_flight:
                 break
             done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
                 del in_flight[future]
-                self.answered += 1
-                outcome, stop = future.result()
+                outcome, stop, seconds = future.result()
+                self._keep_pace(seconds)
                 (releases if outcome.status is None else outcomes).append(outcome)
                 self._judge(outcome, stop)
-        releases += [outgoing.outcome(None) for outgoing in (*marked, *waiting)]
+        releases += [outgoing.outcome(None) for outgoing in (*declared, *waiting)]
         self._checkpoint(outcomes, releases)
 
     def _group_size(self):
-        """How many messages to mark 'sending' in one commit: as many as go out in GROUP_SECONDS at this
-        run's pace so far, but enough to keep every connection busy."""
-        if not self.answered:
+        """How many messages to declare as going out in one commit: as many as the way out takes in
+        GROUP_SECONDS, but enough to keep every connection busy."""
+        if self.pace is None:
             return self.pool.size
-        pace = (time.monotonic() - self.sending_since) / self.answered
-        return max(self.pool.size, min(self.record_every, int(GROUP_SECONDS / pace)))
+        per_message = self.pace / self.pool.size
+        return max(self.pool.size, min(self.record_every, int(GROUP_SECONDS / per_message) if per_message else
+                                       self.record_every))
+
+    def _keep_pace(self, seconds):
+        """The time messages take on the wire lately (not counting the commits, which would shrink the
+        groups as they slowed the run), each counting for at most GROUP_SECONDS: one message held up (a
+        retry's back-off, the process paused) must not shrink the groups for the rest of the run."""
+        seconds = min(seconds, GROUP_SECONDS)
+        self.pace = seconds if self.pace is None else 0.9 * self.pace + 0.1 * seconds
 
     def _checkpoint(self, outcomes, releases, sending=()):
-        """SendLog.checkpoint, and the report kept from what it recorded.  :return: the ids marked sending."""
-        recorded, marked = self.log.checkpoint(outcomes, sending, [outcome.delivery_id for outcome in releases])
+        """SendLog.checkpoint, and the report kept from what it recorded.  :return: whether the run still
+        holds its claims, and so may send `sending`."""
+        recorded, held = self.log.checkpoint(outcomes, sending, [outcome.delivery_id for outcome in releases])
+        if not held:
+            self.report.aborted = ('stopped: another run took this one over (it was stalled for longer than '
+                                   'LEASE_SECONDS); what it was sending is recorded unknown')
         lost = 0
         for outcome in outcomes:
             status = recorded.get(outcome.delivery_id)
@@ -332,11 +337,10 @@ class MailingSend:
             else:
                 {DeliveryStatus.FAILED: self.report.failed, DeliveryStatus.UNKNOWN: self.report.unknown,
                  DeliveryStatus.DEFERRED: self.report.deferred}[status].append((outcome.recipient.email, outcome.error))
-        if lost:
-            self.report.aborted = (f'stopped: {lost} outcome(s) could not be recorded, another run took over '
-                                   'their claims (this one was stalled for longer than LEASE_SECONDS): their '
-                                   'subscribers are recorded unknown')
-        return marked
+        if lost and not self.report.aborted:
+            self.report.aborted = (f'stopped: {lost} outcome(s) could not be recorded, another run took this one '
+                                   'over (it was stalled for longer than LEASE_SECONDS): they are recorded unknown')
+        return held
 
     def _judge(self, outcome, stop):
         """Whether an outcome stops the run (see 4 in the module docstring)."""
@@ -349,7 +353,11 @@ class MailingSend:
 
     def _send_one(self, sender, outgoing, successor):
         """Runs on a pool thread, which must not touch the database, or inline.
-        :return: (Outcome, why the run must stop, or None)"""
+        :return: (Outcome, why the run must stop or None, seconds it took)"""
+        started = time.monotonic()
+        return *self._try_to_send(sender, outgoing, successor), time.monotonic() - started
+
+    def _try_to_send(self, sender, outgoing, successor):
         answers = 0
         try:
             try:
@@ -401,7 +409,7 @@ class _Claimer:
                     self.due_done = True
                 continue
             if not (wait and self.looked):  # right after looking, a waiting call waits first
-                for found in (self.log.claim_deferred(self.batch_size), self.log.take_over(self.batch_size)):
+                for found in (self.log.claim_deferred(self.batch_size), self.log.take_over()):
                     unknown, failed = unknown + found.unknown, failed + found.failed
                     if found.claimed:
                         self.looked = False

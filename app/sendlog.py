@@ -1,12 +1,19 @@
-"""The send log: `deliveries`, one row per subscriber and mailing, and the only module that writes it.
-Each SendLog method is one of the moves DeliveryStatus lists, made by one run of one mailing, and
-every one of them is conditional on the row still being in the state it moves from and, while a run
-holds it, on the run still owning it: a run that stalled past its lease can neither send nor record
-what another run has taken over since.
+"""The send log: `deliveries`, one row per subscriber and mailing, and `send_runs`, one row per run of
+a mailing; the only module that writes them.
 
-Which thread calls what: the claims (claim, claim_deferred, take_over, held_by_others) on the send's
-claims thread, the checkpoint on the sending thread (through a connection of its own), renew on the
-heartbeat. The object itself holds nothing that changes, but that connection.
+A run's row is its lease (`lease_until`, on the database's clock, renewed by a heartbeat) and says
+which of its claimed deliveries it is sending right now (`sending_from` to `sending_to`, delivery
+ids): written, with the outcomes that came in since, before any of those messages' data goes out. A
+run whose lease has run out is taken over by the next: the deliveries in its sending range may have
+arrived and become 'unknown'; its other claims pass to the run that took it over. Taking a run over
+marks its row, and every write a run makes is conditional on its row not being marked so and on the
+delivery still being claimed by it: a run that stalled past its lease can neither send nor record
+what another has taken over since, and finds out.
+
+Each SendLog method is one of the moves DeliveryStatus lists. Which thread calls what: start, the
+checkpoint and finish on the sending thread (the checkpoint through a connection of its own), the
+claims (claim, claim_deferred, take_over, held_by_others) on the send's claims thread, renew on the
+heartbeat. The object itself holds nothing that changes but that connection.
 
 Also here, because they are questions about the send log: who is due a mailing, and an admin's
 "send it again" (requeue)."""
@@ -16,12 +23,12 @@ import sqlalchemy as sa
 from flask import current_app
 
 from app import db
-from app.leases import claim, db_later, db_now, new_owner, renew
+from app.leases import db_later, db_now, new_owner
 from app.mailing import Recipient
-from app.models import Client, Delivery, among, insert_ignoring_conflicts, utcnow, values_table
+from app.models import Client, Delivery, RowsParameter, SendRun, among, insert_ignoring_conflicts
 from app.models import DeliveryStatus as Status
 
-TAKEN_OVER = ('the run sending it stopped (killed, or stalled past its lease) before the answer came: '
+TAKEN_OVER = ('the run sending it stopped (killed, or stalled past its lease) before its answer came: '
               'it may have arrived')
 
 
@@ -134,33 +141,150 @@ def requeue(mailing_key, statuses, client_ids=None):
 
 
 class SendLog:
-    """The send log as one run of `mailing` writes it."""
+    """The send log as one run of `mailing` writes it. Its frequent statements are built once, here:
+    SQLAlchemy takes longer to build and key a statement like these than the database takes to run it."""
 
     def __init__(self, mailing):
         config = current_app.config
-        self.mailing, self.owner = mailing, new_owner()
+        self.mailing, self.owner, self.run_id = mailing, new_owner(), None
         self.lease, self.give_up_after = config['LEASE_SECONDS'], config['MAIL_GIVE_UP_AFTER']
         self.connection = None
+        deliveries, runs, now = Delivery.__table__, SendRun.__table__, db_now()
+        mine = (deliveries.c.claimed_by == self.owner, deliveries.c.status == Status.CLAIMED)
+
+        self.wanted = RowsParameter('wanted', client_id=sa.Integer, message_id=sa.String)
+        claims = sa.select(self.wanted.c.client_id, self.wanted.c.message_id, sa.literal(mailing.key),
+                           sa.literal(Status.CLAIMED.value), sa.literal(self.owner), now, now, sa.literal(0))
+        self.claim_statement = (
+            insert_ignoring_conflicts(deliveries, ['client_id', 'mailing'])
+            .from_select(['client_id', 'message_id', 'mailing', 'status', 'claimed_by', 'created_at', 'updated_at',
+                          'attempts'], claims.where(sa.true()))  # SQLite parses ON CONFLICT only after a WHERE
+            .returning(deliveries.c.client_id, deliveries.c.id))
+
+        # The run's row, renewed, with the range of deliveries about to be sent; nothing if taken over.
+        self.keep_statement = (
+            sa.update(runs).where(runs.c.owner == self.owner, runs.c.taken_over_at.is_(None))
+            .values(lease_until=db_later(self.lease), sending_from=sa.bindparam('sending_from'),
+                    sending_to=sa.bindparam('sending_to'))
+            .returning(runs.c.id))
+        self.given = RowsParameter('given', id=sa.Integer, status=sa.String, answers=sa.Integer, error=sa.String,
+                                   retry_after=sa.Float)
+        given, deferred = self.given.c, self.given.c.status == Status.DEFERRED.value
+        self.record_statement = (
+            sa.update(deliveries).where(self.given.holds(deliveries.c.id, 'id'), deliveries.c.id == given.id, *mine)
+            .values(status=given.status, attempts=deliveries.c.attempts + given.answers, error=given.error,
+                    sent_at=sa.case((given.status == Status.SENT.value, now)),
+                    next_attempt_at=sa.case((deferred, db_later(given.retry_after))),
+                    deferred_since=sa.case((deferred, sa.func.coalesce(deliveries.c.deferred_since, now))),
+                    updated_at=now, claimed_by=None)
+            .returning(deliveries.c.id, deliveries.c.client_id, deliveries.c.status))
+        if db.engine.dialect.name == 'postgresql':
+            # The whole checkpoint in one statement, one round trip, its own transaction.
+            kept, recorded = self.keep_statement.cte('kept'), self.record_statement.cte('recorded')
+            self.checkpoint_statement = sa.union_all(sa.select(kept.c.id, sa.literal(None, sa.String)),
+                                                     sa.select(recorded.c.id, recorded.c.status))
+            sent = sa.select(recorded.c.client_id).where(recorded.c.status == Status.SENT.value)
+            if (advance := mailing.advance(sent)) is not None:
+                self.checkpoint_statement = self.checkpoint_statement.add_cte(advance.cte('advanced'))
+        else:
+            self.advance_statement = mailing.advance(sa.bindparam('client_ids', expanding=True))
+        self.release_statements = (
+            sa.delete(deliveries).where(among(deliveries.c.id, 'ids'), *mine, deliveries.c.attempts == 0),
+            sa.update(deliveries).where(among(deliveries.c.id, 'ids'), *mine)
+            .values(status=Status.DEFERRED, claimed_by=None, updated_at=now,
+                    next_attempt_at=sa.func.coalesce(deliveries.c.next_attempt_at, now),
+                    deferred_since=sa.func.coalesce(deliveries.c.deferred_since, now)))
+
+    # On the sending thread.
+
+    def start(self, trigger, via):
+        """The run's row, and with it its lease."""
+        self.run_id = db.session.execute(
+            sa.insert(SendRun).values(mailing=self.mailing.key, trigger=trigger, via=via, owner=self.owner,
+                                      lease_until=db_later(self.lease), started_at=db_now())
+            .returning(SendRun.id)).scalar_one()
+        db.session.commit()
+
+    def checkpoint(self, outcomes=(), sending=(), release=()):
+        """In one commit: the run's row renewed with `sending` (claimed delivery ids, in order), about to
+        go out; claimed -> each outcome's status (a drip stage moving its sent subscribers on); release
+        `release`.  :return: ({delivery id: status} of the outcomes recorded, whether the run still holds
+        its claims). An outcome missing from the first was on a delivery that was taken over."""
+        connection = self._connection()
+        given = self.given.params([(o.delivery_id, o.status.value, o.answers, o.error, o.retry_after) for o in outcomes])
+        range_ = {'sending_from': min(sending, default=None), 'sending_to': max(sending, default=None)}
+        if db.engine.dialect.name == 'postgresql':
+            moved = connection.execute(self.checkpoint_statement, {**given, **range_}).all()
+        else:
+            moved = [(run_id, None) for run_id in connection.execute(self.keep_statement, range_).scalars()]
+            if outcomes:
+                rows = connection.execute(self.record_statement, given).all()
+                moved += [(delivery_id, status) for delivery_id, _, status in rows]
+                sent = [client_id for _, client_id, status in rows if status == Status.SENT]
+                if sent and self.advance_statement is not None:
+                    connection.execute(self.advance_statement, {'client_ids': sent})
+        if release:
+            self._release(connection, release)
+        connection.commit()
+        return {delivery_id: Status(status) for delivery_id, status in moved if status}, \
+            any(status is None for _, status in moved)
+
+    def release(self, ids):
+        if ids:
+            connection = self._connection()
+            self._release(connection, ids)
+            connection.commit()
+
+    def _release(self, connection, ids):
+        """claimed -> (due), or back to deferred for a delivery tried before: nothing of these went out."""
+        for statement in self.release_statements:
+            connection.execute(statement, {'ids': list(ids)})
+
+    def finish(self, report):
+        """The run's row, as the run ended: kept for admins, and its lease given up."""
+        db.session.execute(sa.update(SendRun).where(SendRun.id == self.run_id).values(
+            finished_at=db_now(), lease_until=None, sending_from=None, sending_to=None, sent=report.sent,
+            failed=len(report.failed), unknown=len(report.unknown), deferred=len(report.deferred),
+            skipped=report.skipped, stopped=report.aborted or ('asked to stop' if report.stopped else None)))
+        db.session.commit()
+
+    def _connection(self):
+        """The checkpoint's own connection, held for the run. On PostgreSQL each statement is its own
+        transaction (autocommit), and its commit does not wait for the disk (synchronous_commit off): a
+        killed client loses nothing the server has acknowledged, and only a crash of the server itself
+        could lose the last fraction of a second of them. SQLite runs in WAL mode with synchronous=NORMAL
+        for the same reason (app/__init__.py).
+
+        Every statement on it finds its rows by primary key, and says so (enable_seqscan off, and ids as
+        `= ANY`): planned once for all (a prepared statement's generic plan) on statistics from before the
+        send filled the send log, the checkpoint otherwise scanned the whole send log each time, longer at
+        each step."""
+        if self.connection is None:
+            if db.engine.dialect.name == 'postgresql':
+                self.connection = db.engine.connect().execution_options(isolation_level='AUTOCOMMIT')
+                for setting in ('synchronous_commit TO OFF', 'enable_seqscan TO OFF'):
+                    self.connection.exec_driver_sql(f'SET {setting}')
+            else:
+                self.connection = db.engine.connect()
+        return self.connection
+
+    def close(self):
+        """Its connection is closed rather than handed back to the pool, where its setting would linger."""
+        if self.connection is not None:
+            self.connection.invalidate()
+            self.connection.close()
+            self.connection = None
 
     # On the claims thread.
 
     def claim(self, recipients):
         """(due) -> claimed. A subscriber another run claimed first is silently not ours.
         :return: [Claimed]"""
-        deliveries = Delivery.__table__
-        wanted = values_table([(r.client_id, self.mailing.message_id(r)) for r in recipients],
-                              client_id=sa.Integer, message_id=sa.String)
-        now = db_now()
-        rows = sa.select(wanted.c.client_id, wanted.c.message_id, sa.literal(self.mailing.key),
-                         sa.literal(Status.CLAIMED.value), sa.literal(self.owner), db_later(self.lease), now, now,
-                         sa.literal(0))
-        won = dict(db.session.execute(
-            insert_ignoring_conflicts(deliveries, ['client_id', 'mailing'])
-            .from_select(['client_id', 'message_id', 'mailing', 'status', 'claimed_by', 'lease_until', 'created_at',
-                          'updated_at', 'attempts'], rows.where(sa.true()))  # SQLite parses ON CONFLICT only after a WHERE
-            .returning(deliveries.c.client_id, deliveries.c.id)).all())
+        won = dict(db.session.execute(self.claim_statement, self.wanted.params(
+            [(r.client_id, self.mailing.message_id(r)) for r in recipients])).all())
         db.session.commit()
-        return [Claimed(won[r.client_id], r) for r in recipients if r.client_id in won]
+        return sorted((Claimed(won[r.client_id], r) for r in recipients if r.client_id in won),
+                      key=lambda claimed: claimed.delivery_id)
 
     def claim_deferred(self, limit):
         """deferred -> claimed, for those whose next attempt has come; deferred -> failed, for those
@@ -171,140 +295,91 @@ class SendLog:
             .values(status=Status.FAILED, next_attempt_at=None, updated_at=db_now(),
                     error=sa.literal(f'gave up after {self.give_up_after / 3600:g} h of temporary failures; the '
                                      'last: ') + sa.func.coalesce(Delivery.error, '')))
-        ids = claim(Delivery, Delivery.mailing == self.mailing.key, Delivery.status == Status.DEFERRED,
-                    Delivery.next_attempt_at <= db_now(), owner=self.owner, seconds=self.lease, limit=limit,
-                    values={'status': Status.CLAIMED, 'updated_at': db_now()})
-        return Found(self._still_due(ids), failed=failed)
+        retries = (Delivery.next_attempt_at <= db_now(), Delivery.mailing == self.mailing.key,
+                   Delivery.status == Status.DEFERRED)
+        # Two statements, so that PostgreSQL workers pass over rows another is claiming this moment (SKIP
+        # LOCKED); repeating the conditions in the UPDATE is what makes the claim safe.
+        ids = db.session.scalars(sa.select(Delivery.id).where(*retries).order_by(Delivery.id).limit(limit)
+                                 .with_for_update(skip_locked=True)).all()
+        claimed = db.session.execute(
+            sa.update(Delivery).where(Delivery.id.in_(ids), *retries)
+            .values(status=Status.CLAIMED, claimed_by=self.owner, updated_at=db_now())
+            .returning(Delivery.id, Delivery.client_id, Delivery.attempts)
+            .execution_options(synchronize_session=False)).all() if ids else []
+        db.session.commit()
+        return Found(self._still_due(claimed), failed=failed)
 
-    def take_over(self, limit):
-        """What runs that died (or stalled past their lease) left behind: sending -> unknown, for it may
-        have arrived; claimed -> claimed by this run, to send. :return: Found"""
-        unknown = self._settle(
-            sa.update(Delivery).where(Delivery.mailing == self.mailing.key, Delivery.status == Status.SENDING,
-                                      Delivery.lease_until < db_now())
-            .values(status=Status.UNKNOWN, claimed_by=None, lease_until=None, updated_at=db_now(),
-                    attempts=Delivery.attempts + 1, error=TAKEN_OVER))
-        ids = claim(Delivery, Delivery.mailing == self.mailing.key, Delivery.status == Status.CLAIMED,
-                    owner=self.owner, seconds=self.lease, limit=limit, values={'updated_at': db_now()})
-        return Found(self._still_due(ids), unknown=unknown)
+    def take_over(self):
+        """The runs of this mailing whose lease ran out (killed, or stalled past it): each marked taken
+        over, the deliveries it was sending claimed -> unknown, for they may have arrived; its other
+        claims passed to this run, to send. :return: Found"""
+        runs = SendRun.__table__
+        dead = db.session.execute(
+            sa.update(runs).where(runs.c.mailing == self.mailing.key, runs.c.finished_at.is_(None),
+                                  runs.c.taken_over_at.is_(None), runs.c.lease_until < db_now())
+            .values(taken_over_at=db_now(), stopped=f'taken over by run {self.run_id}')
+            .returning(runs.c.owner, runs.c.sending_from, runs.c.sending_to)).all()
+        unknown, claimed = [], []
+        for owner, sending_from, sending_to in dead:
+            theirs = (Delivery.mailing == self.mailing.key, Delivery.claimed_by == owner,
+                      Delivery.status == Status.CLAIMED)
+            if sending_from is not None:
+                unknown += self._settle(
+                    sa.update(Delivery).where(*theirs, Delivery.id.between(sending_from, sending_to))
+                    .values(status=Status.UNKNOWN, claimed_by=None, updated_at=db_now(),
+                            attempts=Delivery.attempts + 1, error=TAKEN_OVER), commit=False)
+            claimed += db.session.execute(
+                sa.update(Delivery).where(*theirs).values(claimed_by=self.owner)
+                .returning(Delivery.id, Delivery.client_id, Delivery.attempts)
+                .execution_options(synchronize_session=False)).all()
+        db.session.commit()
+        return Found(self._still_due(claimed), unknown=unknown)
 
-    def _settle(self, update):
-        """Run a move that ends some rows, and commit.  :return: [(email, error)] of the rows it moved."""
+    def _settle(self, update, commit=True):
+        """Run a move that ends some rows.  :return: [(email, error)] of the rows it moved."""
         moved = db.session.execute(update.returning(Delivery.client_id, Delivery.error)
                                    .execution_options(synchronize_session=False)).all()
-        db.session.commit()
+        if commit:
+            db.session.commit()
         if not moved:
             return []
         emails = dict(db.session.execute(sa.select(Client.id, Client.email)
                                          .where(Client.id.in_([client_id for client_id, _ in moved]))).all())
         return [(emails[client_id], error) for client_id, error in moved]
 
-    def _still_due(self, ids):
-        """The claimed rows whose subscriber is still due the mailing; the rest (they unsubscribed since)
-        are let go. :return: [Claimed]"""
-        if not ids:
+    def _still_due(self, claimed):
+        """Of the rows just claimed ((delivery id, client id, attempts), as the claim returned them: the
+        send log is not read again), those whose subscriber is still due the mailing, in the order of
+        their ids; the rest (they unsubscribed since) are let go. :return: [Claimed]"""
+        if not claimed:
             return []
-        rows = db.session.execute(
-            sa.select(Delivery.id, Client.id, Client.email, Delivery.attempts, sa.and_(*self.mailing.conditions()))
-            .join(Client, Client.id == Delivery.client_id).where(Delivery.id.in_(ids)).order_by(Client.id)).all()
-        gone = [delivery_id for delivery_id, _, _, _, due in rows if not due]
+        subscribers = {client_id: (email, due) for client_id, email, due in db.session.execute(
+            sa.select(Client.id, Client.email, sa.and_(*self.mailing.conditions()))
+            .where(Client.id.in_([client_id for _, client_id, _ in claimed])))}
+        gone = [delivery_id for delivery_id, client_id, _ in claimed if not subscribers[client_id][1]]
         if gone:
             db.session.execute(sa.delete(Delivery).where(Delivery.id.in_(gone), Delivery.claimed_by == self.owner))
             db.session.commit()
-        return [Claimed(delivery_id, Recipient(client_id, email), attempts)
-                for delivery_id, client_id, email, attempts, due in rows if due]
+        return [Claimed(delivery_id, Recipient(client_id, subscribers[client_id][0]), attempts)
+                for delivery_id, client_id, attempts in sorted(claimed) if subscribers[client_id][1]]
 
     def held_by_others(self):
-        """:return: (rows other runs hold on this mailing, seconds until the first of their leases ends)."""
+        """:return: (deliveries other live runs hold on this mailing, seconds until the first of their
+        leases ends)."""
         held, soonest, now = db.session.execute(
-            sa.select(sa.func.count(Delivery.id), sa.func.min(Delivery.lease_until), db_now())
-            .where(Delivery.mailing == self.mailing.key, Delivery.status.in_(Status.held()),
-                   Delivery.claimed_by != self.owner)).one()
+            sa.select(sa.func.count(Delivery.id), sa.func.min(SendRun.lease_until), db_now())
+            .join(SendRun, SendRun.owner == Delivery.claimed_by)
+            .where(SendRun.mailing == self.mailing.key, SendRun.finished_at.is_(None),
+                   SendRun.taken_over_at.is_(None), SendRun.owner != self.owner,
+                   Delivery.mailing == self.mailing.key, Delivery.status == Status.CLAIMED)).one()
         db.session.commit()
         return held, (soonest - now).total_seconds() if held else 0.0
-
-    # On the sending thread.
-
-    def checkpoint(self, outcomes=(), sending=(), release=()):
-        """In one commit: sending -> each outcome's status (a drip stage moving its sent subscribers on);
-        claimed -> sending for `sending`, whose data is about to go out; release `release`.
-        :return: ({delivery id: status} of the outcomes recorded, {delivery ids marked sending}); an
-        outcome or a mark missing from them was on a row this run no longer holds."""
-        connection = self._connection()
-        deliveries = Delivery.__table__
-        recorded, marked = {}, set()
-        if outcomes:
-            given = values_table([(o.delivery_id, o.status.value, o.answers, o.error, o.retry_after) for o in outcomes],
-                                 id=sa.Integer, status=sa.String, answers=sa.Integer, error=sa.String,
-                                 retry_after=sa.Float)
-            now, deferred = db_now(), given.c.status == Status.DEFERRED.value
-            rows = connection.execute(
-                sa.update(deliveries)
-                .where(deliveries.c.id == given.c.id, deliveries.c.claimed_by == self.owner,
-                       deliveries.c.status == Status.SENDING)
-                .values(status=given.c.status, attempts=deliveries.c.attempts + given.c.answers, error=given.c.error,
-                        sent_at=sa.case((given.c.status == Status.SENT.value, now)),
-                        next_attempt_at=sa.case((deferred, db_later(given.c.retry_after))),
-                        deferred_since=sa.case((deferred, sa.func.coalesce(deliveries.c.deferred_since, now))),
-                        updated_at=now, claimed_by=None, lease_until=None)
-                .returning(deliveries.c.id, deliveries.c.client_id, deliveries.c.status)).all()
-            recorded = {delivery_id: Status(status) for delivery_id, _, status in rows}
-            sent = [client_id for _, client_id, status in rows if status == Status.SENT]
-            if sent and (advance := self.mailing.advance(sent)) is not None:
-                connection.execute(advance)
-        if sending:
-            marked = set(connection.execute(
-                sa.update(deliveries)
-                .where(among(deliveries.c.id, sending), deliveries.c.claimed_by == self.owner,
-                       deliveries.c.status == Status.CLAIMED)
-                .values(status=Status.SENDING, lease_until=db_later(self.lease), updated_at=db_now())
-                .returning(deliveries.c.id)).scalars())
-        if release:
-            self._release(connection, release)
-        connection.commit()
-        return recorded, marked
-
-    def release(self, ids):
-        if ids:
-            connection = self._connection()
-            self._release(connection, ids)
-            connection.commit()
-
-    def _release(self, connection, ids):
-        """claimed | sending -> (due), or back to deferred for a row that has been tried before: nothing
-        of these went out."""
-        deliveries, now = Delivery.__table__, db_now()
-        held = (among(deliveries.c.id, ids), deliveries.c.claimed_by == self.owner,
-                deliveries.c.status.in_(Status.held()))
-        connection.execute(sa.delete(deliveries).where(*held, deliveries.c.attempts == 0))
-        connection.execute(
-            sa.update(deliveries).where(*held)
-            .values(status=Status.DEFERRED, claimed_by=None, lease_until=None, updated_at=now,
-                    next_attempt_at=sa.func.coalesce(deliveries.c.next_attempt_at, now),
-                    deferred_since=sa.func.coalesce(deliveries.c.deferred_since, now)))
-
-    def _connection(self):
-        """The checkpoint's own connection, held for the run. On PostgreSQL its commits do not wait for
-        the disk (synchronous_commit off): a killed client loses nothing the server has acknowledged,
-        and only a crash of the server itself could lose the last fraction of a second of them. SQLite
-        runs in WAL mode with synchronous=NORMAL for the same reason (app/__init__.py)."""
-        if self.connection is None:
-            self.connection = db.engine.connect()
-            if db.engine.dialect.name == 'postgresql':
-                self.connection.exec_driver_sql('SET synchronous_commit TO OFF')
-                self.connection.commit()
-        return self.connection
-
-    def close(self):
-        """Its connection is closed rather than handed back to the pool, where its setting would linger."""
-        if self.connection is not None:
-            self.connection.invalidate()
-            self.connection.close()
-            self.connection = None
 
     # On the heartbeat thread.
 
     def renew(self):
-        """:return: how many rows this run still holds."""
-        return renew(Delivery, Delivery.mailing == self.mailing.key, Delivery.status.in_(Status.held()),
-                     owner=self.owner, seconds=self.lease)
+        """:return: False once the run has been taken over (it stalled past its lease)."""
+        kept = db.session.execute(sa.update(SendRun).where(SendRun.id == self.run_id, SendRun.taken_over_at.is_(None))
+                                  .values(lease_until=db_later(self.lease))).rowcount
+        db.session.commit()
+        return bool(kept)

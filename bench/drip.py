@@ -238,7 +238,7 @@ def main():
 
 def _one_message(env, folder):
     """A message exactly as the app renders it, for the transport-limit run (rendered by the folder transport)."""
-    local = {**env, 'MAIL_SERVER': '', 'DATABASE_URL': f'sqlite:///{folder}/one.db'}
+    local = {**env, 'MAIL_SERVER': '', 'MAIL_TRANSPORT': 'folder', 'DATABASE_URL': f'sqlite:///{folder}/one.db'}
     run_flask(local, 'db', 'upgrade')
     seed(local['DATABASE_URL'], 1)
     run_flask(local, 'send-newsletter-email', 'week1')

@@ -41,7 +41,9 @@ def main():
                           JOB_WORKER='off')
         from flask_migrate import upgrade
 
-        from app import create_app, db, newsletter
+        from app import create_app, db
+        from app import drip, sending
+        from app.mailing import Recipient
         from app.models import Client, Delivery
         from app.transports import SenderPool
 
@@ -49,8 +51,8 @@ def main():
         with app.app_context():
             upgrade()
             seed(database.url, n)
-            stage = newsletter.DripStage('week1')
-            sample = stage.compose(newsletter.Recipient(1, 'reader1@example.com')).mime
+            stage = drip.DripStage('week1')
+            sample = stage.compose(Recipient(1, 'reader1@example.com')).mime
 
             def raw():
                 with smtplib.SMTP('127.0.0.1', sink.port) as smtp:
@@ -60,16 +62,16 @@ def main():
                     return time.perf_counter() - started
 
             def app_send(prepare_ahead=True):
-                prepare = newsletter.Outgoing.prepare
+                prepare = sending.Outgoing.prepare
                 if not prepare_ahead:
-                    newsletter.Outgoing.prepare = lambda outgoing: False
+                    sending.Outgoing.prepare = lambda outgoing: False
                 try:
                     with SenderPool(1) as pool:
                         started = time.perf_counter()
-                        report = newsletter.MailingSend(stage, pool).run()
+                        report = sending.MailingSend(stage, pool, 'bench').run()
                         seconds = time.perf_counter() - started
                 finally:
-                    newsletter.Outgoing.prepare = prepare
+                    sending.Outgoing.prepare = prepare
                 assert report.sent == n, report.summary()
                 return seconds
 
