@@ -96,14 +96,14 @@ def members(mailing, state):
     """Who is in `state` (one of STATES), by subscriber id: [(email, detail)]."""
     if state == 'pending':
         held = db.session.scalars(
-            sa.select(Client.email).join(Client, Client.id == Delivery.client_id)
+            sa.select(Client.email).join(Delivery, Client.id == Delivery.client_id)
             .where(Delivery.mailing == mailing.key, Delivery.status == DeliveryStatus.CLAIMED)
             .order_by(Client.id)).all()
         return [(email, 'claimed by a run now') for email in held] + \
                [(recipient.email, 'due') for recipient in iter_due(mailing)]
     rows = db.session.execute(
         sa.select(Client.email, Delivery.error, Delivery.next_attempt_at, Delivery.attempts)
-        .join(Client, Client.id == Delivery.client_id)
+        .join(Delivery, Client.id == Delivery.client_id)
         .where(Delivery.mailing == mailing.key, Delivery.status == state).order_by(Client.id)).all()
     if state == 'deferred':
         return [(email, f'next attempt {retry:%Y-%m-%d %H:%M:%S} UTC, {attempts} so far: {error}')

@@ -409,7 +409,8 @@ class _Claimer:
                     self.due_done = True
                 continue
             if not (wait and self.looked):  # right after looking, a waiting call waits first
-                for found in (self.log.claim_deferred(self.batch_size), self.log.take_over()):
+                for look in (lambda: self.log.claim_deferred(self.batch_size), self.log.take_over):
+                    found = look()
                     unknown, failed = unknown + found.unknown, failed + found.failed
                     if found.claimed:
                         self.looked = False

@@ -200,9 +200,9 @@ def flask_command(settings):
         'MAIL_CONCURRENCY': str(settings.get('MAIL_CONCURRENCY', 1)),
     })
 
-    def start(*args, stdout=subprocess.PIPE, **extra_env):
+    def start(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **extra_env):
         return subprocess.Popen([sys.executable, '-m', 'flask', '--app', 'main', *args], cwd=ROOT,
-                                env={**env, **extra_env}, stdout=stdout, stderr=subprocess.PIPE, text=True)
+                                env={**env, **extra_env}, stdout=stdout, stderr=stderr, text=True)
     return start
 
 

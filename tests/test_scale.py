@@ -110,7 +110,7 @@ def test_a_run_starting_part_way_comes_back_round_for_everyone_before_its_start(
     with app.app_context():
         starts = spread_starts(DripStage('week1'), 3)
         with SenderPool(1) as pool:
-            report = MailingSend(DripStage('week1'), pool, start_after=starts[2]).run()
+            report = MailingSend(DripStage('week1'), pool, 'cli', start_after=starts[2]).run()
 
     assert starts[0] == 0 and starts[0] < starts[1] < starts[2]
     assert report.sent == 35 and Counter(smtp.recipients()) == Counter(emails)
