@@ -81,6 +81,7 @@ class Report:
     unknown: list = field(default_factory=list)
     deferred: list = field(default_factory=list)
     aborted: str | None = None  # why the run stopped early on an error
+    retry_safe: bool = True  # whether trying again without a human looking first makes sense
     stopped: bool = False  # asked to stop part-way (paused, or its worker shutting down)
     retry_at: datetime | None = None  # the next attempt at this mailing's deferred deliveries, if any
 
@@ -345,9 +346,11 @@ class MailingSend:
     def _judge(self, outcome, stop):
         """Whether an outcome stops the run (see 4 in the module docstring)."""
         self.unknown_in_a_row = self.unknown_in_a_row + 1 if outcome.status == DeliveryStatus.UNKNOWN else 0
-        if self.unknown_in_a_row >= UNKNOWN_IN_A_ROW_STOPS:
-            stop = stop or (f'stopped: {self.unknown_in_a_row} messages in a row got no answer after their data went '
-                            'out; the way out may be taking mail without confirming it. Check it, then run again.')
+        if self.unknown_in_a_row >= UNKNOWN_IN_A_ROW_STOPS and not stop:
+            # Tried again automatically, it would only lose more answers.
+            self.report.retry_safe = False
+            stop = (f'stopped: {self.unknown_in_a_row} messages in a row got no answer after their data went out; '
+                    'the way out may be taking mail without confirming it. Check it, then run again.')
         if stop and not self.report.aborted:
             self.report.aborted = stop
 

@@ -11,7 +11,7 @@ from rq import Retry
 from app import db
 from app.drip import DripStage
 from app.email import Email
-from app.failures import TemporaryFailure
+from app.failures import PermanentFailure, TemporaryFailure
 from app.jobs import Interrupted, Reschedule, define_task, report_progress, rq_queue, stopping
 from app.sendlog import spread_starts
 from app.sending import send
@@ -53,12 +53,13 @@ def send_stage(stage, trigger='admin', deferred_only=False):
 
 def send_as_job(mailing, trigger, should_stop=stopping, **options):
     """send(), as a job: progress for the admin page; a retry with back-off when the send stopped on an
-    error (the next attempt carries on: nothing is sent twice); back to the queue at once when its
-    worker shuts down.  :return: the Report."""
+    error (the next attempt carries on: nothing is sent twice), and a failure, for an admin to look at,
+    when retrying could only make more unknowns; back to the queue at once when its worker shuts down.
+    :return: the Report."""
     report = send(mailing, trigger, should_stop=should_stop, on_batch=lambda r: report_progress(r.done, r.due),
                   **options)
     if report.aborted:
-        raise TemporaryFailure(report.aborted)
+        raise (TemporaryFailure if report.retry_safe else PermanentFailure)(report.aborted)
     if report.stopped and stopping():
         raise Interrupted
     return report

@@ -184,6 +184,7 @@ def main():
     parser.add_argument('--connections', type=int, default=1, help='MAIL_CONCURRENCY, and the raw connections')
     parser.add_argument('--delay', type=float, default=0.0, help='seconds the server takes over each message')
     parser.add_argument('--batch-size', type=int, default=None, help='SEND_BATCH_SIZE (default: the app\'s)')
+    parser.add_argument('--record-every', type=int, default=None, help='SEND_RECORD_EVERY (default: the app\'s)')
     parser.add_argument('--rate-limit', type=float, default=None, help='MAIL_RATE_LIMIT, messages per second')
     parser.add_argument('--rq-workers', type=int, default=0,
                         help='send through RQ: queue that many jobs and run that many `flask rq-worker` processes')
@@ -200,6 +201,8 @@ def main():
                'MAIL_CONCURRENCY': str(args.connections), 'JOB_WORKER': 'off'}
         if args.batch_size:
             env['SEND_BATCH_SIZE'] = str(args.batch_size)
+        if args.record_every:
+            env['SEND_RECORD_EVERY'] = str(args.record_every)
         if args.rate_limit:
             env['MAIL_RATE_LIMIT'] = str(args.rate_limit)
         run_flask(env, 'db', 'upgrade')

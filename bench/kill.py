@@ -35,6 +35,7 @@ def main():
     parser.add_argument('--kills', type=int, default=10)
     parser.add_argument('--database', choices=['sqlite', 'postgresql'], default='sqlite')
     parser.add_argument('--seed', type=int, default=1)
+    parser.add_argument('--record-every', type=int, default=None, help="SEND_RECORD_EVERY (default: the app's)")
     args = parser.parse_args()
     n, rng, lease = args.subscribers, random.Random(args.seed), 2.0
 
@@ -44,6 +45,8 @@ def main():
                'SECRET_KEY': 'bench', 'BASE_URL': 'https://news.example.com', 'MAIL_SERVER': '127.0.0.1',
                'MAIL_PORT': str(sink.port), 'MAIL_DEFAULT_SENDER': 'The Newsletter <news@example.com>',
                'JOB_WORKER': 'off', 'LEASE_SECONDS': str(lease)}
+        if args.record_every:
+            env['SEND_RECORD_EVERY'] = str(args.record_every)
         run_flask(env, 'db', 'upgrade')
         seed(database.url, n)
         command = [sys.executable, '-m', 'flask', '--app', 'main', 'send-newsletter-email', 'week1']
@@ -63,7 +66,8 @@ def main():
     print(f'  sent twice: {twice}    recorded unknown: {unknown}    never sent: {n - len(counts)}')
     print(f'  declared as going out at each kill: {shares} (at most {max(shares, default=0)}; '
           f'in all {sum(shares)})')
-    print(f'  last run: {last.stdout.strip().splitlines()[-1] if last.stdout.strip() else last.stderr[-300:]}')
+    summary = [line for line in last.stdout.splitlines() if line.startswith('week1: sent')]
+    print(f'  last run: {summary[-1] if summary else last.stderr[-300:]}')
 
 
 def declared_by_the_last_run(url):

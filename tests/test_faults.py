@@ -151,6 +151,22 @@ def test_three_answers_lost_in_a_row_stop_the_run_and_leave_the_rest_due(app, ru
     assert Counter(smtp.recipients()) == Counter(emails)
 
 
+def test_a_broadcast_job_stopped_by_lost_answers_waits_for_an_admin_instead_of_retrying(app, smtp, subscribers,
+                                                                                     broadcast, ledger_of):
+    emails = subscribers(6)
+    for email in emails[:3]:
+        smtp.after_dot[email] = MailSink.DROP
+    broadcast_id = broadcast()
+
+    run_jobs(app)
+
+    with app.app_context():
+        job = db.session.scalar(sa.select(Job).where(Job.task == 'send_broadcast'))
+        assert db.session.get(Broadcast, broadcast_id).status == 'sending', 'not finished'
+    assert (job.status, job.attempts) == ('failed', 1) and '3 messages in a row got no answer' in job.error
+    assert sorted(status for status, _, _ in ledger_of(f'broadcast{broadcast_id}').values()) == ['unknown'] * 3
+
+
 # 2. Greylisting that outlasts a run's retries.
 
 def test_a_greylisted_subscriber_keeps_a_broadcast_open_until_they_have_it(app, smtp, subscribers, broadcast,
