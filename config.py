@@ -114,6 +114,9 @@ class Config:
     # A due time missed by more than this (the app was down) is skipped and logged, not sent late.
     SCHEDULE_MAX_LATE = env_float('SCHEDULE_MAX_LATE', 3600)
 
+    # The drip's stage templates (weekN.txt and weekN.html); by default the app's own.
+    STAGES_FOLDER = os.environ.get('STAGES_FOLDER') or str(basedir / 'app' / 'templates' / 'emails' / 'newsletter')
+
     CONFIRM_MAX_AGE = env_int('CONFIRM_MAX_AGE', 7 * 24 * 3600)
     # A DNS look-up that the domain takes mail catches typos (gmial.com); pointless while mail only goes
     # to the local folder, so by default it is on exactly when real mail is configured.

@@ -46,7 +46,8 @@ def create_app(config_class=Config):
     csrf.init_app(app)
     login.init_app(app)
 
-    from app import broadcasts, jobs, schedules, tasks  # noqa: F401  (tasks register with app.jobs)
+    from app import broadcasts, drip, jobs, schedules, tasks  # noqa: F401  (tasks register with app.jobs)
+    drip.init_app(app)
     jobs.init_app(app)
     schedules.init_app(app)
 

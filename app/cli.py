@@ -24,8 +24,24 @@ from app.transports import describe_transport
 bp = Blueprint('cli', __name__, cli_group=None)
 
 
+class StageName(click.Choice):
+    """One of the drip's stages, as there are templates for them in the app's STAGES_FOLDER: looked up
+    when the command is run (flask has pushed the app's context by then, for --help too), not at import."""
+
+    def __init__(self):
+        super().__init__(())
+
+    @property
+    def choices(self):
+        return available_stages()
+
+    @choices.setter
+    def choices(self, _):
+        pass
+
+
 @bp.cli.command('send-newsletter-email')
-@click.argument('stage', type=click.Choice(available_stages()))
+@click.argument('stage', type=StageName())
 @click.option('--dry-run', is_flag=True, help='List who would get STAGE now; send nothing.')
 @click.option('--retry-failed', is_flag=True,
               help='Send again to subscribers whose STAGE failed for good (once you fixed the cause).')

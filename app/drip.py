@@ -1,24 +1,34 @@
 """The drip: stage `weekN` goes to every active, confirmed subscriber who has received stage N-1, and
-moves them on to N. The stages are the templates in templates/emails/newsletter/: adding week3.txt and
-week3.html adds week3, with no code change."""
+moves them on to N. The stages are the templates in STAGES_FOLDER (by default the app's own
+templates/emails/newsletter/): adding week3.txt and week3.html adds week3, with no code change."""
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 import sqlalchemy as sa
+from flask import current_app
 
 from app.email import make_message_id, render_email
 from app.links import list_unsubscribe_headers, unsubscribe_url
 from app.mailing import address_digest
 from app.models import Client, greeting_name
 
-STAGES_DIR = Path(__file__).parent / 'templates' / 'emails' / 'newsletter'
 STAGE_NAME = re.compile(r'week([1-9][0-9]*)')
+TEMPLATE_PREFIX = 'stages'  # stage weekN renders from the templates stages/weekN.txt and .html
+
+
+def init_app(app):
+    """Serve STAGES_FOLDER's templates as stages/…, beside the app's own (which they may extend: an
+    operator's stages can live outside the source tree and still use emails/_layout.html)."""
+    stages = jinja2.PrefixLoader({TEMPLATE_PREFIX: jinja2.FileSystemLoader(app.config['STAGES_FOLDER'])})
+    app.jinja_env.loader = jinja2.ChoiceLoader([stages, app.jinja_env.loader])
 
 
 def available_stages():
     """The stages there are templates for, in order."""
-    names = {path.stem for path in STAGES_DIR.glob('week*.txt')
+    folder = Path(current_app.config['STAGES_FOLDER'])
+    names = {path.stem for path in folder.glob('week*.txt')
              if STAGE_NAME.fullmatch(path.stem) and path.with_suffix('.html').exists()}
     return sorted(names, key=stage_number)
 
@@ -46,7 +56,7 @@ class DripStage:
     def compose(self, recipient):
         link = unsubscribe_url(recipient.client_id)
         return render_email(
-            f'emails/newsletter/{self.key}', recipient.email, self.message_id(recipient),
+            f'{TEMPLATE_PREFIX}/{self.key}', recipient.email, self.message_id(recipient),
             headers=list_unsubscribe_headers(link, recipient.client_id),
             email=recipient.email, greeting_name=greeting_name(recipient.email), unsubscribe_url=link)
 

@@ -54,7 +54,9 @@ def init_app(app):
         zone = ZoneInfo(app.config['SCHEDULE_TIMEZONE'])
     except (ZoneInfoNotFoundError, ValueError) as exc:
         raise ValueError(f'SCHEDULE_TIMEZONE: unknown time zone {app.config["SCHEDULE_TIMEZONE"]!r}') from exc
-    app.extensions['schedules'] = (parse_schedules(app.config['SCHEDULES'], available_stages()), zone)
+    with app.app_context():
+        stages = available_stages()
+    app.extensions['schedules'] = (parse_schedules(app.config['SCHEDULES'], stages), zone)
 
 
 def fire_due_schedules(now=None):

@@ -188,19 +188,20 @@ def subscribers(app):
 
 @pytest.fixture
 def flask_command(settings):
-    """Run `flask ...` as a real process, configured from the environment as cron would run it."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(('MAIL_', 'SEND', 'DATABASE', 'REDIS', 'RQ_'))}
-    passed = ('SECRET_KEY', 'BASE_URL', 'MAIL_SERVER', 'MAIL_PORT', 'MAIL_DEFAULT_SENDER', 'MAIL_RETRY_BACKOFF',
-              'MAIL_TRANSPORT', 'MAIL_FOLDER', 'SEND_BATCH_SIZE', 'LEASE_SECONDS', 'REDIS_URL', 'RQ_QUEUE')
-    env.update({name: str(settings[name]) for name in passed if settings.get(name) is not None})
-    env.update({
-        'FLASK_SKIP_DOTENV': '1', 'INSTANCE_PATH': settings['INSTANCE_PATH'],
-        'DATABASE_URL': settings['SQLALCHEMY_DATABASE_URI'], 'JOB_WORKER': 'off', 'EMAIL_CHECK_DELIVERABILITY': 'false',
-        'MAIL_CONCURRENCY': str(settings.get('MAIL_CONCURRENCY', 1)),
-    })
-
+    """Run `flask ...` as a real process, configured from the environment as cron would run it (from the
+    settings as they are when it starts)."""
     def start(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **extra_env):
+        env = {key: value for key, value in os.environ.items()
+               if not key.startswith(('MAIL_', 'SEND', 'DATABASE', 'REDIS', 'RQ_'))}
+        passed = ('SECRET_KEY', 'BASE_URL', 'MAIL_SERVER', 'MAIL_PORT', 'MAIL_DEFAULT_SENDER', 'MAIL_RETRY_BACKOFF',
+                  'MAIL_TRANSPORT', 'MAIL_FOLDER', 'SEND_BATCH_SIZE', 'LEASE_SECONDS', 'REDIS_URL', 'RQ_QUEUE',
+                  'STAGES_FOLDER')
+        env.update({name: str(settings[name]) for name in passed if settings.get(name) is not None})
+        env.update({
+            'FLASK_SKIP_DOTENV': '1', 'INSTANCE_PATH': settings['INSTANCE_PATH'],
+            'DATABASE_URL': settings['SQLALCHEMY_DATABASE_URI'], 'JOB_WORKER': 'off',
+            'EMAIL_CHECK_DELIVERABILITY': 'false', 'MAIL_CONCURRENCY': str(settings.get('MAIL_CONCURRENCY', 1)),
+        })
         return subprocess.Popen([sys.executable, '-m', 'flask', '--app', 'main', *args], cwd=ROOT,
                                 env={**env, **extra_env}, stdout=stdout, stderr=stderr, text=True)
     return start

@@ -3,6 +3,7 @@ when cron fires twice, an admin runs it by hand while cron runs, or the machine 
 import os
 import pty
 import re
+import shutil
 import signal
 import time
 from collections import Counter
@@ -12,7 +13,7 @@ import sqlalchemy as sa
 
 from app import db
 from app.models import Client, Delivery
-from app.drip import STAGES_DIR
+from config import Config
 
 SUBSCRIBERS = 60
 
@@ -108,18 +109,17 @@ def test_a_terminal_gets_a_progress_bar_and_cron_gets_log_lines(app, smtp, subsc
 
 
 @pytest.fixture
-def stage_templates():
-    """Write stage templates into the app's template folder for one test, as an admin would."""
-    written = []
+def stage_templates(settings, tmp_path):
+    """A stage folder of this test's own (STAGES_FOLDER, for the `flask` processes it starts): the app's
+    stages, and those the test writes, as an operator would."""
+    folder = tmp_path / 'stages'
+    shutil.copytree(Config.STAGES_FOLDER, folder)
+    settings['STAGES_FOLDER'] = str(folder)
 
     def write(name, text, html):
-        for suffix, content in (('.txt', text), ('.html', html)):
-            path = STAGES_DIR / f'{name}{suffix}'
-            path.write_text(content)
-            written.append(path)
-    yield write
-    for path in written:
-        path.unlink()
+        (folder / f'{name}.txt').write_text(text)
+        (folder / f'{name}.html').write_text(html)
+    return write
 
 
 def test_adding_week3_templates_adds_the_week3_stage(app, smtp, subscribers, stage_templates, flask_command):
