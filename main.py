@@ -2,7 +2,8 @@
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
-from app import create_app, db
+from app import create_app
+from app.extensions import db
 from app.models import Broadcast, Client, Delivery, Job
 
 app = create_app()

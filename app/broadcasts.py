@@ -21,14 +21,15 @@ import sqlalchemy as sa
 from flask import current_app
 from jinja2.sandbox import SandboxedEnvironment
 
-from app import db
-from app.email import Email, make_message_id
+from app.database import utcnow
+from app.email import Email, greeting_name, make_message_id
+from app.extensions import db
 from app.jobs import Reschedule, define_task, stopping
 from app.links import list_unsubscribe_headers, unsubscribe_url
 from app.mailing import PREVIEW_RECIPIENT, address_digest
-from app.models import Broadcast, Client, Delivery, DeliveryStatus, Job, greeting_name, utcnow
+from app.models import BROADCAST_MOVES, Broadcast, BroadcastStatus, Client, Delivery, DeliveryStatus, Job, JobStatus
+from app.sending import send_as_job
 from app.sendlog import requeue
-from app.tasks import send_as_job
 
 
 class BroadcastError(ValueError):
@@ -77,7 +78,7 @@ class BroadcastMailing:
 
 def _halted(broadcast_id):
     """Paused or cancelled since its send began."""
-    return db.session.scalar(sa.select(Broadcast.status).where(Broadcast.id == broadcast_id)) != 'sending'
+    return db.session.scalar(sa.select(Broadcast.status).where(Broadcast.id == broadcast_id)) != BroadcastStatus.SENDING
 
 
 @functools.lru_cache(maxsize=64)
@@ -130,7 +131,7 @@ def schedule_broadcast(subject, text, html, send_at, zone_name, created_by):
     if send_at_utc < utcnow().replace(second=0, microsecond=0):
         raise BroadcastError(f'{send_at:%Y-%m-%d %H:%M} {zone_name} is in the past')
     broadcast = Broadcast(subject=subject.strip(), text=text, html=html, send_at=send_at_utc, timezone=zone_name,
-                          created_by=created_by, status='scheduled')
+                          created_by=created_by, status=BroadcastStatus.SCHEDULED)
     preview(broadcast)
     db.session.add(broadcast)
     db.session.flush()
@@ -143,37 +144,46 @@ def _job_key(broadcast_id):
     return f'broadcast:{broadcast_id}'
 
 
-def _change_status(broadcast_id, allowed_from, to, **values):
-    """One conditional UPDATE, so a pause cannot cross a send that just finished.  :raise BroadcastError:"""
-    changed = db.session.execute(
-        sa.update(Broadcast).where(Broadcast.id == broadcast_id, Broadcast.status.in_(allowed_from))
-        .values(status=to, **values).execution_options(synchronize_session=False)).rowcount
-    if not changed:
-        db.session.rollback()
-        status = db.session.scalar(sa.select(Broadcast.status).where(Broadcast.id == broadcast_id))
-        if status is None:
-            raise BroadcastError(f'there is no broadcast {broadcast_id}')
-        raise BroadcastError(f'broadcast {broadcast_id} is {status}: only a {" or ".join(allowed_from)} one can be '
-                             f'{to}')
+def _move(broadcast_id, name, **values):
+    """Make one of BROADCAST_MOVES, as one conditional UPDATE, so that a pause cannot cross a send that
+    just finished.  :return: whether it was made (the broadcast was in a state it moves from)."""
+    move = BROADCAST_MOVES[name]
+    return bool(db.session.execute(
+        sa.update(Broadcast).where(Broadcast.id == broadcast_id, Broadcast.status.in_(move.sources))
+        .values(status=move.to, **values).execution_options(synchronize_session=False)).rowcount)
+
+
+def _admin_move(broadcast_id, name, **values):
+    """An admin's move.  :raise BroadcastError: saying why it cannot be made; nothing is changed then."""
+    if _move(broadcast_id, name, **values):
+        return
+    db.session.rollback()
+    status = db.session.scalar(sa.select(Broadcast.status).where(Broadcast.id == broadcast_id))
+    if status is None:
+        raise BroadcastError(f'there is no broadcast {broadcast_id}')
+    move = BROADCAST_MOVES[name]
+    raise BroadcastError(f'broadcast {broadcast_id} is {status}: only a {" or ".join(move.sources)} one can be '
+                         f'{move.to}')
 
 
 def cancel(broadcast_id):
     """Before it starts, or while paused; its queued send job is cancelled with it."""
-    _change_status(broadcast_id, ('scheduled', 'paused'), 'cancelled', finished_at=utcnow())
+    _admin_move(broadcast_id, 'cancel', finished_at=utcnow())
     db.session.execute(
-        sa.update(Job).where(Job.unique_key == _job_key(broadcast_id), Job.status == 'queued')
-        .values(status='cancelled', finished_at=utcnow()).execution_options(synchronize_session=False))
+        sa.update(Job).where(Job.unique_key == _job_key(broadcast_id), Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow()).execution_options(synchronize_session=False))
     db.session.commit()
 
 
 def pause(broadcast_id):
     """The send stops once its current batch is recorded."""
-    _change_status(broadcast_id, ('sending',), 'paused')
+    _admin_move(broadcast_id, 'pause')
     db.session.commit()
 
 
 def resume(broadcast_id):
-    _change_status(broadcast_id, ('paused',), 'sending')
+    """A paused one carries on where it stopped: nobody gets it twice."""
+    _admin_move(broadcast_id, 'resume')
     send_broadcast.apply(broadcast_id=broadcast_id)
     db.session.commit()
 
@@ -186,8 +196,7 @@ def resend_unknown(broadcast_id):
         raise BroadcastError(f'there is no broadcast {broadcast_id}')
     count = requeue(broadcast.mailing, [DeliveryStatus.UNKNOWN])
     if count:
-        db.session.execute(sa.update(Broadcast).where(Broadcast.id == broadcast_id, Broadcast.status == 'sent')
-                           .values(status='sending', finished_at=None))
+        _move(broadcast_id, 'reopen', finished_at=None)
         send_broadcast.apply(broadcast_id=broadcast_id)
         db.session.commit()
     return count
@@ -204,12 +213,10 @@ def delivery_counts(broadcast):
 def send_broadcast(broadcast_id):
     """Sent when it is due, and again after a resume. It is finished (sent) only once nobody is left
     deferred: until then its job comes back at their next attempt time."""
-    started = db.session.execute(
-        sa.update(Broadcast).where(Broadcast.id == broadcast_id, Broadcast.status == 'scheduled')
-        .values(status='sending', started_at=utcnow()).execution_options(synchronize_session=False)).rowcount
+    started = _move(broadcast_id, 'start', started_at=utcnow())
     db.session.commit()
     broadcast = db.session.get(Broadcast, broadcast_id)
-    if broadcast.status != 'sending':
+    if broadcast.status != BroadcastStatus.SENDING:
         return {'not sent': f'the broadcast is {broadcast.status}'}
     report = send_as_job(BroadcastMailing.of(broadcast), 'broadcast',
                          should_stop=lambda: stopping() or _halted(broadcast_id))
@@ -218,7 +225,5 @@ def send_broadcast(broadcast_id):
         return result
     if report.retry_at:
         raise Reschedule(report.retry_at, result)
-    db.session.execute(
-        sa.update(Broadcast).where(Broadcast.id == broadcast_id, Broadcast.status == 'sending')
-        .values(status='sent', finished_at=utcnow()).execution_options(synchronize_session=False))
+    _move(broadcast_id, 'finish', finished_at=utcnow())
     return result

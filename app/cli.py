@@ -8,17 +8,19 @@ import click
 import jinja2
 import rq
 import sqlalchemy as sa
-from flask import Blueprint, current_app
+from flask import Blueprint, current_app, has_app_context
+from flask.cli import ScriptInfo
 
-from app import broadcasts, db
-from app.drip import DripStage, available_stages
+from app import broadcasts
+from app.drip import DripStage, available_stages, queue_retry
 from app.email import TemplateError
+from app.extensions import db
 from app.jobs import QUEUES, Worker, rq_queue, run_due
 from app.ledger import STATES, ledger, mailing_named, members
 from app.models import Broadcast, DeliveryStatus
-from app.sendlog import count_due, iter_due, requeue
+from app.scaleout import enqueue_stage
 from app.sending import check_templates, send
-from app.tasks import enqueue_stage, queue_retry
+from app.sendlog import count_due, iter_due, requeue
 from app.transports import describe_transport
 
 bp = Blueprint('cli', __name__, cli_group=None)
@@ -26,18 +28,22 @@ bp = Blueprint('cli', __name__, cli_group=None)
 
 class StageName(click.Choice):
     """One of the drip's stages, as there are templates for them in the app's STAGES_FOLDER: looked up
-    when the command is run (flask has pushed the app's context by then, for --help too), not at import."""
+    when the command line is read (for --help too), not when this module is imported."""
 
     def __init__(self):
         super().__init__(())
 
-    @property
-    def choices(self):
-        return available_stages()
+    def look_up(self, ctx):
+        app = current_app if has_app_context() else ctx.ensure_object(ScriptInfo).load_app()
+        self.choices = tuple(available_stages(app))
 
-    @choices.setter
-    def choices(self, _):
-        pass
+    def get_metavar(self, param, ctx):
+        self.look_up(ctx)
+        return super().get_metavar(param, ctx)
+
+    def convert(self, value, param, ctx):
+        self.look_up(ctx)
+        return super().convert(value, param, ctx)
 
 
 @bp.cli.command('send-newsletter-email')
@@ -240,7 +246,7 @@ def broadcast_list():
 
 
 def _broadcast_action(name, action):
-    @broadcast_group.command(name, help=f'{name.capitalize()} broadcast ID. {action.__doc__}')
+    @broadcast_group.command(name, help=f'{name.capitalize()} broadcast ID. {action.__doc__ or ""}'.strip())
     @click.argument('broadcast_id', type=int)
     def command(broadcast_id):
         try:

@@ -1,6 +1,8 @@
 """The drip: stage `weekN` goes to every active, confirmed subscriber who has received stage N-1, and
 moves them on to N. The stages are the templates in STAGES_FOLDER (by default the app's own
-templates/emails/newsletter/): adding week3.txt and week3.html adds week3, with no code change."""
+templates/emails/newsletter/): adding week3.txt and week3.html adds week3, with no code change. Cron
+sends a stage with `flask send-newsletter-email` (app/cli.py); schedules and admins, with the send_stage
+job below."""
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,10 +11,12 @@ import jinja2
 import sqlalchemy as sa
 from flask import current_app
 
-from app.email import make_message_id, render_email
+from app.email import greeting_name, make_message_id, render_email
+from app.jobs import Reschedule, define_task
 from app.links import list_unsubscribe_headers, unsubscribe_url
 from app.mailing import address_digest
-from app.models import Client, greeting_name
+from app.models import Client
+from app.sending import send_as_job
 
 STAGE_NAME = re.compile(r'week([1-9][0-9]*)')
 TEMPLATE_PREFIX = 'stages'  # stage weekN renders from the templates stages/weekN.txt and .html
@@ -25,9 +29,9 @@ def init_app(app):
     app.jinja_env.loader = jinja2.ChoiceLoader([stages, app.jinja_env.loader])
 
 
-def available_stages():
-    """The stages there are templates for, in order."""
-    folder = Path(current_app.config['STAGES_FOLDER'])
+def available_stages(app=None):
+    """The stages there are templates for (in `app`'s STAGES_FOLDER, by default the current app's), in order."""
+    folder = Path((app or current_app).config['STAGES_FOLDER'])
     names = {path.stem for path in folder.glob('week*.txt')
              if STAGE_NAME.fullmatch(path.stem) and path.with_suffix('.html').exists()}
     return sorted(names, key=stage_number)
@@ -66,3 +70,24 @@ class DripStage:
         clients = Client.__table__
         return (sa.update(clients).where(clients.c.id.in_(client_ids), clients.c.num_newsletter == self.number - 1)
                 .values(num_newsletter=self.number))
+
+
+@define_task(queue='bulk')
+def send_stage(stage, trigger='admin', deferred_only=False):
+    """A drip stage sent by a schedule or an admin (the same send as `flask send-newsletter-email`), or
+    its deferred deliveries tried again. Deferred ones come back as a job of their own, so that the stage
+    itself never goes out again at an hour nobody chose."""
+    report = send_as_job(DripStage(stage), trigger, deferred_only=deferred_only)
+    if report.retry_at and not report.stopped:
+        if deferred_only:
+            raise Reschedule(report.retry_at, report.as_dict())
+        queue_retry(stage, report.retry_at)
+    return report.as_dict()
+
+
+def queue_retry(stage, at):
+    """Outside a job (cron, RQ), the drip stage's deferred deliveries come back as a job at `at`, so that
+    a greylisted subscriber gets this week's stage in minutes rather than at next week's run.
+    :return: True if this call queued it (one job per stage and time)."""
+    return send_stage.apply_once(f'retry:{stage}:{at:%Y-%m-%dT%H:%M:%S}', run_after=at, stage=stage, trigger='retry',
+                                 deferred_only=True)

@@ -1,7 +1,9 @@
-"""One way to build an email: every message is rendered from a `.txt` and an `.html` template and
-becomes an `Email`, which each way out (app/transports.py) knows how to deliver, as MIME bytes or as an
-API request."""
+"""One way to build an email, and one to send a single one: every message is rendered from a `.txt` and
+an `.html` template and becomes an `Email`, which each way out (app/transports.py) knows how to deliver,
+as MIME bytes or as an API request. A single email (a confirmation, a sign-in link) is queued as a job
+in the caller's transaction; mailings to many go through app/sending.py."""
 import functools
+import re
 import secrets
 import time
 from binascii import b2a_qp
@@ -12,6 +14,8 @@ from email.utils import formataddr, formatdate, parseaddr
 from flask import current_app
 
 from app.failures import PermanentFailure
+from app.jobs import GiveUp, define_task
+from app.transports import open_sender
 
 
 class TemplateError(Exception):
@@ -46,6 +50,24 @@ class Email:
                 raise PermanentFailure(f'refused: line break in the {name} header of the message to {self.recipient!r}')
 
 
+def queue_email(email):
+    """Accept `email` for delivery, as part of the caller's transaction: it will exist (and go out)
+    exactly when the caller commits, and a web request never waits on SMTP."""
+    return send_email.apply(recipient=email.recipient, subject=email.subject, text=email.text, html=email.html,
+                            message_id=email.message_id, headers=email.headers)
+
+
+@define_task(queue='mail')
+def send_email(recipient, subject, text, html, message_id, headers):
+    """A temporary failure (the server is down, a 4xx) is retried by the job's back-off; a permanent
+    one (a 5xx) fails the job at once."""
+    try:
+        with open_sender() as sender:
+            sender.send(Email(recipient, subject, text, html, message_id, headers))
+    except PermanentFailure as refused:
+        raise GiveUp(f'PermanentFailure: {refused}') from refused
+
+
 def render_email(template, recipient, message_id, headers=None, **context):
     """Render `template`.txt and .html. The .txt starts with a `Subject: ...` line, so the subject is
     written (and translated, and personalised) beside the body it belongs to."""
@@ -56,6 +78,14 @@ def render_email(template, recipient, message_id, headers=None, **context):
     subject = first_line[len('Subject:'):].strip()
     html = env.get_template(f'{template}.html').render(subject=subject, **context)
     return Email(recipient, subject, text.lstrip('\n'), html, message_id, dict(headers or {}))
+
+
+def greeting_name(email):
+    """'jane.doe+news@example.com' -> 'Jane Doe', 'john.smith1990@' -> 'John Smith'; an address with no
+    letters before the @ gets 'there'."""
+    local = email.split('@', 1)[0].split('+', 1)[0]
+    words = [word for word in re.split(r'[\W\d_]+', local) if word]
+    return ' '.join(word.capitalize() for word in words) or 'there'
 
 
 def make_message_id(*parts):

@@ -1,19 +1,21 @@
 """Background jobs: the one mechanism for everything the app does outside a request or a cron command
 (confirmation mail, scheduled drip stages, broadcasts, an admin's "send now").
 
-A task is a function defined once with @define_task and applied from anywhere with keyword arguments:
+A task is a function defined once with @define_task, registered with the app by the factory (a name
+that two tasks claim is an error at start-up), and applied from anywhere with keyword arguments:
 `send_email.apply(recipient=...)` adds a row to `jobs` in the caller's transaction, so the job exists
 exactly when the change that asked for it is committed. The row is also the job's public record:
-state, progress, result or error, and timings, for admins to see.
+state (JobStatus has every move), progress, result or error, and timings, for admins to see.
 
 Workers claim due jobs under a lease (app/leases.py), so a job runs in one worker at a time however
 many run, on PostgreSQL or SQLite. While a job runs, a heartbeat thread renews its lease and writes its
 progress; if the worker dies the lease runs out and another worker takes the job over. A job that
-raises is retried with back-off up to its max_attempts, then kept as failed with its error. A job's
+raises is retried with back-off (JOB_RETRY_BACKOFF, doubling) up to its max_attempts, then kept as
+failed with its error; one that raises GiveUp fails at once. The runner knows nothing of what tasks do. A job's
 own database writes are committed together with its 'done' state, or not at all.
 
 Workers are threads inside the web process (JOB_WORKER=thread: nothing else to run), or `flask
-worker`. With JOB_BACKEND=rq, a worker hands each job it claims to RQ instead of running it, and
+worker`; each also ticks the app's clock (its in-app schedules) every few seconds. With JOB_BACKEND=rq, a worker hands each job it claims to RQ instead of running it, and
 `flask rq-worker` runs it; the claim passes to the RQ worker only if it is still the one handed over,
 so a job that reached RQ twice (re-handed after its lease ran out) still runs once."""
 import functools
@@ -28,17 +30,20 @@ import sqlalchemy as sa
 from flask import current_app, has_app_context
 from flask_sqlalchemy.session import Session
 
-from app import db
+from app.database import insert_ignoring_conflicts, utcnow
+from app.extensions import db
 from app.leases import Heartbeat, claim, db_later, new_owner, renew
-from app.models import Job, insert_ignoring_conflicts, utcnow
+from app.models import Job, JobStatus
 from app.ratelimit import redis_client
-from app.failures import PermanentFailure
-from app.transports import retry_delay
 
 log = logging.getLogger(__name__)
 
-TASKS = {}
 QUEUES = ('mail', 'bulk')  # quick transactional mail never waits behind an hour-long broadcast
+
+
+class GiveUp(Exception):
+    """Raised by a task that trying again cannot help (a refusal for good, a send that would only lose
+    more answers): the job fails at once, for an admin to look at."""
 
 
 class Interrupted(Exception):
@@ -63,6 +68,9 @@ class Task:
     def __call__(self, **payload):
         return self.fn(**payload)
 
+    def __repr__(self):
+        return f'<Task {self.name} ({self.fn.__module__})>'
+
     def apply(self, run_after=None, unique_key=None, **payload):
         """Queue a run with `payload` as part of the caller's transaction.  :return: the Job."""
         job = Job(**self._row(payload, run_after), unique_key=unique_key)
@@ -70,7 +78,7 @@ class Task:
         db.session.info['jobs_queued'] = True
         return job
 
-    def apply_once(self, unique_key, run_after=None, status='queued', error=None, **payload):
+    def apply_once(self, unique_key, run_after=None, status=JobStatus.QUEUED, error=None, **payload):
         """Queue a run unless a job with `unique_key` already exists, and commit.  :return: True if
         this call queued it. Safe to call from any number of processes at once."""
         inserted = db.session.execute(
@@ -84,6 +92,8 @@ class Task:
         return inserted
 
     def _row(self, payload, run_after):
+        if current_app.extensions['tasks'].get(self.name) is not self:
+            raise LookupError(f'{self!r} is not registered with this app (see app.create_app)')
         json.dumps(payload)  # an argument that cannot be stored fails here, at the caller, not in a worker
         return dict(task=self.name, queue=self.queue, payload=payload, run_after=run_after or utcnow(),
                     max_attempts=self.max_attempts or current_app.config['JOB_MAX_ATTEMPTS'])
@@ -93,11 +103,24 @@ def define_task(queue='mail', max_attempts=None):
     """Make a function a task: `@define_task(queue='bulk')`. Its keyword arguments must be JSON."""
     if queue not in QUEUES:
         raise ValueError(f'queue must be one of {QUEUES}')
+    return lambda fn: Task(fn, queue, max_attempts)
 
-    def decorate(fn):
-        TASKS[fn.__name__] = task = Task(fn, queue, max_attempts)
-        return task
-    return decorate
+
+class TaskRegistry:
+    """The tasks an app runs, by name: a job row names its task, and a worker finds it here."""
+
+    def __init__(self, tasks=()):
+        self.tasks = {}
+        self.add(*tasks)
+
+    def add(self, *tasks):
+        """:raise ValueError: for a name already taken by another task, which would otherwise run in its place."""
+        for task in tasks:
+            if self.tasks.setdefault(task.name, task) is not task:
+                raise ValueError(f'two tasks are named {task.name!r}: {self.tasks[task.name]!r} and {task!r}')
+
+    def get(self, name):
+        return self.tasks.get(name)
 
 
 @dataclass
@@ -130,7 +153,7 @@ def stopping():
 def run_next(queue, worker_stopping=None):
     """Claim the next due job of `queue` and run it here, or hand it to RQ.  :return: False if none was due."""
     owner, config = new_owner(), current_app.config
-    ids = claim(Job, Job.queue == queue, Job.status.in_(('queued', 'running')), Job.run_after <= utcnow(),
+    ids = claim(Job, Job.queue == queue, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)), Job.run_after <= utcnow(),
                 owner=owner, seconds=config['LEASE_SECONDS'], limit=1)
     if not ids:
         return False
@@ -159,7 +182,7 @@ def execute(job_id, claimed_by, worker_stopping):
     owner = new_owner()
     started = db.session.execute(
         sa.update(Job).where(Job.id == job_id, Job.claimed_by == claimed_by)
-        .values(claimed_by=owner, lease_until=db_later(lease), status='running', attempts=Job.attempts + 1,
+        .values(claimed_by=owner, lease_until=db_later(lease), status=JobStatus.RUNNING, attempts=Job.attempts + 1,
                 started_at=utcnow(), finished_at=None, progress_done=None, progress_total=None)
         .execution_options(synchronize_session=False)).rowcount
     db.session.commit()
@@ -167,12 +190,13 @@ def execute(job_id, claimed_by, worker_stopping):
         return  # handed to RQ, then re-handed after its lease ran out: the newer hand-over runs it
     job = db.session.get(Job, job_id)
     name, payload, attempt, max_attempts = job.task, job.payload, job.attempts, job.max_attempts
-    running = _Running(job_id, owner, worker_stopping)
+    running, task = _Running(job_id, owner, worker_stopping), current_app.extensions['tasks'].get(name)
     if attempt > max_attempts:
-        return _record(running, status='failed', finished_at=utcnow(), error=(
+        return _record(running, status=JobStatus.FAILED, finished_at=utcnow(), error=(
             f'gave up: the worker running it stopped {attempt - 1} time(s) mid-job (killed, or out of memory)'))
-    if name not in TASKS:
-        return _record(running, status='failed', finished_at=utcnow(), error=f'no task named {name!r} in this app')
+    if task is None:
+        return _record(running, status=JobStatus.FAILED, finished_at=utcnow(),
+                       error=f'no task named {name!r} in this app')
 
     log.info('job %d: %s started (attempt %d of %d)', job_id, name, attempt, max_attempts)
     heartbeat = Heartbeat(functools.partial(_keep_lease, running, lease),
@@ -180,28 +204,29 @@ def execute(job_id, claimed_by, worker_stopping):
     _local.running = running
     try:
         with heartbeat:
-            result = TASKS[name].fn(**payload)
+            result = task.fn(**payload)
     except Interrupted:
         db.session.rollback()
         log.info('job %d: %s interrupted; queued again', job_id, name)
-        outcome = dict(status='queued', attempts=Job.attempts - 1)
+        outcome = dict(status=JobStatus.QUEUED, attempts=Job.attempts - 1)
     except Reschedule as later:
         db.session.rollback()
         log.info('job %d: %s comes back at %s UTC', job_id, name, later.at)
-        outcome = dict(status='queued', attempts=Job.attempts - 1, run_after=later.at, result=_jsonable(later.result),
+        outcome = dict(status=JobStatus.QUEUED, attempts=Job.attempts - 1, run_after=later.at, result=_jsonable(later.result),
                        error=None)
     except Exception as exc:
         db.session.rollback()
-        error = f'{type(exc).__name__}: {exc}'
-        if isinstance(exc, PermanentFailure) or attempt >= max_attempts:
+        error = str(exc) if isinstance(exc, GiveUp) else f'{type(exc).__name__}: {exc}'
+        if isinstance(exc, GiveUp) or attempt >= max_attempts:
             log.exception('job %d: %s failed for good', job_id, name)
-            outcome = dict(status='failed', finished_at=utcnow(), error=error)
+            outcome = dict(status=JobStatus.FAILED, finished_at=utcnow(), error=error)
         else:
-            delay = retry_delay(attempt, cap=current_app.config['JOB_MAX_BACKOFF'])
+            config = current_app.config
+            delay = min(config['JOB_RETRY_BACKOFF'] * 2 ** (attempt - 1), config['JOB_MAX_BACKOFF'])
             log.warning('job %d: %s failed (%s); retrying in %.0fs', job_id, name, error, delay)
-            outcome = dict(status='queued', error=error, run_after=utcnow() + timedelta(seconds=delay))
+            outcome = dict(status=JobStatus.QUEUED, error=error, run_after=utcnow() + timedelta(seconds=delay))
     else:
-        outcome = dict(status='done', finished_at=utcnow(), result=_jsonable(result), error=None)
+        outcome = dict(status=JobStatus.DONE, finished_at=utcnow(), result=_jsonable(result), error=None)
     finally:
         _local.running = None
     _record(running, **outcome)
@@ -238,8 +263,8 @@ def _keep_lease(running, lease):
 
 
 class Worker:
-    """Runs the jobs of `queues` in this process, a thread per queue, and fires the schedules
-    (app/schedules.py) from a clock thread. Any number of workers, in any processes, may run."""
+    """Runs the jobs of `queues` in this process, a thread per queue, and ticks the app's clock from a
+    thread of its own. Any number of workers, in any processes, may run."""
 
     def __init__(self, app, queues=QUEUES):
         self.app, self.queues = app, tuple(queues)
@@ -275,8 +300,7 @@ class Worker:
         self._loop(wake, lambda: run_next(queue, self.stopping))
 
     def _clock(self):
-        from app.schedules import fire_due_schedules
-        self._loop(self.clock_wake, fire_due_schedules, repeat=False)
+        self._loop(self.clock_wake, tick, repeat=False)
 
     def _loop(self, wake, step, repeat=True):
         """Call `step` until it returns falsy, then wait for a wake-up or JOB_POLL_SECONDS."""
@@ -293,11 +317,16 @@ class Worker:
             wake.clear()
 
 
+def tick():
+    """What the app does on the clock (fire its due schedules): the callable the factory gave init_app."""
+    if clock := current_app.extensions['jobs_clock']:
+        clock()
+
+
 def run_due(queues=QUEUES):
-    """Fire due schedules, then run every job due now, in this thread (`flask worker --once`).
+    """Tick the clock, then run every job due now, in this thread (`flask worker --once`).
     :return: how many jobs ran."""
-    from app.schedules import fire_due_schedules
-    fire_due_schedules()
+    tick()
     ran = 0
     for queue in queues:
         while run_next(queue):
@@ -305,7 +334,11 @@ def run_due(queues=QUEUES):
     return ran
 
 
-def init_app(app):
+def init_app(app, tasks, clock=None):
+    """Bind the job runner: the app's `tasks` (a name clash is an error here), and `clock`, called on
+    each worker's clock thread every JOB_POLL_SECONDS."""
+    app.extensions['tasks'] = TaskRegistry(tasks)
+    app.extensions['jobs_clock'] = clock
     if app.config['JOB_BACKEND'] not in ('database', 'rq'):
         raise ValueError(f'JOB_BACKEND must be "database" or "rq", not {app.config["JOB_BACKEND"]!r}')
     if app.config['JOB_BACKEND'] == 'rq' and not app.config['REDIS_URL']:

@@ -13,7 +13,7 @@ import threading
 import sqlalchemy as sa
 from flask import current_app
 
-from app import db
+from app.extensions import db
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def claim(model, *conditions, owner, seconds, limit, values=None):
     free = lease_is_free(model)
     # Two statements, not UPDATE ... WHERE id IN (SELECT ... FOR UPDATE): PostgreSQL cannot flatten a
     # locking subquery, and with statistics from before a send filled the table (an ANALYZE at its
-    # start) it ran that subquery once per row: 6 seconds at 3,000 rows, growing with the square.
+    # start) it ran that subquery once per row, a cost growing with the square of the rows.
     # SKIP LOCKED lets PostgreSQL workers pass over rows another worker is claiming right now; the
     # repeated `free` test in the UPDATE is what makes the claim safe (SQLite serialises writers anyway).
     candidates = db.session.scalars(

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from app import db
 from app.broadcasts import BroadcastMailing
 from app.drip import STAGE_NAME, DripStage
+from app.extensions import db
 from app.models import Broadcast, Client, Delivery, DeliveryStatus
 from app.sendlog import count_due, iter_due
 

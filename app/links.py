@@ -1,9 +1,27 @@
 """Signed links that go out in emails. Confirmation links expire; unsubscribe links never do, because
 a subscriber may click one in a months-old email and must still be able to leave."""
+import secrets
+from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 from flask import current_app
 from itsdangerous import BadSignature, SignatureExpired, URLSafeSerializer, URLSafeTimedSerializer
+
+
+def init_app(app):
+    """Without a SECRET_KEY set, the app keeps one of its own in its instance folder."""
+    if not app.config['SECRET_KEY']:
+        app.config['SECRET_KEY'] = _instance_secret_key(app)
+
+
+def _instance_secret_key(app):
+    """Links in emails are signed with SECRET_KEY, so the key must survive restarts and be the same for
+    the web process and cron; a fresh random key per process would break every link already sent."""
+    path = Path(app.instance_path) / 'secret_key'
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
 
 
 class InvalidLink(Exception):

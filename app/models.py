@@ -1,79 +1,13 @@
 """The database tables: subscribers, the per-subscriber send log, send runs, broadcasts, and background jobs."""
 import enum
-import json
-import re
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy import orm as so
-from sqlalchemy.dialects import postgresql, sqlite
 
-from app import db
-
-
-def utcnow():
-    """Naive UTC everywhere: SQLite keeps no time zone, and mixing aware and naive values breaks comparisons."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
-
-
-def insert_ignoring_conflicts(model, unique_columns):
-    """INSERT that leaves out rows colliding on `unique_columns`: how the database, not the code,
-    decides which of two racing processes claims something first."""
-    insert = (postgresql if db.engine.dialect.name == 'postgresql' else sqlite).insert
-    return insert(model).on_conflict_do_nothing(index_elements=unique_columns)
-
-
-class RowsParameter:
-    """Rows (tuples) as a table with `columns` (name=type) in a statement that is built once and run many
-    times, each time with `params(rows)`: one parameter per column on PostgreSQL (arrays, unnest), one
-    in all on SQLite (a JSON array, json_each), however many rows. A drip batch claims 100 subscribers
-    in one INSERT ... SELECT from it; as 100 VALUES rows the claim had 800 placeholders, and psycopg
-    parses placeholders in Python: that cost more than the insert itself. And built anew for each run,
-    a statement costs SQLAlchemy more than the database takes to run it (bench/README.md)."""
-
-    def __init__(self, name, **columns):
-        self.name, self.columns = name, columns
-        # An array is of one type: psycopg refuses [120, 0.5] for a float column.
-        self.python_types = [sa.types.to_instance(type_).python_type for type_ in columns.values()]
-        if db.engine.dialect.name == 'postgresql':
-            self.arrays = {column: sa.bindparam(f'{name}_{column}', type_=postgresql.ARRAY(type_))
-                           for column, type_ in columns.items()}
-            table = sa.func.unnest(*self.arrays.values()).table_valued(*columns).render_derived()
-            self.table = sa.select(*table.c).subquery()
-        else:
-            table = sa.func.json_each(sa.bindparam(f'{name}_json')).table_valued('value')
-            self.table = sa.select(*(sa.type_coerce(sa.func.json_extract(table.c.value, f'$[{i}]'), type_).label(column)
-                                     for i, (column, type_) in enumerate(columns.items()))).subquery()
-        self.c = self.table.c
-
-    def holds(self, key, column):
-        """`key IN` this table's `column`: on PostgreSQL as `= ANY` of its array, which the planner can use
-        to fetch those rows by index however wrong its statistics, where a join may scan them all."""
-        if db.engine.dialect.name == 'postgresql':
-            return key == sa.any_(self.arrays[column])
-        return key.in_(sa.select(self.c[column]))
-
-    def params(self, rows):
-        if db.engine.dialect.name == 'postgresql':
-            return {f'{self.name}_{column}': [None if row[i] is None else python_type(row[i]) for row in rows]
-                    for i, (column, python_type) in enumerate(zip(self.columns, self.python_types, strict=True))}
-        return {f'{self.name}_json': json.dumps(rows)}
-
-
-def among(column, name):
-    """`column IN :name`, its values given when the statement runs: one array parameter on PostgreSQL,
-    for the reason RowsParameter gives."""
-    if db.engine.dialect.name == 'postgresql':
-        return column == sa.any_(sa.bindparam(name, type_=postgresql.ARRAY(column.type)))
-    return column.in_(sa.bindparam(name, expanding=True))
-
-
-def greeting_name(email):
-    """'jane.doe+news@example.com' -> 'Jane Doe', 'john.smith1990@' -> 'John Smith'; an address with no
-    letters before the @ gets 'there'."""
-    local = email.split('@', 1)[0].split('+', 1)[0]
-    words = [word for word in re.split(r'[\W\d_]+', local) if word]
-    return ' '.join(word.capitalize() for word in words) or 'there'
+from app.database import utcnow
+from app.extensions import db
 
 
 class Client(db.Model):
@@ -88,10 +22,6 @@ class Client(db.Model):
     created_at: so.Mapped[datetime] = so.mapped_column(default=utcnow)
     email_confirmed_at: so.Mapped[datetime | None]
     unsubscribed_at: so.Mapped[datetime | None]
-
-    @property
-    def greeting_name(self):
-        return greeting_name(self.email)
 
     def __repr__(self):
         return f'<Client {self.id} {self.email}>'
@@ -174,6 +104,32 @@ class SendRun(db.Model):
     stopped: so.Mapped[str | None] = so.mapped_column(sa.Text)  # why it ended early, if it did
 
 
+class BroadcastStatus(enum.StrEnum):
+    """Where a broadcast stands. Every move is one of BROADCAST_MOVES, made by app/broadcasts.py."""
+    SCHEDULED = 'scheduled'  # written, waiting for send_at
+    SENDING = 'sending'  # its audience fixed; sent, or to be sent, by its job
+    PAUSED = 'paused'  # stopped by an admin after a batch; resumed, it carries on where it stopped
+    SENT = 'sent'  # nobody left due or deferred
+    CANCELLED = 'cancelled'
+
+
+@dataclass(frozen=True)
+class Move:
+    """One allowed change of state: from any of `sources` to `to`."""
+    sources: tuple
+    to: enum.StrEnum
+
+
+BROADCAST_MOVES = {
+    'start': Move((BroadcastStatus.SCHEDULED,), BroadcastStatus.SENDING),  # its job, when send_at comes
+    'finish': Move((BroadcastStatus.SENDING,), BroadcastStatus.SENT),  # its job, once nobody is left
+    'pause': Move((BroadcastStatus.SENDING,), BroadcastStatus.PAUSED),  # an admin
+    'resume': Move((BroadcastStatus.PAUSED,), BroadcastStatus.SENDING),  # an admin: a new job carries on
+    'cancel': Move((BroadcastStatus.SCHEDULED, BroadcastStatus.PAUSED), BroadcastStatus.CANCELLED),  # an admin
+    'reopen': Move((BroadcastStatus.SENT,), BroadcastStatus.SENDING),  # an admin resends its unknown ones
+}
+
+
 class Broadcast(db.Model):
     """A one-off issue, written by an admin and sent once, at `send_at`, to every active subscriber
     confirmed by the time it starts. Its send log is the `deliveries` rows of mailing 'broadcast<id>'."""
@@ -185,8 +141,7 @@ class Broadcast(db.Model):
     html: so.Mapped[str] = so.mapped_column(sa.Text)
     send_at: so.Mapped[datetime]  # UTC
     timezone: so.Mapped[str] = so.mapped_column(sa.String(64))  # the one the admin wrote send_at in
-    # scheduled -> sending -> sent; scheduled -> cancelled; sending <-> paused
-    status: so.Mapped[str] = so.mapped_column(sa.String(10), default='scheduled')
+    status: so.Mapped[str] = so.mapped_column(sa.String(10), default=BroadcastStatus.SCHEDULED)
     created_by: so.Mapped[str] = so.mapped_column(sa.String(254))
     created_at: so.Mapped[datetime] = so.mapped_column(default=utcnow)
     started_at: so.Mapped[datetime | None]  # when its audience was fixed
@@ -195,6 +150,27 @@ class Broadcast(db.Model):
     @property
     def mailing(self):
         return f'broadcast{self.id}'
+
+
+class JobStatus(enum.StrEnum):
+    """Where a job stands. Every move, and the function of app/jobs.py that makes it:
+
+        (new)     -> queued     Task.apply, Task.apply_once
+        (new)     -> skipped    Task.apply_once(status=SKIPPED): a schedule's due time missed long ago
+        queued    -> running    execute: a worker has claimed it and starts it
+        running   -> running    execute: its worker died; another took it over once its lease ran out
+        running   -> done       execute: the task returned (its own writes are committed with this)
+        running   -> queued     execute: it raised, and has attempts left (back-off), or it was
+                                interrupted (its worker stopping) or rescheduled (Reschedule)
+        running   -> failed     execute: it raised GiveUp, or on its last attempt; or its workers kept dying
+        queued    -> cancelled  app/broadcasts.py cancel: the broadcast it would send was cancelled
+    """
+    QUEUED = 'queued'
+    RUNNING = 'running'
+    DONE = 'done'
+    FAILED = 'failed'
+    SKIPPED = 'skipped'
+    CANCELLED = 'cancelled'
 
 
 class Job(db.Model):
@@ -209,8 +185,7 @@ class Job(db.Model):
     queue: so.Mapped[str] = so.mapped_column(sa.String(20))
     payload: so.Mapped[dict] = so.mapped_column(sa.JSON)
     unique_key: so.Mapped[str | None] = so.mapped_column(sa.String(200), unique=True)
-    # queued -> running -> done | failed (or queued again, to retry); queued -> cancelled; skipped
-    status: so.Mapped[str] = so.mapped_column(sa.String(10), default='queued')
+    status: so.Mapped[str] = so.mapped_column(sa.String(10), default=JobStatus.QUEUED)
     attempts: so.Mapped[int] = so.mapped_column(default=0)
     max_attempts: so.Mapped[int]
     run_after: so.Mapped[datetime] = so.mapped_column(default=utcnow)

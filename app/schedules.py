@@ -14,9 +14,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import croniter
 from flask import current_app
 
-from app.models import utcnow
-from app.drip import available_stages
-from app.tasks import send_stage
+from app.database import utcnow
+from app.drip import available_stages, send_stage
+from app.models import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,11 @@ def fire_due_schedules(now=None):
         if late <= max_late:
             if send_stage.apply_once(key, stage=schedule.stage, trigger='schedule'):
                 log.info('schedule %s (%s): fired for %s UTC', schedule.stage, schedule.cron, due)
-                decided.append((schedule.stage, due, 'queued'))
-        elif send_stage.apply_once(key, status='skipped', stage=schedule.stage, trigger='schedule', error=(
+                decided.append((schedule.stage, due, JobStatus.QUEUED))
+        elif send_stage.apply_once(key, status=JobStatus.SKIPPED, stage=schedule.stage, trigger='schedule', error=(
                 f'not sent: {late / 3600:.1f} h past due when a worker next ran (SCHEDULE_MAX_LATE is '
                 f'{max_late:.0f} s); the next due time is sent as usual')):
             log.warning('schedule %s (%s): skipped %s UTC, %.1f h past due (the app was not running)',
                         schedule.stage, schedule.cron, due, late / 3600)
-            decided.append((schedule.stage, due, 'skipped'))
+            decided.append((schedule.stage, due, JobStatus.SKIPPED))
     return decided

@@ -46,8 +46,9 @@ from datetime import datetime
 import sqlalchemy as sa
 from flask import current_app
 
-from app import db
+from app.extensions import db
 from app.failures import OutcomeUnknown, PermanentFailure, TemporaryFailure, TransportFailure
+from app.jobs import GiveUp, Interrupted, report_progress, stopping
 from app.leases import Heartbeat
 from app.mailing import PREVIEW_RECIPIENT
 from app.models import DeliveryStatus, SendRun
@@ -114,6 +115,20 @@ def send(mailing, trigger, **options):
     was claimed)."""
     with _tuned_for_sending(), SenderPool(current_app.config['MAIL_CONCURRENCY']) as pool:
         return MailingSend(mailing, pool, trigger, **options).run()
+
+
+def send_as_job(mailing, trigger, should_stop=stopping, **options):
+    """send(), as a job (app/jobs.py): progress for the admin page; a retry with back-off when the send
+    stopped on an error (the next attempt carries on: nothing is sent twice), and a failure, for an admin
+    to look at, when retrying could only make more unknowns; back to the queue at once when its worker
+    shuts down.  :return: the Report."""
+    report = send(mailing, trigger, should_stop=should_stop, on_batch=lambda r: report_progress(r.done, r.due),
+                  **options)
+    if report.aborted:
+        raise (TemporaryFailure if report.retry_safe else GiveUp)(report.aborted)
+    if report.stopped and stopping():
+        raise Interrupted
+    return report
 
 
 def _folder_refusal():

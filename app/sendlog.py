@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 from flask import current_app
 
-from app import db
+from app.database import RowsParameter, among, insert_ignoring_conflicts
+from app.extensions import db
 from app.leases import db_later, db_now, new_owner
 from app.mailing import Recipient
-from app.models import Client, Delivery, RowsParameter, SendRun, among, insert_ignoring_conflicts
+from app.models import Client, Delivery, SendRun
 from app.models import DeliveryStatus as Status
 
 TAKEN_OVER = ('the run sending it stopped (killed, or stalled past its lease) before its answer came: '
@@ -112,7 +113,7 @@ def spread_starts(mailing, runs):
 def refresh_planner_statistics():
     """On PostgreSQL, ANALYZE before a send. Subscribers are often imported in bulk just before one,
     and with statistics from before the import the planner sorts every remaining subscriber for each
-    batch instead of walking the index in id order (bench/README.md: thirty times slower). Skipped with
+    batch instead of walking the index in id order (bench/README.md has what that cost). Skipped with
     a warning where the database user may not analyze."""
     if db.engine.dialect.name != 'postgresql':
         return

@@ -26,14 +26,23 @@ from sendgrid import SendGridAPIClient
 from sendgrid.helpers.mail import From, Mail
 from sendgrid.helpers.mail import Header as SendGridHeader
 
+from app.database import utcnow
 from app.failures import DeliveryFailure, OutcomeUnknown, PermanentFailure, TemporaryFailure, TransportFailure
-from app.models import utcnow
 from app.ratelimit import rate_limiter
 
 log = logging.getLogger(__name__)
 
 TRANSPORTS = ('smtp', 'sendgrid', 'folder')
 
+
+
+def init_app(app):
+    """Say no at start-up, not at the first send: a way out chosen badly, or none for a deployment (see
+    mail_transport); and say loudly, at every start, that TLS is not being verified."""
+    app.config['MAIL_FOLDER'] = app.config.get('MAIL_FOLDER') or str(Path(app.instance_path) / 'mail')
+    if mail_transport(app.config) == 'smtp' and not app.config['MAIL_TLS_VERIFY']:
+        app.logger.warning('MAIL_TLS_VERIFY is off: the certificate of %s is not checked, so anyone on the way '
+                           'to it can read MAIL_PASSWORD and every email', app.config['MAIL_SERVER'])
 
 def mail_transport(config):
     """'smtp', 'sendgrid' or 'folder': MAIL_TRANSPORT if set, else SendGrid when SENDGRID_API_KEY is set,

@@ -41,7 +41,8 @@ def main():
                           JOB_WORKER='off')
         from flask_migrate import upgrade
 
-        from app import create_app, db
+        from app import create_app
+        from app.extensions import db
         from app import drip, sending
         from app.mailing import Recipient
         from app.models import Client, Delivery

@@ -14,9 +14,11 @@ os.environ['FLASK_SKIP_DOTENV'] = '1'  # before config is imported: a developer'
 import pytest  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
-from app import create_app, db  # noqa: E402
+from app import create_app  # noqa: E402
+from app.database import utcnow
+from app.extensions import db
 from app.ledger import ledger, mailing_named  # noqa: E402
-from app.models import Client, Delivery, utcnow  # noqa: E402
+from app.models import Client, Delivery  # noqa: E402
 from config import Config  # noqa: E402
 from tests.support.sendgrid import SendGridStandIn  # noqa: E402
 from tests.support.silent import SilentServer  # noqa: E402

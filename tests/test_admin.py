@@ -1,15 +1,16 @@
 """The admin pages: sign-in by emailed link, the jobs an admin can watch, broadcasts, "send now"."""
 import re
 import time
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
-from app import db
+from app.database import utcnow
+from app.extensions import db
 from app.jobs import run_due
-from app.models import Broadcast, Job, utcnow
+from app.models import Broadcast, Job
 from tests.conftest import csrf_token
 
 
@@ -126,3 +127,17 @@ def test_send_now_queues_the_stage_and_the_dashboard_shows_each_jobs_state(app, 
     deliver(app)
     page = admin.get('/admin/').get_data(as_text=True)
     assert re.search(r'send_stage <small>week1</small></td>\s*<td>done</td>\s*<td>3 / 3</td>', page)
+
+
+def test_a_new_broadcast_starts_at_the_current_time_in_the_zone_the_form_shows(admin, monkeypatch):
+    monkeypatch.setenv('TZ', 'Pacific/Auckland')  # the server's own zone is not the form's
+    time.tzset()
+    try:
+        page = admin.get('/admin/broadcasts/new').get_data(as_text=True)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+    shown = datetime.strptime(re.search(r'name="send_at"[^>]*value="([^"]+)"', page).group(1), '%Y-%m-%dT%H:%M')
+    assert re.search(r'<option selected value="UTC">UTC</option>', page)
+    assert abs(shown - datetime.now(timezone.utc).replace(tzinfo=None)) < timedelta(minutes=2)

@@ -9,9 +9,11 @@ from datetime import datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from app import broadcasts, db
+from app import broadcasts
+from app.database import utcnow
+from app.extensions import db
 from app.jobs import run_due
-from app.models import Broadcast, Delivery, Job, utcnow
+from app.models import Broadcast, Delivery, Job
 
 TEXT = 'Hello {{ greeting_name }},\n\nOur winter sale starts today.'
 HTML = '<p>Hello {{ greeting_name }},</p><p>Our <b>winter sale</b> starts today.</p>'
@@ -208,3 +210,10 @@ def test_flask_broadcast_previews_schedules_lists_and_cancels(app, runner, tmp_p
 
     past = runner.invoke(args=[*create[:-4], '--at', '2020-01-01 09:00'])
     assert past.exit_code == 1 and 'is in the past' in past.output
+
+
+@pytest.mark.parametrize('verb', ['cancel', 'pause', 'resume'])
+def test_each_broadcast_command_says_what_it_does(runner, verb):
+    shown = runner.invoke(args=['broadcast', verb, '--help'])
+    assert shown.exit_code == 0 and f'{verb.capitalize()} broadcast ID.' in shown.output
+    assert 'None' not in shown.output

@@ -16,9 +16,11 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from app import broadcasts, db
+from app import broadcasts
+from app.database import utcnow
+from app.extensions import db
 from app.ledger import ledger, mailing_named
-from app.models import Delivery, Job, utcnow
+from app.models import Delivery, Job
 from tests.support.smtp import MailSink
 
 SUBSCRIBERS = 240

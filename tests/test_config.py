@@ -37,3 +37,14 @@ def test_without_a_secret_key_one_is_generated_once_and_kept_private(tmp_path):
 
     assert len(keys) == 1 and len(keys.pop()) == 64
     assert (tmp_path / 'secret_key').stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize('url', ['mysql://u:p@db.example.com/news', 'oracle://db.example.com/news', 'not a url'])
+def test_a_database_the_app_does_not_speak_stops_it_at_start_up(tmp_path, url):
+    class Settings(config.Config):
+        INSTANCE_PATH = str(tmp_path)
+        SQLALCHEMY_DATABASE_URI = url
+
+    with pytest.raises(ValueError, match='DATABASE_URL: .*(not supported; use PostgreSQL|not a database URL)'):
+        create_app(Settings)
+

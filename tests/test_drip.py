@@ -5,9 +5,11 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from app import db
+from app.database import utcnow
+from app.email import greeting_name
+from app.extensions import db
 from app.jobs import run_due
-from app.models import Client, Delivery, Job, greeting_name, utcnow
+from app.models import Client, Delivery, Job
 
 
 def clients(app):

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import sqlalchemy as sa
 
-from app import db
+from app.extensions import db
 from app.models import Client, Delivery
 from config import Config
 

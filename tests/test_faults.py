@@ -15,11 +15,13 @@ import pytest
 import rq
 import sqlalchemy as sa
 
-from app import broadcasts, db
+from app import broadcasts
 from app.broadcasts import BroadcastMailing
+from app.database import utcnow
+from app.extensions import db
 from app.jobs import run_due
 from app.mailing import Recipient
-from app.models import Broadcast, Client, Delivery, Job, SendRun, utcnow
+from app.models import Broadcast, Client, Delivery, Job, SendRun
 from tests.support.smtp import MailSink, free_port
 
 TEXT, HTML = 'Hello {{ greeting_name }}, our sale starts today.', '<p>Hello {{ greeting_name }}</p>'
@@ -404,14 +406,14 @@ def test_a_database_that_sent_real_mail_is_not_written_into_the_folder_unless_as
 
 def test_every_way_of_starting_a_send_is_the_same_send_and_fails_the_way_its_runner_understands(
         app, runner, smtp, subscribers, settings, redis_server, flask_command):
-    app.config.update(MAIL_RETRIES=0, MAIL_RETRY_BACKOFF=60)  # one try each; a job retried a minute later
+    app.config.update(MAIL_RETRIES=0, JOB_RETRY_BACKOFF=60)  # one try each; a job retried a minute later
     subscribers(3)
     smtp.stop()  # the way out is down for all of them
     queue_name = f'test-{time.time_ns()}'
 
     from_cron = runner.invoke(args=['send-newsletter-email', 'week1'])
     with app.app_context():  # "Send now" queues the same job a schedule fires: run it as a worker would
-        from app.tasks import send_stage
+        from app.drip import send_stage
         send_stage.apply(stage='week1')
         db.session.commit()
     run_jobs(app)

@@ -9,11 +9,13 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from app import create_app, db
-from app.email import Email
+from app import create_app
+from app.database import utcnow
+from app.drip import send_stage
+from app.email import Email, queue_email
+from app.extensions import db
 from app.jobs import Interrupted, Worker, define_task, report_progress, run_due, run_next, stopping
-from app.models import Client, Delivery, Job, utcnow
-from app.tasks import queue_email, send_stage
+from app.models import Client, Delivery, Job
 from config import Config
 from tests.test_outbox import queue
 
@@ -44,6 +46,13 @@ def slow_counter(steps, step_seconds):
             raise Interrupted
         time.sleep(step_seconds)
     return {'steps': steps}
+
+
+@pytest.fixture
+def app(app):
+    """The app, with this module's tasks registered beside its own, as the factory registers those."""
+    app.extensions['tasks'].add(add, flaky, subscribe_then, slow_counter)
+    return app
 
 
 def jobs(app):
@@ -82,7 +91,7 @@ def test_an_argument_that_cannot_be_stored_is_refused_where_the_task_is_applied(
 
 
 def test_a_failing_job_is_retried_with_growing_back_off_then_kept_as_failed_with_its_error(app):
-    app.config.update(JOB_MAX_ATTEMPTS=3, MAIL_RETRY_BACKOFF=60)
+    app.config.update(JOB_MAX_ATTEMPTS=3, JOB_RETRY_BACKOFF=60)
     with app.app_context():
         flaky.apply(message='the disk is full')
         db.session.commit()
@@ -251,3 +260,21 @@ def test_the_rq_backend_without_redis_stops_the_app_at_start_up(settings):
     settings.update(JOB_BACKEND='rq', REDIS_URL=None)
     with pytest.raises(ValueError, match='JOB_BACKEND=rq needs REDIS_URL'):
         create_app(type('TestConfig', (Config,), settings))
+
+
+def test_two_tasks_of_one_name_stop_the_app_instead_of_one_running_in_the_others_place(app):
+    @define_task()
+    def send_email(recipient):  # the name of the app's own task
+        pass
+
+    with pytest.raises(ValueError, match="two tasks are named 'send_email'"):
+        app.extensions['tasks'].add(send_email)
+
+
+def test_a_task_the_app_has_not_registered_is_refused_where_it_is_applied(app):
+    @define_task()
+    def forgotten():
+        pass
+
+    with app.app_context(), pytest.raises(LookupError, match='not registered'):
+        forgotten.apply()

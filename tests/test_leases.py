@@ -5,9 +5,10 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from app import db
+from app.database import utcnow
 from app.drip import DripStage
-from app.models import Client, Delivery, SendRun, utcnow
+from app.extensions import db
+from app.models import Client, Delivery, SendRun
 from app.sendlog import SendLog
 
 

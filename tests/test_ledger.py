@@ -3,7 +3,7 @@ counted against the subscribers' own records, so that a gap between the two is s
 import pytest
 import sqlalchemy as sa
 
-from app import db
+from app.extensions import db
 from app.models import Client, Delivery
 from tests.support.smtp import MailSink
 

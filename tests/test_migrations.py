@@ -3,7 +3,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from app import db
+from app.extensions import db
 
 
 def test_flask_db_upgrade_builds_the_models_schema(settings, flask_command):

@@ -8,11 +8,12 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from app import db
+from app.database import utcnow
 from app.email import Email
+from app.email import queue_email
+from app.extensions import db
 from app.jobs import run_due
-from app.models import Job, utcnow
-from app.tasks import queue_email
+from app.models import Job
 from tests.test_signup import sign_up
 
 
@@ -78,7 +79,7 @@ def test_a_permanent_failure_is_kept_as_failed_and_the_rest_go_out(app, smtp):
 
 
 def test_a_temporary_failure_is_retried_with_growing_back_off_then_kept_as_failed(app, smtp):
-    app.config.update(JOB_MAX_ATTEMPTS=3, MAIL_RETRY_BACKOFF=60)
+    app.config.update(JOB_MAX_ATTEMPTS=3, JOB_RETRY_BACKOFF=60)
     smtp.refuse_for_now['busy@example.com'] = 99
     queue(app, 'busy@example.com')
 

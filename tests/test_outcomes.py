@@ -6,8 +6,8 @@ from app import create_app
 from app.failures import OutcomeUnknown, PermanentFailure, TemporaryFailure, TransportFailure
 from app.mailing import Recipient
 from app.models import DeliveryStatus
-from app.sendlog import Claimed
 from app.sending import Outgoing, sort_outcome
+from app.sendlog import Claimed
 from config import Config
 
 

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import sqlalchemy as sa
 
-from app import db
+from app.extensions import db
 from app.models import Client, Delivery
 from app.ratelimit import LocalSchedule, SharedSchedule
 from tests.conftest import REDIS_URL

@@ -10,7 +10,8 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
-from app import create_app, db
+from app import create_app
+from app.extensions import db
 from app.jobs import run_next
 from app.models import Job
 from app.schedules import Schedule, fire_due_schedules, parse_schedules

@@ -4,7 +4,7 @@ import re
 import pytest
 import sqlalchemy as sa
 
-from app import db
+from app.extensions import db
 from app.jobs import run_due
 from app.models import Client, Job
 from tests.conftest import csrf_token

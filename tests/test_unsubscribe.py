@@ -2,7 +2,7 @@
 import pytest
 import sqlalchemy as sa
 
-from app import db
+from app.extensions import db
 from app.links import unsubscribe_token
 from app.models import Client
 from tests.conftest import csrf_token

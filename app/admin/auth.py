@@ -6,12 +6,11 @@ from flask import current_app, redirect, render_template, url_for
 from flask_login import UserMixin, login_user, logout_user
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-from app import db, login
-from app.admin import bp
+from app.admin.blueprint import bp
 from app.admin.forms import LoginForm
-from app.email import make_message_id, render_email
+from app.email import make_message_id, queue_email, render_email
+from app.extensions import db, login
 from app.links import public_url
-from app.tasks import queue_email
 
 LINK_MAX_AGE = 15 * 60
 

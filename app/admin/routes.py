@@ -1,16 +1,15 @@
 """What admins see and do: the state of every background job, the schedules, and broadcasts."""
-from datetime import datetime
-
 import sqlalchemy as sa
 from flask import abort, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 
-from app import broadcasts, db, login
-from app.admin import bp
+from app import broadcasts
+from app.admin.blueprint import bp
 from app.admin.forms import BroadcastForm
-from app.models import Broadcast, Client, Job, utcnow
-from app.drip import available_stages
-from app.tasks import send_stage
+from app.database import utcnow
+from app.drip import available_stages, send_stage
+from app.extensions import db, login
+from app.models import BROADCAST_MOVES, Broadcast, Client, Job
 
 
 @bp.before_request
@@ -59,7 +58,9 @@ def new_broadcast():
         except broadcasts.BroadcastError as exc:
             error = str(exc)
     elif not form.is_submitted():
-        form.send_at.data = datetime.now().replace(second=0, microsecond=0)
+        # In the zone the form starts in, not the server's.
+        now = broadcasts.utc_to_local(utcnow(), form.timezone.data)
+        form.send_at.data = now.replace(second=0, microsecond=0, tzinfo=None)
     status = 400 if error or form.errors else 200
     return render_template('admin/new_broadcast.html', title='New broadcast', form=form, preview=preview,
                            error=error), status
@@ -74,7 +75,7 @@ def broadcast(broadcast_id):
     return render_template('admin/broadcast.html', title=f'Broadcast {item.id}', broadcast=item,
                            counts=broadcasts.delivery_counts(item), preview=broadcasts.preview(item),
                            send_at=broadcasts.utc_to_local(item.send_at, item.timezone),
-                           jobs=jobs)
+                           jobs=jobs, moves=BROADCAST_MOVES)
 
 
 @bp.route('/broadcasts/<int:broadcast_id>/<any(cancel, pause, resume):verb>', methods=['POST'])

@@ -2,8 +2,8 @@ from flask import render_template
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
-from app import db
-from app.errors import bp
+from app.errors.blueprint import bp
+from app.extensions import db
 
 
 @bp.app_errorhandler(CSRFError)

@@ -2,12 +2,13 @@ import sqlalchemy as sa
 from flask import abort, render_template, request
 from sqlalchemy.exc import IntegrityError
 
-from app import csrf, db
+from app.database import utcnow
+from app.extensions import csrf, db
 from app.links import ExpiredLink, InvalidLink, load_confirm_token, load_unsubscribe_token
-from app.main import bp
+from app.main.blueprint import bp
 from app.main.email import queue_confirmation_email, queue_new_subscriber_notice
 from app.main.forms import SubscribeForm, UnsubscribeForm
-from app.models import Client, utcnow
+from app.models import Client
 
 
 @bp.route('/', methods=['GET', 'POST'])

@@ -1,0 +1,104 @@
+"""What the app asks of its database beyond the ORM, kept in one place: which databases it speaks
+(PostgreSQL and SQLite, and no other: their SQL differs where it matters), how each is set up, and the
+few statements written differently for each."""
+import json
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine, make_url
+
+from app.extensions import db
+
+DIALECTS = ('postgresql', 'sqlite')
+
+
+def init_app(app):
+    """Say no at start-up to a database the app does not speak, instead of sending it SQLite's SQL at
+    the first claim."""
+    url = app.config['SQLALCHEMY_DATABASE_URI']
+    try:
+        dialect = make_url(url).get_backend_name()
+    except sa.exc.ArgumentError as exc:
+        raise ValueError(f'DATABASE_URL: {url!r} is not a database URL') from exc
+    if dialect not in DIALECTS:
+        raise ValueError(f'DATABASE_URL: {dialect!r} is not supported; use PostgreSQL (postgresql://...) '
+                         'or SQLite (sqlite:///...)')
+
+
+def is_postgresql():
+    return db.engine.dialect.name == 'postgresql'
+
+
+@event.listens_for(Engine, 'connect')
+def _sqlite_concurrency(dbapi_connection, connection_record):
+    """Cron, the web process and workers share one SQLite file: WAL lets readers run beside the writer,
+    and the busy timeout makes a writer wait for the lock instead of failing at once. In WAL mode,
+    synchronous=NORMAL keeps every commit through a killed process (only a power cut can lose the last
+    few), and spares the send log's frequent small commits a wait on the disk each."""
+    if type(dbapi_connection).__module__ != 'sqlite3':
+        return
+    cursor = dbapi_connection.cursor()
+    cursor.execute('PRAGMA journal_mode=WAL')
+    cursor.execute('PRAGMA synchronous=NORMAL')
+    cursor.execute('PRAGMA busy_timeout=30000')
+    cursor.execute('PRAGMA foreign_keys=ON')
+    cursor.close()
+
+
+def utcnow():
+    """Naive UTC everywhere: SQLite keeps no time zone, and mixing aware and naive values breaks comparisons."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def insert_ignoring_conflicts(model, unique_columns):
+    """INSERT that leaves out rows colliding on `unique_columns`: how the database, not the code,
+    decides which of two racing processes claims something first."""
+    insert = (postgresql if is_postgresql() else sqlite).insert
+    return insert(model).on_conflict_do_nothing(index_elements=unique_columns)
+
+
+class RowsParameter:
+    """Rows (tuples) as a table with `columns` (name=type) in a statement that is built once and run many
+    times, each time with `params(rows)`: one parameter per column on PostgreSQL (arrays, unnest), one
+    in all on SQLite (a JSON array, json_each), however many rows. A drip batch claims 100 subscribers
+    in one INSERT ... SELECT from it; as 100 VALUES rows the claim had 800 placeholders, and psycopg
+    parses placeholders in Python: that cost more than the insert itself. And built anew for each run,
+    a statement costs SQLAlchemy more than the database takes to run it (bench/README.md)."""
+
+    def __init__(self, name, **columns):
+        self.name, self.columns = name, columns
+        # An array is of one type: psycopg refuses [120, 0.5] for a float column.
+        self.python_types = [sa.types.to_instance(type_).python_type for type_ in columns.values()]
+        if is_postgresql():
+            self.arrays = {column: sa.bindparam(f'{name}_{column}', type_=postgresql.ARRAY(type_))
+                           for column, type_ in columns.items()}
+            table = sa.func.unnest(*self.arrays.values()).table_valued(*columns).render_derived()
+            self.table = sa.select(*table.c).subquery()
+        else:
+            table = sa.func.json_each(sa.bindparam(f'{name}_json')).table_valued('value')
+            self.table = sa.select(*(sa.type_coerce(sa.func.json_extract(table.c.value, f'$[{i}]'), type_).label(column)
+                                     for i, (column, type_) in enumerate(columns.items()))).subquery()
+        self.c = self.table.c
+
+    def holds(self, key, column):
+        """`key IN` this table's `column`: on PostgreSQL as `= ANY` of its array, which the planner can use
+        to fetch those rows by index however wrong its statistics, where a join may scan them all."""
+        if is_postgresql():
+            return key == sa.any_(self.arrays[column])
+        return key.in_(sa.select(self.c[column]))
+
+    def params(self, rows):
+        if is_postgresql():
+            return {f'{self.name}_{column}': [None if row[i] is None else python_type(row[i]) for row in rows]
+                    for i, (column, python_type) in enumerate(zip(self.columns, self.python_types, strict=True))}
+        return {f'{self.name}_json': json.dumps(rows)}
+
+
+def among(column, name):
+    """`column IN :name`, its values given when the statement runs: one array parameter on PostgreSQL,
+    for the reason RowsParameter gives."""
+    if is_postgresql():
+        return column == sa.any_(sa.bindparam(name, type_=postgresql.ARRAY(column.type)))
+    return column.in_(sa.bindparam(name, expanding=True))
