@@ -241,7 +241,7 @@ def broadcast_list():
     for item in db.session.scalars(sa.select(Broadcast).order_by(Broadcast.id.desc())):
         counts = broadcasts.delivery_counts(item)
         when = broadcasts.utc_to_local(item.send_at, item.timezone)
-        outcomes = ', '.join(f'{state} {counts.get(state, 0)}' for state in ('sent', 'failed', 'unknown', 'deferred'))
+        outcomes = ', '.join(f'{state} {counts.get(state, 0)}' for state in STATES[:-1])
         click.echo(f'{item.id}\t{item.status}\t{when:%Y-%m-%d %H:%M} {item.timezone}\t{outcomes}\t{item.subject}')
 
 

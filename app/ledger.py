@@ -11,10 +11,11 @@ import sqlalchemy as sa
 from app.broadcasts import BroadcastMailing
 from app.drip import STAGE_NAME, DripStage
 from app.extensions import db
-from app.models import Broadcast, Client, Delivery, DeliveryStatus
+from app.models import Broadcast, BroadcastStatus, Client, Delivery, DeliveryStatus
 from app.sendlog import count_due, iter_due
 
-STATES = ('sent', 'failed', 'unknown', 'deferred', 'pending')
+PENDING = 'pending'  # due, or claimed and not yet answered: no outcome yet
+STATES = (DeliveryStatus.SENT, DeliveryStatus.FAILED, DeliveryStatus.UNKNOWN, DeliveryStatus.DEFERRED, PENDING)
 
 
 @dataclass(frozen=True)
@@ -87,14 +88,14 @@ def _drip_audience(stage):
 
 def _broadcast_mismatches(mailing, unfinished):
     status = db.session.scalar(sa.select(Broadcast.status).where(Broadcast.id == mailing.id))
-    if status == 'sent' and unfinished:
+    if status == BroadcastStatus.SENT and unfinished:
         return [f'marked sent while {unfinished} are still pending or deferred']
     return []
 
 
 def members(mailing, state):
     """Who is in `state` (one of STATES), by subscriber id: [(email, detail)]."""
-    if state == 'pending':
+    if state == PENDING:
         held = db.session.scalars(
             sa.select(Client.email).join(Delivery, Client.id == Delivery.client_id)
             .where(Delivery.mailing == mailing.key, Delivery.status == DeliveryStatus.CLAIMED)
@@ -105,7 +106,7 @@ def members(mailing, state):
         sa.select(Client.email, Delivery.error, Delivery.next_attempt_at, Delivery.attempts)
         .join(Delivery, Client.id == Delivery.client_id)
         .where(Delivery.mailing == mailing.key, Delivery.status == state).order_by(Client.id)).all()
-    if state == 'deferred':
+    if state == DeliveryStatus.DEFERRED:
         return [(email, f'next attempt {retry:%Y-%m-%d %H:%M:%S} UTC, {attempts} so far: {error}')
                 for email, error, retry, attempts in rows]
     return [(email, error or '') for email, error, _, _ in rows]

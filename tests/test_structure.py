@@ -75,3 +75,12 @@ def test_the_factory_only_wires():
     assert (defined, assigned) == (['create_app'], [])
     assert not any(module.startswith('app') and module != 'app' and 'app' in imported
                    for module, imported in app_imports().items()), 'nothing imports from the factory package'
+
+
+def test_the_readmes_layout_table_names_every_module_and_package():
+    readme = (APP.parent / 'README.md').read_text()
+    layout = readme[readme.index('## Layout'):]
+    parts = [path for path in APP.glob('*.py')] + [path for path in APP.iterdir() if (path / '__init__.py').exists()]
+    missing = [str(path.relative_to(APP.parent)) for path in parts
+               if f'`{path.relative_to(APP.parent)}{"/" if path.is_dir() else ""}`' not in layout]
+    assert len(parts) > 20 and missing == []
