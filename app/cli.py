@@ -133,7 +133,7 @@ def mailing_group():
 
 @mailing_group.command('status')
 @click.argument('key', metavar='MAILING')
-@click.option('--list', 'state', type=click.Choice(STATES), help='Also list who is in this state, with the reason.')
+@click.option('--list', 'state', type=click.Choice([str(state) for state in STATES]), help='Also list who is in this state, with the reason.')
 def mailing_status(key, state):
     """Where everyone stands with MAILING (week1, week2, ..., or broadcast7): audience = sent + failed +
     unknown + deferred + pending, checked against the subscribers' own records.
