@@ -115,6 +115,8 @@ class Config:
     # A due time missed by more than this (the app was down) is skipped and logged, not sent late.
     SCHEDULE_MAX_LATE = env_float('SCHEDULE_MAX_LATE', 3600)
 
+    # Drip stages go out only between these hours, in SCHEDULE_TIMEZONE ("08:00-20:00"; empty: any time).
+    SEND_WINDOW = os.environ.get('SEND_WINDOW') or ''
     # The drip's stage templates (weekN.txt and weekN.html); by default the app's own.
     STAGES_FOLDER = os.environ.get('STAGES_FOLDER') or str(basedir / 'app' / 'templates' / 'emails' / 'newsletter')
 

@@ -55,7 +55,7 @@ class BroadcastMailing:
     def key(self):
         return f'broadcast{self.id}'
 
-    def conditions(self):
+    def conditions(self, after=0):
         return Client.active, Client.email_confirmed_at <= (self.started_at or utcnow())
 
     def compose(self, recipient):
@@ -71,6 +71,9 @@ class BroadcastMailing:
 
     def message_id(self, recipient):
         return make_message_id('broadcast', self.id, recipient.client_id, address_digest(recipient.email))
+
+    def not_now(self):
+        return None  # an admin chose its time
 
     def advance(self, client_ids):
         return None

@@ -12,7 +12,7 @@ from flask import Blueprint, current_app, has_app_context
 from flask.cli import ScriptInfo
 
 from app import broadcasts
-from app.drip import DripStage, available_stages, queue_retry
+from app.drip import DripStage, available_stages, latest_first, queue_retry
 from app.email import TemplateError
 from app.extensions import db
 from app.jobs import QUEUES, Worker, rq_queue, run_due
@@ -21,6 +21,7 @@ from app.models import Broadcast, DeliveryStatus
 from app.scaleout import enqueue_stage
 from app.sending import check_templates, send
 from app.sendlog import count_due, iter_due, requeue
+from app.timing import TimingError
 from app.transports import describe_transport
 
 bp = Blueprint('cli', __name__, cli_group=None)
@@ -47,7 +48,10 @@ class StageName(click.Choice):
 
 
 @bp.cli.command('send-newsletter-email')
-@click.argument('stage', type=StageName())
+@click.argument('stage', type=StageName(), required=False)
+@click.option('--due', is_flag=True,
+              help='Send every stage, to each subscriber as it is due (its Delay: after the step before), the '
+                   'latest stages first: one cron line for the whole drip.')
 @click.option('--dry-run', is_flag=True, help='List who would get STAGE now; send nothing.')
 @click.option('--retry-failed', is_flag=True,
               help='Send again to subscribers whose STAGE failed for good (once you fixed the cause).')
@@ -56,21 +60,37 @@ class StageName(click.Choice):
                    'know it did not.')
 @click.option('--queue', 'jobs', type=int, default=None, metavar='JOBS',
               help='Hand the send to RQ workers (`flask rq-worker`) as JOBS jobs instead; needs REDIS_URL.')
-def send_newsletter_email(stage, dry_run, retry_failed, resend_unknown, jobs):
-    """Send drip STAGE to every active, confirmed subscriber who has received the stage before it.
+def send_newsletter_email(stage, due, dry_run, retry_failed, resend_unknown, jobs):
+    """Send drip STAGE to every active, confirmed subscriber who has received the stage before it (and
+    waited the stage's delay since, if it declares one); or, with --due, every stage that is due.
 
     Safe to run twice, by hand beside cron, or again after a crash: nobody gets a stage twice. Prints
     a summary, and exits with status 1 when anyone failed or may not have got it (unknown), or the run
     stopped on an error, so cron's MAILTO reports it. Deferred subscribers are tried again by a job.
+    Outside SEND_WINDOW, it sends nothing and says so.
     """
-    mailing = DripStage(stage)
+    if due == bool(stage):
+        raise click.UsageError('name a STAGE, or give --due for every stage')
+    if due and (retry_failed or resend_unknown or jobs is not None):
+        raise click.UsageError('--due sends what is due; --retry-failed, --resend-unknown and --queue take a STAGE')
+    healthy = [_send_stage(key, dry_run, retry_failed, resend_unknown, jobs) for key in ([stage] if stage else latest_first())]
+    if not all(healthy):
+        sys.exit(1)
+
+
+def _send_stage(stage, dry_run, retry_failed, resend_unknown, jobs):
+    """One stage, as the command sends it.  :return: False when anyone failed or may not have got it."""
+    try:
+        mailing = DripStage(stage)
+    except TimingError as exc:
+        raise click.ClickException(f'{stage} cannot be sent, nothing was: {exc}') from exc
     if dry_run:
         count = 0
         for recipient in iter_due(mailing):
             click.echo(recipient.email)
             count += 1
         click.echo(f'{stage}: {count} subscriber(s) would be sent this stage (dry run, nothing sent)', err=True)
-        return
+        return True
     try:
         check_templates(mailing)
     except (TemplateError, jinja2.TemplateError) as exc:
@@ -81,7 +101,7 @@ def send_newsletter_email(stage, dry_run, retry_failed, resend_unknown, jobs):
         click.echo(f'{stage}: {requeue(stage, again)} subscriber(s) to send again', err=True)
     if jobs is not None:
         _enqueue(stage, jobs)
-        return
+        return True
 
     click.echo(f'{stage}: sending through {describe_transport()}', err=True)
     report = _send_with_display(mailing)
@@ -89,8 +109,9 @@ def send_newsletter_email(stage, dry_run, retry_failed, resend_unknown, jobs):
     for label, entries in (('failed', report.failed), ('unknown', report.unknown), ('deferred', report.deferred)):
         for email, reason in entries:
             click.echo(f'  {label}: {email}: {reason}')
-    if report.aborted:
-        click.echo(f'  {report.aborted}')
+    for why in (report.aborted, report.held):
+        if why:
+            click.echo(f'  {why}')
     if report.unknown:
         click.echo(f'  unknown: it may have arrived, so it is not sent again. Once you know it did not: '
                    f'flask send-newsletter-email {stage} --resend-unknown')
@@ -98,8 +119,7 @@ def send_newsletter_email(stage, dry_run, retry_failed, resend_unknown, jobs):
         queue_retry(stage, report.retry_at)
         click.echo(f'  deferred: tried again from {report.retry_at:%Y-%m-%d %H:%M:%S} UTC by a job worker (the web '
                    'process, or `flask worker`), and by the next run')
-    if not report.ok:
-        sys.exit(1)
+    return report.ok
 
 
 def _enqueue(stage, jobs):

@@ -70,11 +70,14 @@ def send_email(recipient, subject, text, html, message_id, headers):
 
 def render_email(template, recipient, message_id, headers=None, **context):
     """Render `template`.txt and .html. The .txt starts with a `Subject: ...` line, so the subject is
-    written (and translated, and personalised) beside the body it belongs to."""
+    written (and translated, and personalised) beside the body it belongs to; a drip stage's `Delay: ...`
+    line may follow it (app/timing.py), and is not part of the text."""
     env = current_app.jinja_env
     first_line, _, text = env.get_template(f'{template}.txt').render(**context).partition('\n')
     if not first_line.startswith('Subject:'):
         raise TemplateError(f'{template}.txt must start with a "Subject: ..." line')
+    if text.startswith('Delay:'):
+        text = text.partition('\n')[2]
     subject = first_line[len('Subject:'):].strip()
     html = env.get_template(f'{template}.html').render(subject=subject, **context)
     return Email(recipient, subject, text.lstrip('\n'), html, message_id, dict(headers or {}))

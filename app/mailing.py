@@ -23,14 +23,19 @@ class Mailing(Protocol):
     key: str
     """Its name in the send log (`deliveries.mailing`): 'week1', 'broadcast7'."""
 
-    def conditions(self) -> tuple[sa.ColumnElement[bool], ...]:
-        """Conditions on Client for whom it is due (the send log then leaves out those who have a row)."""
+    def conditions(self, after=0) -> tuple[sa.ColumnElement[bool], ...]:
+        """Conditions on Client for whom it is due (the send log then leaves out those who have a row).
+        `after`: only subscribers after this id are asked about; a condition on another table repeats
+        it, so that PostgreSQL starts its walk of that table there too rather than at the beginning."""
 
     def message_id(self, recipient: Recipient) -> str:
         """Made from mailing and subscriber, never from the moment: a repeat is recognisably the same."""
 
     def compose(self, recipient: Recipient) -> Email:
         """One subscriber's copy, with their unsubscribe link and headers."""
+
+    def not_now(self) -> str | None:
+        """Why it must not go out at this moment (outside the drip's sending window), or None."""
 
     def advance(self, client_ids) -> sa.Update | None:
         """What sending it to `client_ids` (an SQL expression: a parameter, or a subquery) changes besides

@@ -1,5 +1,6 @@
 """Schedules inside the app, for hosts with no system cron (containers, PaaS): SCHEDULES, e.g.
-`week1=0 9 * * mon; week2=0 9 * * tue`, in cron syntax, read in SCHEDULE_TIMEZONE (DST included).
+`week1=0 9 * * mon; week2=0 9 * * tue`, in cron syntax, read in SCHEDULE_TIMEZONE (DST included); or
+`due=0 * * * *`, every stage as it is due for each subscriber (its Delay:, app/timing.py), hourly.
 
 Every worker's clock thread calls fire_due_schedules() every few seconds. For each schedule it works out
 the latest due time and applies the drip send as a job whose unique key is that due time; the
@@ -15,7 +16,7 @@ from croniter import croniter
 from flask import current_app
 
 from app.database import utcnow
-from app.drip import available_stages, send_stage
+from app.drip import DUE, available_stages, send_stage
 from app.models import JobStatus
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,9 @@ def parse_schedules(text, stages):
         stage, sep, cron = (piece.strip() for piece in entry.partition('='))
         if not sep or not cron:
             raise ValueError(f'SCHEDULES: {entry!r} should look like "week1=0 9 * * mon"')
-        if stage not in stages:
-            raise ValueError(f'SCHEDULES: {stage!r} is not a drip stage with templates ({", ".join(stages)})')
+        if stage not in stages and stage != DUE:
+            raise ValueError(f'SCHEDULES: {stage!r} is not a drip stage with templates ({", ".join(stages)}), '
+                             f'nor "{DUE}" (every stage as it is due)')
         if not croniter.is_valid(cron):
             raise ValueError(f'SCHEDULES: {cron!r} (for {stage}) is not a valid cron expression')
         schedules.append(Schedule(stage, cron))

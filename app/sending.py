@@ -3,7 +3,9 @@ an admin's job, an RQ worker) sends a mailing (a drip stage, a broadcast) throug
 one MailingSend and returns its Report; each caller only turns that report into what it speaks (an exit
 code, a job retry, an RQ failure, the admin's progress bar).
 
-How it keeps its promises, in the order the code below does things:
+How it keeps its promises, in the order the code below does things (and before all of them: nothing
+goes out when the mailing must not go out now, a drip stage outside its sending window, app/timing.py;
+asked before anyone is claimed and after each batch, the rest left due):
 
 1. At most once per subscriber and mailing. Before anything goes out, the subscriber is claimed in
    the send log (app/sendlog.py): their row for the mailing, unique per subscriber and mailing, is
@@ -84,6 +86,7 @@ class Report:
     aborted: str | None = None  # why the run stopped early on an error
     retry_safe: bool = True  # whether trying again without a human looking first makes sense
     stopped: bool = False  # asked to stop part-way (paused, or its worker shutting down)
+    held: str | None = None  # why it sent nothing more: the mailing may not go out now (the sending window)
     retry_at: datetime | None = None  # the next attempt at this mailing's deferred deliveries, if any
 
     @property
@@ -105,7 +108,7 @@ class Report:
     def as_dict(self):
         return {'via': self.via, 'sent': self.sent, 'skipped': self.skipped, 'failed': len(self.failed),
                 'unknown': len(self.unknown), 'deferred': len(self.deferred), 'aborted': self.aborted,
-                'stopped': self.stopped, 'retry_at': self.retry_at}
+                'stopped': self.stopped, 'held': self.held, 'retry_at': self.retry_at}
 
 
 def send(mailing, trigger, **options):
@@ -236,6 +239,9 @@ class MailingSend:
 
     def run(self):
         check_templates(self.mailing)
+        if held := self.mailing.not_now():
+            self.report.held = held
+            return self.report
         self.log.start(self.trigger, self.report.via)
         if refusal := _folder_refusal():
             self.report.aborted = refusal
@@ -257,7 +263,8 @@ class MailingSend:
                     upcoming = self._claim_on(claims, wait=False)
                     self._send(batch)
                     self.on_batch(self.report)
-                    self.report.stopped = not self.report.aborted and self.should_stop()
+                    self.report.held = self.mailing.not_now()
+                    self.report.stopped = not self.report.aborted and (self.should_stop() or bool(self.report.held))
                     if self.report.aborted or self.report.stopped:
                         self.log.release([outgoing.delivery_id for outgoing in self._take(upcoming)])
                         break

@@ -63,15 +63,18 @@ class Found:
 
 def due_subscribers(mailing, after, limit):
     """The next `limit` subscribers by id after `after` who are due `mailing` and have no row for it."""
+    return [Recipient(*row) for row in db.session.execute(due_statement(mailing, after, limit))]
+
+
+def due_statement(mailing, after, limit):
+    """One statement per batch, walking the subscribers' primary key from `after` (bench/due_plan.py
+    shows PostgreSQL's plan for it)."""
     # `client_id > after` repeats the outer bound so PostgreSQL starts its walk of the send log there
     # too, instead of from the beginning, for every batch.
     logged = sa.select(Delivery.id).where(Delivery.client_id == Client.id, Delivery.mailing == mailing.key,
                                           Delivery.client_id > after)
-    rows = db.session.execute(
-        sa.select(Client.id, Client.email)
-        .where(*mailing.conditions(), Client.id > after, ~sa.exists(logged))
-        .order_by(Client.id).limit(limit))
-    return [Recipient(*row) for row in rows]
+    return (sa.select(Client.id, Client.email).where(*mailing.conditions(after), Client.id > after, ~sa.exists(logged))
+            .order_by(Client.id).limit(limit))
 
 
 def iter_due(mailing):

@@ -210,6 +210,20 @@ def flask_command(settings):
 
 
 @pytest.fixture
+def stage_templates(settings, tmp_path):
+    """A stage folder of this test's own (STAGES_FOLDER, for the app and the `flask` processes it starts,
+    so ask for it before `app`): the app's stages, and those the test writes, as an operator would."""
+    folder = tmp_path / 'stages'
+    shutil.copytree(Config.STAGES_FOLDER, folder)
+    settings['STAGES_FOLDER'] = str(folder)
+
+    def write(name, text, html):
+        (folder / f'{name}.txt').write_text(text)
+        (folder / f'{name}.html').write_text(html)
+    return write
+
+
+@pytest.fixture
 def promise_kept(app, smtp):
     """Check the product's promise for one mailing, whatever happened on the way: every subscriber in
     `emails` received it exactly once, but those recorded unknown (at most once) and failed (never);

@@ -10,7 +10,7 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from app.database import utcnow
 from app.extensions import db
 from app.jobs import run_due
-from app.models import Broadcast, Job
+from app.models import Broadcast, Client, Delivery, Job
 from tests.conftest import csrf_token
 
 
@@ -141,3 +141,22 @@ def test_a_new_broadcast_starts_at_the_current_time_in_the_zone_the_form_shows(a
     shown = datetime.strptime(re.search(r'name="send_at"[^>]*value="([^"]+)"', page).group(1), '%Y-%m-%dT%H:%M')
     assert re.search(r'<option selected value="UTC">UTC</option>', page)
     assert abs(shown - datetime.now(timezone.utc).replace(tzinfo=None)) < timedelta(minutes=2)
+
+
+def test_the_dashboard_shows_each_stages_delay_and_who_is_due_it_now_or_waiting(stage_templates, app, admin,
+                                                                                 subscribers):
+    stage_templates('week2', 'Subject: Week 2\nDelay: 7 days\nWeek two.\n', '<p>Week two.</p>')
+    subscribers(3)  # due week1
+    waiting = subscribers(2, start=10, num_newsletter=1)  # got week1 just now
+    subscribers(1, start=20, num_newsletter=1)  # got week1 before the send log: has waited
+    with app.app_context():
+        for client in db.session.scalars(sa.select(Client).where(Client.email.in_(waiting))):
+            db.session.add(Delivery(client_id=client.id, mailing='week1', status='sent', sent_at=utcnow()))
+        db.session.commit()
+
+    page = admin.get('/admin/').get_data(as_text=True)
+
+    rows = {stage: [re.search(rf'<td class="{cell}">([^<]*)</td>', row).group(1) for cell in ('delay', 'due', 'waiting')]
+            for stage, row in re.findall(r'<tr id="stage-(week\d)">(.*?)</tr>', page, re.S)}
+    assert rows == {'week1': ['none', '3', '0'], 'week2': ['7 days', '1', '2']}
+    assert 'Sending window: none (any time)' in page

@@ -112,7 +112,7 @@ def test_dry_run_lists_who_is_due_and_sends_nothing(app, runner, smtp, subscribe
 
 def test_help_lists_the_stages(runner):
     result = runner.invoke(args=['send-newsletter-email', '--help'])
-    assert '{week1|week2}' in result.output
+    assert '[week1|week2]' in result.output
 
 
 def test_unknown_stage_is_refused(runner, smtp, subscribers):

@@ -3,7 +3,6 @@ when cron fires twice, an admin runs it by hand while cron runs, or the machine 
 import os
 import pty
 import re
-import shutil
 import signal
 import time
 from collections import Counter
@@ -13,7 +12,6 @@ import sqlalchemy as sa
 
 from app.extensions import db
 from app.models import Client, Delivery
-from config import Config
 
 SUBSCRIBERS = 60
 
@@ -108,20 +106,6 @@ def test_a_terminal_gets_a_progress_bar_and_cron_gets_log_lines(app, smtp, subsc
         f'week1: sent 30, skipped 0, failed 0, unknown 0, deferred 0 (through SMTP 127.0.0.1:{smtp.port})']
 
 
-@pytest.fixture
-def stage_templates(settings, tmp_path):
-    """A stage folder of this test's own (STAGES_FOLDER, for the `flask` processes it starts): the app's
-    stages, and those the test writes, as an operator would."""
-    folder = tmp_path / 'stages'
-    shutil.copytree(Config.STAGES_FOLDER, folder)
-    settings['STAGES_FOLDER'] = str(folder)
-
-    def write(name, text, html):
-        (folder / f'{name}.txt').write_text(text)
-        (folder / f'{name}.html').write_text(html)
-    return write
-
-
 def test_adding_week3_templates_adds_the_week3_stage(app, smtp, subscribers, stage_templates, flask_command):
     stage_templates('week3', 'Subject: Week 3 for {{ greeting_name }}\nWeek three. {{ unsubscribe_url }}\n',
                     '<p>Week three.</p>')
@@ -131,7 +115,7 @@ def test_adding_week3_templates_adds_the_week3_stage(app, smtp, subscribers, sta
     help_text = finish(flask_command('send-newsletter-email', '--help'))[1]
     code, out, err = finish(flask_command('send-newsletter-email', 'week3'))
 
-    assert '{week1|week2|week3}' in help_text
+    assert '[week1|week2|week3]' in help_text
     assert code == 0, (out, err)
     assert sorted(smtp.recipients()) == ['reader0@example.com', 'reader1@example.com']
     assert smtp.messages[0]['Subject'] == 'Week 3 for Reader'

@@ -7,9 +7,11 @@ from app import broadcasts
 from app.admin.blueprint import bp
 from app.admin.forms import BroadcastForm
 from app.database import utcnow
-from app.drip import available_stages, send_stage
+from app.drip import DripStage, available_stages, send_stage, waiting
 from app.extensions import db, login
 from app.models import BROADCAST_MOVES, Broadcast, Client, Job
+from app.sendlog import count_due
+from app.timing import TimingError, describe_delay
 
 
 @bp.before_request
@@ -29,8 +31,19 @@ def dashboard():
     now = utcnow()
     last_due = [(schedule, broadcasts.utc_to_local(schedule.latest_due(now, zone), zone.key)) for schedule in schedules]
     return render_template('admin/dashboard.html', title='Admin', subscribers=subscribers, jobs=jobs,
-                           schedules=last_due, zone=zone.key, stages=available_stages(),
+                           schedules=last_due, zone=zone.key, stages=[_stage_row(key) for key in available_stages()],
+                           window=current_app.extensions['sending_window'],
                            broadcasts=db.session.scalars(sa.select(Broadcast).order_by(Broadcast.id.desc())).all())
+
+
+def _stage_row(key):
+    """A drip stage as the dashboard shows it: its delay, and how many are due it now or waiting for it."""
+    try:
+        stage = DripStage(key)
+    except TimingError as exc:
+        return {'key': key, 'delay': f'cannot be read: {exc}', 'due': '?', 'waiting': '?'}
+    return {'key': key, 'delay': describe_delay(stage.delay) if stage.delay else 'none',
+            'due': count_due(stage), 'waiting': waiting(stage)}
 
 
 @bp.route('/stages/<stage>/send', methods=['POST'])
