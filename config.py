@@ -81,6 +81,9 @@ class Config:
     SENDGRID_API_URL = os.environ.get('SENDGRID_API_URL') or 'https://api.sendgrid.com'
     UNSUBSCRIBE_MAILTO = os.environ.get('UNSUBSCRIBE_MAILTO')
     ADMINS = env_list('ADMINS')
+    ADMIN_SESSION_HOURS = env_float('ADMIN_SESSION_HOURS', 8)  # an admin signs in again after this
+    # Earlier keys, comma-separated: links and sessions they signed still work while SECRET_KEY is rotated.
+    SECRET_KEY_FALLBACKS = env_list('SECRET_KEY_FALLBACKS')
 
     # Temporary failures are retried after MAIL_RETRY_BACKOFF seconds, doubling each time; one that
     # outlasts a run's MAIL_RETRIES is deferred, and tried again later (the back-off going on doubling,

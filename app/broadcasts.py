@@ -59,7 +59,7 @@ class BroadcastMailing:
         return Client.active, Client.email_confirmed_at <= (self.started_at or utcnow())
 
     def compose(self, recipient):
-        link = unsubscribe_url(recipient.client_id)
+        link = unsubscribe_url(recipient.client_id, recipient.email)
         context = dict(email=recipient.email, greeting_name=greeting_name(recipient.email), unsubscribe_url=link)
         subject = _template(self.subject, html=False).render(context).strip()
         text = _template(self.text, html=False).render(context)
@@ -67,7 +67,7 @@ class BroadcastMailing:
         html = current_app.jinja_env.get_template('emails/broadcast.html').render(subject=subject, body=body,
                                                                                      **context)
         return Email(recipient.email, subject, f'{text.rstrip()}\n\n--\nUnsubscribe: {link}\n', html,
-                     self.message_id(recipient), list_unsubscribe_headers(link, recipient.client_id))
+                     self.message_id(recipient), list_unsubscribe_headers(link, recipient.client_id, recipient.email))
 
     def message_id(self, recipient):
         return make_message_id('broadcast', self.id, recipient.client_id, address_digest(recipient.email))

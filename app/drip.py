@@ -97,10 +97,10 @@ class DripStage:
         return make_message_id('newsletter', self.key, recipient.client_id, address_digest(recipient.email))
 
     def compose(self, recipient):
-        link = unsubscribe_url(recipient.client_id)
+        link = unsubscribe_url(recipient.client_id, recipient.email)
         return render_email(
             f'{TEMPLATE_PREFIX}/{self.key}', recipient.email, self.message_id(recipient),
-            headers=list_unsubscribe_headers(link, recipient.client_id),
+            headers=list_unsubscribe_headers(link, recipient.client_id, recipient.email),
             email=recipient.email, greeting_name=greeting_name(recipient.email), unsubscribe_url=link)
 
     def advance(self, client_ids):

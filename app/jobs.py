@@ -62,8 +62,9 @@ class Reschedule(Exception):
 
 
 class Task:
-    def __init__(self, fn, queue, max_attempts):
+    def __init__(self, fn, queue, max_attempts, forget=()):
         self.fn, self.name, self.queue, self.max_attempts = fn, fn.__name__, queue, max_attempts
+        self.forget = frozenset(forget)  # payload keys dropped once the job is over
 
     def __call__(self, **payload):
         return self.fn(**payload)
@@ -99,11 +100,13 @@ class Task:
                     max_attempts=self.max_attempts or current_app.config['JOB_MAX_ATTEMPTS'])
 
 
-def define_task(queue='mail', max_attempts=None):
-    """Make a function a task: `@define_task(queue='bulk')`. Its keyword arguments must be JSON."""
+def define_task(queue='mail', max_attempts=None, forget=()):
+    """Make a function a task: `@define_task(queue='bulk')`. Its keyword arguments must be JSON; those
+    named in `forget` are dropped from the job's row once it is done or has failed for good (what must
+    not stay readable in the database, such as a sign-in link)."""
     if queue not in QUEUES:
         raise ValueError(f'queue must be one of {QUEUES}')
-    return lambda fn: Task(fn, queue, max_attempts)
+    return lambda fn: Task(fn, queue, max_attempts, forget)
 
 
 class TaskRegistry:
@@ -229,6 +232,8 @@ def execute(job_id, claimed_by, worker_stopping):
         outcome = dict(status=JobStatus.DONE, finished_at=utcnow(), result=_jsonable(result), error=None)
     finally:
         _local.running = None
+    if outcome['status'] in (JobStatus.DONE, JobStatus.FAILED) and task.forget:
+        outcome['payload'] = {key: value for key, value in payload.items() if key not in task.forget}
     _record(running, **outcome)
 
 

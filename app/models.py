@@ -198,3 +198,17 @@ class Job(db.Model):
     created_at: so.Mapped[datetime] = so.mapped_column(default=utcnow)
     started_at: so.Mapped[datetime | None]
     finished_at: so.Mapped[datetime | None]
+
+
+class AdminSession(db.Model):
+    """An admin signed in, from one sign-in link (app/admin/auth.py). The session cookie holds only this
+    row's id: logging out, or ADMIN_SESSION_HOURS passing, ends the session here, whatever copy of the
+    cookie is still about; and a link's nonce is unique, so each sign-in link works once."""
+    __tablename__ = 'admin_sessions'
+
+    id: so.Mapped[str] = so.mapped_column(sa.String(64), primary_key=True)  # random; the cookie's only content
+    email: so.Mapped[str] = so.mapped_column(sa.String(254))
+    link_nonce: so.Mapped[str] = so.mapped_column(sa.String(32), unique=True)
+    created_at: so.Mapped[datetime] = so.mapped_column(default=utcnow)
+    expires_at: so.Mapped[datetime]
+    ended_at: so.Mapped[datetime | None]  # logged out

@@ -66,7 +66,7 @@ def main():
             (stages / f'{name}.html').write_text('<p>{{ unsubscribe_url }}</p>')
         (stages / 'week1.txt').write_text('Subject: Week 1\nWeek one. {{ unsubscribe_url }}\n')
         (stages / 'week2.txt').write_text(WEEK2)
-        settings = {'SQLALCHEMY_DATABASE_URI': database.url, 'INSTANCE_PATH': folder, 'SECRET_KEY': 'bench',
+        settings = {'SQLALCHEMY_DATABASE_URI': database.url, 'INSTANCE_PATH': folder, 'SECRET_KEY': 'bench-secret-key-0123456789',
                     'MAIL_TRANSPORT': 'folder', 'STAGES_FOLDER': str(stages), 'JOB_WORKER': 'off'}
         app = create_app(type('BenchConfig', (Config,), settings))
         with app.app_context():

@@ -42,7 +42,7 @@ def main():
     with tempfile.TemporaryDirectory() as folder, FreshDatabase(args.database, folder) as database, \
             Sink(free_port()) as sink:
         env = {**os.environ, 'FLASK_SKIP_DOTENV': '1', 'INSTANCE_PATH': folder, 'DATABASE_URL': database.url,
-               'SECRET_KEY': 'bench', 'BASE_URL': 'https://news.example.com', 'MAIL_SERVER': '127.0.0.1',
+               'SECRET_KEY': 'bench-secret-key-0123456789', 'BASE_URL': 'https://news.example.com', 'MAIL_SERVER': '127.0.0.1',
                'MAIL_PORT': str(sink.port), 'MAIL_DEFAULT_SENDER': 'The Newsletter <news@example.com>',
                'JOB_WORKER': 'off', 'LEASE_SECONDS': str(lease)}
         if args.record_every:

@@ -132,7 +132,7 @@ def settings(database_url, smtp, tmp_path):
     return {
         'TESTING': True,
         'INSTANCE_PATH': str(tmp_path / 'instance'),
-        'SECRET_KEY': 'test-secret-key',
+        'SECRET_KEY': 'test-secret-key-of-the-suite',
         'SQLALCHEMY_DATABASE_URI': database_url,
         'BASE_URL': 'http://newsletter.test',
         'MAIL_SERVER': '127.0.0.1',

@@ -10,7 +10,7 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from app.database import utcnow
 from app.extensions import db
 from app.jobs import run_due
-from app.models import Broadcast, Client, Delivery, Job
+from app.models import AdminSession, Broadcast, Client, Delivery, Job
 from tests.conftest import csrf_token
 
 
@@ -160,3 +160,72 @@ def test_the_dashboard_shows_each_stages_delay_and_who_is_due_it_now_or_waiting(
             for stage, row in re.findall(r'<tr id="stage-(week\d)">(.*?)</tr>', page, re.S)}
     assert rows == {'week1': ['none', '3', '0'], 'week2': ['7 days', '1', '2']}
     assert 'Sending window: none (any time)' in page
+
+
+def test_a_sign_in_link_works_once(app, client, smtp):
+    assert sign_in(app, client, smtp).status_code == 302
+    link = re.search(r'http://newsletter.test(/admin/sign-in/\S+)', smtp.messages[-1].get_body(('plain',)).get_content())
+
+    again = app.test_client().get(link.group(1))
+
+    assert again.status_code == 400 and 'used already' in again.get_data(as_text=True)
+
+
+def test_logging_out_ends_the_session_for_every_copy_of_its_cookie(app, admin):
+    stolen = app.test_client()
+    stolen.set_cookie('session', admin.get_cookie('session').value, domain='localhost')
+    assert stolen.get('/admin/').status_code == 200, 'a copy of the cookie signs in while the session lasts'
+
+    admin.post('/admin/logout', data={'csrf_token': csrf_token(admin, '/admin/')})
+
+    assert stolen.get('/admin/').status_code == 302
+    assert admin.get('/admin/').status_code == 302
+
+
+def test_an_admin_session_ends_after_its_hours(app, admin):
+    assert admin.get('/admin/').status_code == 200
+    with app.app_context():
+        db.session.execute(sa.update(AdminSession).values(expires_at=utcnow() - timedelta(seconds=1)))
+        db.session.commit()
+
+    assert admin.get('/admin/').status_code == 302
+
+
+def test_the_session_cookie_is_http_only_same_site_and_lasts_the_admin_session(app, client, smtp):
+    app.config['ADMIN_SESSION_HOURS'] = 8
+
+    signed_in = sign_in(app, client, smtp)
+
+    cookie = signed_in.headers['Set-Cookie']
+    assert 'HttpOnly' in cookie and 'SameSite=Lax' in cookie and 'Secure' not in cookie, 'BASE_URL is http here'
+    expires = datetime.strptime(re.search(r'Expires=([^;]+)', cookie).group(1), '%a, %d %b %Y %H:%M:%S GMT')
+    assert abs(expires - utcnow() - timedelta(hours=8)) < timedelta(minutes=1)
+
+
+def test_with_an_https_base_url_cookies_are_secure_and_hsts_is_sent(settings, request):
+    settings.update(BASE_URL='https://news.example.com')
+    app = request.getfixturevalue('app')
+
+    response = app.test_client().get('/admin/login')
+
+    assert app.config['SESSION_COOKIE_SECURE'] is True
+    assert response.headers['Strict-Transport-Security'].startswith('max-age=')
+
+
+@pytest.mark.parametrize('url', ['/', '/admin/login', '/unsubscribe/forged'])
+def test_every_page_forbids_scripts_framing_sniffing_and_referrers(client, url):
+    headers = client.get(url).headers
+
+    assert "default-src 'none'" in headers['Content-Security-Policy'] and 'script-src' not in headers['Content-Security-Policy']
+    assert "frame-ancestors 'none'" in headers['Content-Security-Policy'] and headers['X-Frame-Options'] == 'DENY'
+    assert headers['X-Content-Type-Options'] == 'nosniff' and headers['Referrer-Policy'] == 'no-referrer'
+    assert 'Strict-Transport-Security' not in headers, 'not over plain http'
+
+
+def test_a_sign_in_link_is_not_left_readable_in_the_jobs_table_once_sent(app, client, smtp):
+    sign_in(app, client, smtp)
+
+    with app.app_context():
+        [job] = db.session.scalars(sa.select(Job).where(Job.task == 'send_email')).all()
+    assert job.status == 'done' and '/admin/sign-in/' not in str(job.payload)
+    assert job.payload['recipient'] == 'admin@example.com' and job.payload['subject']

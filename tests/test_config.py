@@ -3,6 +3,7 @@ import pytest
 
 import config
 from app import create_app
+from app.links import InvalidLink, load_unsubscribe_token, unsubscribe_token
 
 
 @pytest.mark.parametrize('value, expected', [
@@ -47,4 +48,33 @@ def test_a_database_the_app_does_not_speak_stops_it_at_start_up(tmp_path, url):
 
     with pytest.raises(ValueError, match='DATABASE_URL: .*(not supported; use PostgreSQL|not a database URL)'):
         create_app(Settings)
+
+
+@pytest.mark.parametrize('key', [None, '', 'change-me', 'dev', 'too-short'])
+def test_a_deployment_without_a_secret_key_of_its_own_stops_at_start_up(tmp_path, key):
+    class Settings(config.Config):
+        INSTANCE_PATH = str(tmp_path)
+        SQLALCHEMY_DATABASE_URI = f'sqlite:///{tmp_path}/x.db'
+        BASE_URL = 'https://news.example.com'
+        MAIL_TRANSPORT = 'folder'
+        SECRET_KEY = key
+
+    with pytest.raises(ValueError, match='SECRET_KEY: BASE_URL is https://news.example.com, so set a secret key'):
+        create_app(Settings)
+    assert not (tmp_path / 'secret_key').exists(), 'no key of its own made up for a deployment'
+
+
+def test_a_rotated_key_keeps_the_links_signed_with_the_one_before_working(tmp_path):
+    def app_with(key, fallbacks):
+        return create_app(type('Settings', (config.Config,), {
+            'INSTANCE_PATH': str(tmp_path), 'SQLALCHEMY_DATABASE_URI': f'sqlite:///{tmp_path}/x.db', 'SECRET_KEY': key,
+            'SECRET_KEY_FALLBACKS': fallbacks}))
+
+    with app_with('the-old-key-0123456789', []).app_context():
+        sent_before = unsubscribe_token(7, 'jane@example.com')
+    with app_with('the-new-key-0123456789', ['the-old-key-0123456789']).app_context():
+        assert load_unsubscribe_token(sent_before)[0] == 7
+        assert unsubscribe_token(7, 'jane@example.com') != sent_before, 'signed with the new key'
+    with app_with('the-new-key-0123456789', []).app_context(), pytest.raises(InvalidLink):
+        load_unsubscribe_token(sent_before)
 

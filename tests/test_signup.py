@@ -1,9 +1,11 @@
 """Sign-up with double opt-in: the form, the confirmation email and link, and every bad input."""
 import re
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
 
+from app.database import utcnow
 from app.extensions import db
 from app.jobs import run_due
 from app.models import Client, Job
@@ -180,3 +182,19 @@ def test_the_confirmation_link_of_a_replaced_address_does_not_confirm_another(ap
 def test_an_unknown_page_gets_a_404_page(client):
     response = client.get('/no-such-page')
     assert response.status_code == 404 and 'Not Found' in response.get_data(as_text=True)
+
+
+def test_an_old_confirmation_link_does_not_subscribe_again_someone_who_left_after_it(app, client, smtp):
+    sign_up(client, 'jane@example.com')
+    deliver(app)
+    link = confirm_link(smtp.messages[0])
+    client.get(link)
+    with app.app_context():
+        jane = db.session.scalar(sa.select(Client))
+        jane.active, jane.unsubscribed_at = False, utcnow() + timedelta(seconds=1)  # she left after the link
+        db.session.commit()
+
+    again = client.get(link)
+
+    assert again.status_code == 400 and 'unsubscribed after this link was sent' in again.get_data(as_text=True)
+    assert rows(app, Client)[0].active is False

@@ -1,6 +1,7 @@
 """Leaving: the personal link in every email, the one-button page, and RFC 8058 one-click."""
 import pytest
 import sqlalchemy as sa
+from itsdangerous import URLSafeSerializer
 
 from app.extensions import db
 from app.links import unsubscribe_token
@@ -13,7 +14,7 @@ def reader(app, subscribers):
     subscribers(1)
     with app.app_context():
         client = db.session.scalar(sa.select(Client))
-        return client.id, f'/unsubscribe/{unsubscribe_token(client.id)}'
+        return client.id, f'/unsubscribe/{unsubscribe_token(client.id, client.email)}'
 
 
 def active(app):
@@ -89,7 +90,7 @@ def test_a_link_signed_with_another_key_is_refused(app, reader):
     other = app.test_client()
     with app.app_context():
         app.config['SECRET_KEY'], real = 'someone-elses-key', app.config['SECRET_KEY']
-        forged = unsubscribe_token(client_id)
+        forged = unsubscribe_token(client_id, 'reader0@example.com')
         app.config['SECRET_KEY'] = real
 
     assert other.post(f'/unsubscribe/{forged}', data={'List-Unsubscribe': 'One-Click'}).status_code == 400
@@ -102,3 +103,24 @@ def test_a_link_for_a_deleted_subscriber_is_404(app, reader):
         db.session.execute(sa.delete(Client))
         db.session.commit()
     assert app.test_client().get(url).status_code == 404
+
+
+def test_a_link_made_for_another_address_on_the_same_row_is_refused(app, reader):
+    client_id, _ = reader
+    with app.app_context():
+        for_someone_before = unsubscribe_token(client_id, 'someone.before@example.com')
+
+    response = app.test_client().post(f'/unsubscribe/{for_someone_before}', data={'List-Unsubscribe': 'One-Click'})
+
+    assert response.status_code == 404 and active(app) is True
+
+
+def test_a_link_sent_before_links_named_their_address_still_unsubscribes(app, reader):
+    client_id, _ = reader
+    with app.app_context():
+        legacy = URLSafeSerializer(app.config['SECRET_KEY'], salt='unsubscribe').dumps(client_id)
+
+    response = app.test_client().post(f'/unsubscribe/{legacy}', data={'List-Unsubscribe': 'One-Click'})
+
+    assert response.status_code == 200 and active(app) is False
+

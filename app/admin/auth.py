@@ -1,32 +1,40 @@
 """Admins are the addresses in ADMINS, and sign in with a link emailed to them: no password to store
 or leak, and taking an address out of ADMINS locks that admin out at their next request."""
 import secrets
+from datetime import timedelta
 
-from flask import current_app, redirect, render_template, url_for
-from flask_login import UserMixin, login_user, logout_user
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+import sqlalchemy as sa
+from flask import current_app, redirect, render_template, session, url_for
+from flask_login import UserMixin, current_user, login_user, logout_user
+from itsdangerous import BadSignature, SignatureExpired
+from sqlalchemy.exc import IntegrityError
 
 from app.admin.blueprint import bp
 from app.admin.forms import LoginForm
+from app.database import utcnow
 from app.email import make_message_id, queue_email, render_email
 from app.extensions import db, login
-from app.links import public_url
+from app.links import public_url, serializer
+from app.models import AdminSession
 
 LINK_MAX_AGE = 15 * 60
 
 
 class Admin(UserMixin):
-    def __init__(self, email):
-        self.id = self.email = email
+    """A signed-in admin: get_id() is their session's id (AdminSession), never their address."""
+
+    def __init__(self, admin_session):
+        self.id, self.email = admin_session.id, admin_session.email
 
 
 @login.user_loader
-def load_admin(email):
-    return Admin(email) if email in current_app.config['ADMINS'] else None
-
-
-def _serializer():
-    return URLSafeTimedSerializer(current_app.config['SECRET_KEY'], salt='admin-sign-in')
+def load_admin(session_id):
+    """The session, while it lasts: not logged out, not past ADMIN_SESSION_HOURS, its address still in ADMINS."""
+    admin_session = db.session.get(AdminSession, session_id)
+    if (admin_session is None or admin_session.ended_at or admin_session.expires_at <= utcnow()
+            or admin_session.email not in current_app.config['ADMINS']):
+        return None
+    return Admin(admin_session)
 
 
 @bp.route('/login', methods=['GET', 'POST'])
@@ -36,34 +44,51 @@ def login_page():
     if form.validate_on_submit():
         address = form.email.data
         if address in current_app.config['ADMINS']:
-            link = public_url('admin.sign_in', token=_serializer().dumps(address))
+            token = serializer('admin-sign-in', timed=True).dumps({'email': address, 'nonce': secrets.token_hex(16)})
             queue_email(render_email('emails/admin_sign_in', address, make_message_id('sign-in', secrets.token_hex(8)),
-                                     link=link, minutes=LINK_MAX_AGE // 60))
+                                     link=public_url('admin.sign_in', token=token), minutes=LINK_MAX_AGE // 60))
             db.session.commit()
         return render_template('message.html', title='Check your inbox',
                                message=f'If {address} is an admin address, a sign-in link is on its way. '
-                                       f'It works for {LINK_MAX_AGE // 60} minutes.')
+                                       f'It works once, for {LINK_MAX_AGE // 60} minutes.')
     return render_template('admin/login.html', form=form), 400 if form.errors else 200
 
 
 @bp.route('/sign-in/<token>')
 def sign_in(token):
     try:
-        address = _serializer().loads(token, max_age=LINK_MAX_AGE)
+        link = serializer('admin-sign-in', timed=True).loads(token, max_age=LINK_MAX_AGE)
+        address, nonce = link['email'], link['nonce']
     except SignatureExpired:
-        return render_template('message.html', title='Link expired',
-                               message='This sign-in link has expired. Ask for a new one.'), 400
-    except BadSignature:
-        return render_template('message.html', title='Invalid link', message='This sign-in link is not valid.'), 400
-    admin = load_admin(address)
-    if admin is None:
-        return render_template('message.html', title='Not an admin',
-                               message=f'{address} is no longer an admin address.'), 403
-    login_user(admin)
+        return _refused('Link expired', 'This sign-in link has expired. Ask for a new one.')
+    except (BadSignature, TypeError, KeyError):
+        return _refused('Invalid link', 'This sign-in link is not valid.')
+    if address not in current_app.config['ADMINS']:
+        return _refused('Not an admin', f'{address} is no longer an admin address.', 403)
+    now = utcnow()
+    admin_session = AdminSession(id=secrets.token_hex(32), email=address, link_nonce=nonce, created_at=now,
+                                 expires_at=now + timedelta(hours=current_app.config['ADMIN_SESSION_HOURS']))
+    db.session.add(admin_session)
+    try:
+        db.session.commit()
+    except IntegrityError:  # its nonce is taken: the link was used before
+        db.session.rollback()
+        return _refused('Link used', 'This sign-in link has been used already. Ask for a new one.')
+    session.permanent = True  # the cookie lasts PERMANENT_SESSION_LIFETIME, as the session does
+    login_user(Admin(admin_session))
     return redirect(url_for('admin.dashboard'))
+
+
+def _refused(title, message, status=400):
+    return render_template('message.html', title=title, message=message), status
 
 
 @bp.route('/logout', methods=['POST'])
 def logout():
+    """Ends the session on the server: a copy of the cookie kept elsewhere no longer signs anyone in."""
+    if current_user.is_authenticated:
+        db.session.execute(sa.update(AdminSession).where(AdminSession.id == current_user.id)
+                           .values(ended_at=utcnow()))
+        db.session.commit()
     logout_user()
     return redirect(url_for('admin.login_page'))

@@ -11,7 +11,7 @@ def queue_confirmation_email(client):
     queue_email(render_email(
         'emails/confirm', client.email, make_message_id('confirm', client.id, secrets.token_hex(6)),
         greeting_name=greeting_name(client.email), confirm_url=public_url('main.confirm', token=confirm_token(client)),
-        unsubscribe_url=unsubscribe_url(client.id),
+        unsubscribe_url=unsubscribe_url(client.id, client.email),
         max_age_days=current_app.config['CONFIRM_MAX_AGE'] // 86400))
 
 

@@ -7,6 +7,7 @@ from app.extensions import csrf, db
 from app.links import ExpiredLink, InvalidLink, load_confirm_token, load_unsubscribe_token
 from app.main.blueprint import bp
 from app.main.email import queue_confirmation_email, queue_new_subscriber_notice
+from app.mailing import address_digest
 from app.main.forms import SubscribeForm, UnsubscribeForm
 from app.models import Client
 
@@ -47,7 +48,7 @@ def subscribe(address):
 def confirm(token):
     """:raise 400: for a forged, tampered or expired link (the page says which)."""
     try:
-        client_id, address = load_confirm_token(token)
+        client_id, address, made = load_confirm_token(token)
     except ExpiredLink as exc:
         return render_template('message.html', title='Link expired',
                                message=f'{exc} Sign up again to get a new one.', show_form_link=True), 400
@@ -57,6 +58,10 @@ def confirm(token):
     if client is None or client.email != address:
         return render_template('message.html', title='Invalid link',
                                message='This confirmation link does not match any sign-up.'), 400
+    if client.unsubscribed_at and made < client.unsubscribed_at.replace(microsecond=0):  # links count in seconds
+        return render_template('message.html', title='Link no longer valid', show_form_link=True,
+                               message=f'{client.email} unsubscribed after this link was sent, so it does not '
+                                       'subscribe it again. Sign up again to get a new link.'), 400
     if client.email_confirmed_at is None or not client.active:
         client.email_confirmed_at = client.email_confirmed_at or utcnow()
         client.active, client.unsubscribed_at = True, None
@@ -73,11 +78,12 @@ def unsubscribe(token):
     (CSRF-checked by the form itself) or as an RFC 8058 one-click request.
     :raise 400: for a forged or tampered link.  :raise 404: when the subscriber no longer exists."""
     try:
-        client = db.session.get(Client, load_unsubscribe_token(token))
+        client_id, digest = load_unsubscribe_token(token)
     except InvalidLink as exc:
         return render_template('message.html', title='Invalid link', message=str(exc)), 400
-    if client is None:
-        abort(404)
+    client = db.session.get(Client, client_id)
+    if client is None or digest not in (None, address_digest(client.email)):
+        abort(404)  # that subscriber is gone (the row may since hold another address)
     one_click = request.method == 'POST' and request.form.get('List-Unsubscribe') == 'One-Click'
     form = UnsubscribeForm()
     if one_click or form.validate_on_submit():

@@ -1,0 +1,59 @@
+"""What every answer carries so that a browser holds the app to its own rules: cookies that travel only
+where they should (Secure once BASE_URL is https, HttpOnly, SameSite=Lax), an admin session that ends
+(ADMIN_SESSION_HOURS, and at logout: app/admin/auth.py), and headers that forbid what the app never
+does: scripts, framing by other sites, guessing content types, leaking its links' tokens in a Referer.
+
+And the key every link and session is signed with: a deployment must set its own SECRET_KEY (a key
+generated into the instance folder would differ between machines, and a known one lets anyone forge an
+admin session); SECRET_KEY_FALLBACKS keeps links signed with an earlier key working while it is rotated."""
+from datetime import timedelta
+
+from app.transports import looks_deployed
+
+# Styles are inline in the page templates; nothing else is allowed to load or run. A broadcast's preview
+# (an iframe with `srcdoc`, sandboxed) shows its images from anywhere.
+CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data: https:; "
+                           "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+HEADERS = {
+    'Content-Security-Policy': CONTENT_SECURITY_POLICY,
+    'X-Frame-Options': 'DENY',
+    'X-Content-Type-Options': 'nosniff',
+    'Referrer-Policy': 'no-referrer',  # confirmation, unsubscribe and sign-in links carry their token
+}
+# Keys no deployment may sign with: the empty one, and those that examples and tutorials print.
+KNOWN_KEYS = {'', 'change-me', 'changeme', 'secret', 'dev', 'development', 'you-will-never-guess', 'test'}
+SHORTEST_KEY = 16
+
+
+def init_app(app):
+    config = app.config
+    check_secret_key(config)
+    https = config['BASE_URL'].startswith('https://')
+    config.update(SESSION_COOKIE_SECURE=https, SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE='Lax',
+                  REMEMBER_COOKIE_SECURE=https, REMEMBER_COOKIE_HTTPONLY=True, REMEMBER_COOKIE_SAMESITE='Lax',
+                  PERMANENT_SESSION_LIFETIME=timedelta(hours=config['ADMIN_SESSION_HOURS']))
+    headers = dict(HEADERS)
+    if https:
+        headers['Strict-Transport-Security'] = 'max-age=31536000; includeSubDomains'
+
+    @app.after_request
+    def _security_headers(response):
+        for name, value in headers.items():
+            response.headers.setdefault(name, value)
+        return response
+
+
+def check_secret_key(config):
+    """:raise ValueError: a deployment without a SECRET_KEY of its own."""
+    if not (deployment := looks_deployed(config)):
+        return
+    key = config.get('SECRET_KEY') or ''
+    if key.strip().lower() in KNOWN_KEYS or len(key) < SHORTEST_KEY:
+        raise ValueError(f'SECRET_KEY: {deployment}, so set a secret key of its own, at least {SHORTEST_KEY} '
+                         'characters (e.g. python -c "import secrets; print(secrets.token_hex(32))"), the same '
+                         'for every process')
+
+
+def signing_keys(config):
+    """For itsdangerous: the fallbacks, then SECRET_KEY (the last signs; all verify)."""
+    return [*config.get('SECRET_KEY_FALLBACKS', []), config['SECRET_KEY']]
