@@ -123,6 +123,20 @@ class Config:
     # The drip's stage templates (weekN.txt and weekN.html); by default the app's own.
     STAGES_FOLDER = os.environ.get('STAGES_FOLDER') or str(basedir / 'app' / 'templates' / 'emails' / 'newsletter')
 
+    # Abuse limits (Flask-Limiter syntax; shared through REDIS_URL when set). RATELIMIT_ENABLED=0 turns
+    # them off, e.g. for a load test whose clients all come from one address.
+    RATELIMIT_ENABLED = env_bool('RATELIMIT_ENABLED', True)
+    SIGNUP_LIMIT_PER_CLIENT = os.environ.get('SIGNUP_LIMIT_PER_CLIENT') or '10/minute;50/hour'
+    SIGNUP_LIMIT_PER_ADDRESS = os.environ.get('SIGNUP_LIMIT_PER_ADDRESS') or '3/hour;10/day'
+    SIGN_IN_LIMIT_PER_CLIENT = os.environ.get('SIGN_IN_LIMIT_PER_CLIENT') or '5/minute;20/hour'
+    SIGN_IN_LIMIT_PER_ADDRESS = os.environ.get('SIGN_IN_LIMIT_PER_ADDRESS') or '3/10 minutes;10/day'
+    # At most one confirmation email per address in this many seconds, whatever the requests.
+    CONFIRM_RESEND_SECONDS = env_int('CONFIRM_RESEND_SECONDS', 600)
+    # Reverse proxies in front of the app whose X-Forwarded-For/-Proto to trust (0: none; 1 behind nginx).
+    PROXY_COUNT = env_int('PROXY_COUNT', 0)
+    # Seconds for the DNS look-up of EMAIL_CHECK_DELIVERABILITY: a slow resolver must not tie up the web workers.
+    EMAIL_DNS_TIMEOUT = env_int('EMAIL_DNS_TIMEOUT', 3)
+
     CONFIRM_MAX_AGE = env_int('CONFIRM_MAX_AGE', 7 * 24 * 3600)
     # A DNS look-up that the domain takes mail catches typos (gmial.com); pointless while mail only goes
     # to the local folder, so by default it is on exactly when real mail is configured.

@@ -8,7 +8,7 @@ from config import Config
 
 
 def create_app(config_class=Config):
-    from app import broadcasts, database, drip, email, jobs, links, models, schedules, security, transports  # noqa: F401
+    from app import broadcasts, database, drip, email, jobs, links, models, limits, schedules, security, transports  # noqa: F401
     from app.admin import bp as admin_bp
     from app.cli import bp as cli_bp
     from app.errors import bp as errors_bp
@@ -21,6 +21,7 @@ def create_app(config_class=Config):
 
     database.init_app(app)
     security.init_app(app)
+    limits.init_app(app)
     links.init_app(app)
     db.init_app(app)
     migrate.init_app(app, db)

@@ -1,5 +1,7 @@
 """The Flask extensions, unbound: the bottom of the package, which any module may import without
 reaching up into the factory (app/__init__.py binds them to an app)."""
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
 from flask_login import LoginManager
 from flask_mail import Mail
 from flask_migrate import Migrate
@@ -16,6 +18,7 @@ db = SQLAlchemy(metadata=MetaData(naming_convention={
     'pk': 'pk_%(table_name)s',
 }))
 migrate = Migrate(render_as_batch=True)
+limiter = Limiter(get_remote_address)  # per client address; limits per email address name their own key
 mail = Mail()
 csrf = CSRFProtect()
 login = LoginManager()

@@ -22,6 +22,7 @@ class Client(db.Model):
     created_at: so.Mapped[datetime] = so.mapped_column(default=utcnow)
     email_confirmed_at: so.Mapped[datetime | None]
     unsubscribed_at: so.Mapped[datetime | None]
+    confirmation_sent_at: so.Mapped[datetime | None]  # the latest: at most one every CONFIRM_RESEND_SECONDS
 
     def __repr__(self):
         return f'<Client {self.id} {self.email}>'

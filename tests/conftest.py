@@ -148,6 +148,9 @@ def settings(database_url, smtp, tmp_path):
         'EMAIL_CHECK_DELIVERABILITY': False,
         'SEND_BATCH_SIZE': 10,
         'LEASE_SECONDS': 30,
+        # The abuse limits have tests of their own (test_limits.py); elsewhere a test signs up as it likes.
+        'RATELIMIT_ENABLED': False,
+        'CONFIRM_RESEND_SECONDS': 0,
     }
 
 

@@ -14,6 +14,7 @@ from app.admin.forms import LoginForm
 from app.database import utcnow
 from app.email import make_message_id, queue_email, render_email
 from app.extensions import db, login
+from app.limits import per_address, per_client
 from app.links import public_url, serializer
 from app.models import AdminSession
 
@@ -38,6 +39,8 @@ def load_admin(session_id):
 
 
 @bp.route('/login', methods=['GET', 'POST'])
+@per_client('SIGN_IN_LIMIT_PER_CLIENT')
+@per_address('SIGN_IN_LIMIT_PER_ADDRESS')
 def login_page():
     """Every address gets the same answer, so the page never tells a stranger who is an admin."""
     form = LoginForm()

@@ -23,7 +23,7 @@ def deliverable_address(form, field):
     gives the normal form we store: trimmed, domain lower-cased, and in ASCII (an international domain
     in its xn-- form), which every SMTP server and mail header takes as it is."""
     try:
-        info = validate_email(field.data, allow_smtputf8=False,
+        info = validate_email(field.data, allow_smtputf8=False, timeout=current_app.config['EMAIL_DNS_TIMEOUT'],
                               check_deliverability=current_app.config['EMAIL_CHECK_DELIVERABILITY'])
     except EmailNotValidError as exc:
         raise ValidationError(str(exc)) from exc
@@ -37,6 +37,8 @@ class SubscribeForm(FlaskForm):
         Length(max=MAX_EMAIL_LENGTH, message=f'An email address has at most {MAX_EMAIL_LENGTH} characters.'),
         deliverable_address,
     ])
+    # Hidden from people (and from screen readers); bots fill in every field they find.
+    website = StringField('Leave this empty')
     submit = SubmitField('Subscribe')
 
 

@@ -1,24 +1,31 @@
+from datetime import timedelta
+
 import sqlalchemy as sa
-from flask import abort, render_template, request
+from flask import abort, current_app, render_template, request
 from sqlalchemy.exc import IntegrityError
 
 from app.database import utcnow
 from app.extensions import csrf, db
+from app.limits import per_address, per_client
 from app.links import ExpiredLink, InvalidLink, load_confirm_token, load_unsubscribe_token
+from app.mailing import address_digest
 from app.main.blueprint import bp
 from app.main.email import queue_confirmation_email, queue_new_subscriber_notice
-from app.mailing import address_digest
 from app.main.forms import SubscribeForm, UnsubscribeForm
 from app.models import Client
 
 
 @bp.route('/', methods=['GET', 'POST'])
+@per_client('SIGNUP_LIMIT_PER_CLIENT')
+@per_address('SIGNUP_LIMIT_PER_ADDRESS')
 def index():
     """The sign-up form. Whatever the address's history, a valid one gets the same answer, so the page
-    never tells a stranger who is subscribed."""
+    never tells a stranger who is subscribed; nor does it tell a bot that filled the hidden field
+    meant for bots that it was caught."""
     form = SubscribeForm()
     if form.validate_on_submit():
-        subscribe(form.email.data)
+        if not form.website.data:
+            subscribe(form.email.data)
         return render_template('message.html', title='Check your inbox',
                                message=f'We have sent a confirmation link to {form.email.data}. '
                                        'Follow it to start receiving the newsletter.')
@@ -27,10 +34,11 @@ def index():
 
 def subscribe(address):
     """New and unconfirmed addresses get a (fresh) confirmation email; so does someone who left and
-    wants back in. An active subscriber gets nothing: no mail for a stranger to trigger at will."""
+    wants back in, but at most one every CONFIRM_RESEND_SECONDS. An active subscriber gets nothing: no
+    mail for a stranger to trigger at will."""
     client = db.session.scalar(sa.select(Client).where(Client.email == address))
     if client is None:
-        client = Client(email=address)
+        client = Client(email=address, confirmation_sent_at=utcnow())
         db.session.add(client)
         try:
             db.session.flush()
@@ -40,8 +48,21 @@ def subscribe(address):
             return
     elif client.active and client.email_confirmed_at is not None:
         return
+    elif not _may_send_confirmation(client):
+        return
     queue_confirmation_email(client)
     db.session.commit()
+
+
+def _may_send_confirmation(client):
+    """Take this address's turn for a confirmation email, if it has come: one conditional UPDATE, so
+    that of many requests at once only one wins."""
+    now = utcnow()
+    since = now - timedelta(seconds=current_app.config['CONFIRM_RESEND_SECONDS'])
+    return bool(db.session.execute(
+        sa.update(Client).where(Client.id == client.id, sa.or_(Client.confirmation_sent_at.is_(None),
+                                                               Client.confirmation_sent_at <= since))
+        .values(confirmation_sent_at=now).execution_options(synchronize_session=False)).rowcount)
 
 
 @bp.route('/confirm/<token>')

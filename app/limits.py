@@ -1,0 +1,40 @@
+"""Abuse limits on the public forms (Flask-Limiter): sign-up and admin sign-in, per client address and
+per email address, so that nobody can make the app mail a stranger over and over, or flood it. Counted
+in memory per process, or shared by every process through REDIS_URL; if that Redis is gone the limits
+fall back to memory rather than failing the sign-ups. Behind a reverse proxy, PROXY_COUNT says how many
+to trust for the client's address, or every client would share the proxy's.
+
+Sign-up also sends at most one confirmation per address every CONFIRM_RESEND_SECONDS, whatever the
+limits allow (app/main/routes.py)."""
+from flask import current_app, request
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from app.extensions import limiter
+
+
+def init_app(app):
+    config = app.config
+    config.setdefault('RATELIMIT_STORAGE_URI', config['REDIS_URL'] or 'memory://')
+    config.setdefault('RATELIMIT_STORAGE_OPTIONS', {'socket_timeout': config['REDIS_TIMEOUT'],
+                                                    'socket_connect_timeout': config['REDIS_TIMEOUT']}
+                      if config['REDIS_URL'] else {})
+    config.update(RATELIMIT_HEADERS_ENABLED=True, RATELIMIT_SWALLOW_ERRORS=True,
+                  RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=True)
+    if proxies := config['PROXY_COUNT']:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)
+    limiter.init_app(app)
+
+
+def submitted_address():
+    """The key of a limit per email address: the one the form was posted with."""
+    return 'address:' + (request.form.get('email') or '').strip().lower()
+
+
+def per_client(setting):
+    """A limit on POSTs from one client address, read from `setting` at each request."""
+    return limiter.limit(lambda: current_app.config[setting], methods=['POST'])
+
+
+def per_address(setting):
+    """A limit on POSTs naming one email address, whoever sends them."""
+    return limiter.limit(lambda: current_app.config[setting], key_func=submitted_address, methods=['POST'])
