@@ -191,13 +191,13 @@ def resume(broadcast_id):
     db.session.commit()
 
 
-def resend_unknown(broadcast_id):
-    """Its unknown deliveries sent again, at an admin's explicit request (after finding they did not
-    arrive).  :return: how many.  :raise BroadcastError:"""
+def resend_unknown(broadcast_id, client_ids=None):
+    """Its unknown deliveries (of `client_ids`, or all) sent again, at an admin's explicit request (after
+    finding they did not arrive).  :return: how many.  :raise BroadcastError:"""
     broadcast = db.session.get(Broadcast, broadcast_id)
     if broadcast is None:
         raise BroadcastError(f'there is no broadcast {broadcast_id}')
-    count = requeue(broadcast.mailing, [DeliveryStatus.UNKNOWN])
+    count = requeue(broadcast.mailing, [DeliveryStatus.UNKNOWN], client_ids)
     if count:
         _move(broadcast_id, 'reopen', finished_at=None)
         send_broadcast.apply(broadcast_id=broadcast_id)

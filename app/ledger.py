@@ -94,19 +94,23 @@ def _broadcast_mismatches(mailing, unfinished):
 
 
 def members(mailing, state):
-    """Who is in `state` (one of STATES), by subscriber id: [(email, detail)]."""
+    """Who is in `state` (one of STATES), by subscriber id, read as it is used (a CSV of a whole list
+    streams): (email, detail)..."""
     if state == PENDING:
         held = db.session.scalars(
             sa.select(Client.email).join(Delivery, Client.id == Delivery.client_id)
             .where(Delivery.mailing == mailing.key, Delivery.status == DeliveryStatus.CLAIMED)
-            .order_by(Client.id)).all()
-        return [(email, 'claimed by a run now') for email in held] + \
-               [(recipient.email, 'due') for recipient in iter_due(mailing)]
+            .order_by(Client.id).execution_options(yield_per=1000))
+        yield from ((email, 'claimed by a run now') for email in held)
+        yield from ((recipient.email, 'due') for recipient in iter_due(mailing))
+        return
     rows = db.session.execute(
         sa.select(Client.email, Delivery.error, Delivery.next_attempt_at, Delivery.attempts)
         .join(Delivery, Client.id == Delivery.client_id)
-        .where(Delivery.mailing == mailing.key, Delivery.status == state).order_by(Client.id)).all()
-    if state == DeliveryStatus.DEFERRED:
-        return [(email, f'next attempt {retry:%Y-%m-%d %H:%M:%S} UTC, {attempts} so far: {error}')
-                for email, error, retry, attempts in rows]
-    return [(email, error or '') for email, error, _, _ in rows]
+        .where(Delivery.mailing == mailing.key, Delivery.status == state).order_by(Client.id)
+        .execution_options(yield_per=1000))
+    for email, error, retry, attempts in rows:
+        if state == DeliveryStatus.DEFERRED:
+            yield email, f'next attempt {retry:%Y-%m-%d %H:%M:%S} UTC, {attempts} so far: {error}'
+        else:
+            yield email, error or ''

@@ -1,4 +1,6 @@
 """The admin pages: sign-in by emailed link, the jobs an admin can watch, broadcasts, "send now"."""
+import csv
+import io
 import re
 import time
 from datetime import datetime, timedelta, timezone
@@ -12,6 +14,7 @@ from app.extensions import db
 from app.jobs import run_due
 from app.models import AdminSession, Broadcast, Client, Delivery, Job
 from tests.conftest import csrf_token
+from tests.support.smtp import MailSink
 
 
 def deliver(app):
@@ -229,3 +232,126 @@ def test_a_sign_in_link_is_not_left_readable_in_the_jobs_table_once_sent(app, cl
         [job] = db.session.scalars(sa.select(Job).where(Job.task == 'send_email')).all()
     assert job.status == 'done' and '/admin/sign-in/' not in str(job.payload)
     assert job.payload['recipient'] == 'admin@example.com' and job.payload['subject']
+
+
+def test_subscribers_are_found_by_address_state_and_stage_a_page_at_a_time(app, admin, subscribers):
+    subscribers(60)  # active, stage 0
+    subscribers(3, start=100, num_newsletter=2)
+    subscribers(2, start=200, email_confirmed_at=None)  # unconfirmed
+    subscribers(1, start=300, active=False)  # unsubscribed
+
+    def listed(**query):
+        page = admin.get(url_for_test('/admin/subscribers', **query)).get_data(as_text=True)
+        return re.findall(r'>(reader\d+@example\.com)</a>', page), re.search(r'href="([^"]*after=\d+[^"]*)"', page)
+
+    first, more = listed()
+    second, last = listed(after=re.search(r'after=(\d+)', more.group(1)).group(1))
+    assert len(first) == 50 and len(second) == 16 and last is None, 'keyset pages of 50, by id'
+    assert set(first).isdisjoint(second)
+    assert listed(state='unconfirmed')[0] == ['reader200@example.com', 'reader201@example.com']
+    assert listed(state='unsubscribed')[0] == ['reader300@example.com']
+    assert listed(stage=2)[0] == ['reader100@example.com', 'reader101@example.com', 'reader102@example.com']
+    assert listed(q='READER10')[0] == ['reader10@example.com', 'reader100@example.com', 'reader101@example.com',
+                                        'reader102@example.com']
+    assert listed(q='%')[0] == [], 'a wildcard is searched for as it is'
+    assert admin.get('/admin/subscribers?state=asleep').status_code == 400
+
+
+def url_for_test(path, **query):
+    return path + ('?' + '&'.join(f'{key}={value}' for key, value in query.items()) if query else '')
+
+
+def test_a_subscribers_timeline_shows_every_message_with_its_outcome(app, admin, smtp, subscribers, runner):
+    [email] = subscribers(1, created_at=utcnow() - timedelta(days=1))
+    smtp.after_dot[email] = MailSink.DROP
+    runner.invoke(args=['send-newsletter-email', 'week1'])
+    with app.app_context():
+        client = db.session.scalar(sa.select(Client))
+
+    page = admin.get(f'/admin/subscribers/{client.id}').get_data(as_text=True)
+
+    rows = re.findall(r'<tr>\s*<td>[^<]*</td>\s*<td>([^<]+)</td>\s*<td>([^<]*)</td>', page)
+    assert [what for what, _ in rows] == ['signed up', 'confirmed', 'week1']
+    assert rows[-1][1] == 'unknown' and '&lt;newsletter.week1.' in page and 'no answer after the end of the data' in page
+    assert 'Send again (it did not arrive)' in page
+
+
+def test_an_admin_resends_a_message_that_did_not_arrive_and_it_goes_once(app, admin, smtp, subscribers, runner):
+    [email] = subscribers(1)
+    smtp.after_dot[email] = MailSink.DROP
+    runner.invoke(args=['send-newsletter-email', 'week1'])
+    smtp.after_dot.clear()
+    with app.app_context():
+        client = db.session.scalar(sa.select(Client))
+    form = {'csrf_token': csrf_token(admin, f'/admin/subscribers/{client.id}')}
+
+    admin.post(f'/admin/subscribers/{client.id}/resend/week1', data=form)
+    with app.app_context():
+        run_due()
+    again = admin.post(f'/admin/subscribers/{client.id}/resend/week1', data=form)
+
+    assert [to for to in smtp.recipients() if to == email] == [email, email], 'the lost one, then the resend'
+    assert 'has no week1 whose outcome is unknown' in admin.get(again.location).get_data(as_text=True)
+    with app.app_context():
+        assert db.session.scalar(sa.select(Delivery.status)) == 'sent'
+        assert db.session.get(Client, client.id).num_newsletter == 1
+
+
+def test_deactivating_stops_the_mail_and_reactivating_asks_the_subscriber_to_confirm(app, admin, smtp, subscribers):
+    subscribers(1)
+    with app.app_context():
+        client_id = db.session.scalar(sa.select(Client.id))
+    form = {'csrf_token': csrf_token(admin, f'/admin/subscribers/{client_id}')}
+
+    admin.post(f'/admin/subscribers/{client_id}/deactivate', data=form)
+    with app.app_context():
+        assert db.session.get(Client, client_id).active is False
+    admin.post(f'/admin/subscribers/{client_id}/reactivate', data=form)
+    with app.app_context():
+        run_due()
+        assert db.session.get(Client, client_id).active is False, 'not silently'
+    assert [m['Subject'] for m in smtp.messages if m['To'] == 'reader0@example.com'] == [
+        'Please confirm your subscription']
+
+
+def test_a_mailings_ledger_lists_who_is_where_and_a_csv_of_who_did_not_get_it(app, admin, smtp, subscribers, runner):
+    emails = subscribers(4)
+    smtp.after_dot[emails[1]] = MailSink.DROP
+    smtp.refuse_for_good[emails[2]] = '550 no such user'
+    subscribers(1, start=50, email_confirmed_at=None)
+    runner.invoke(args=['send-newsletter-email', 'week1'])
+    subscribers(1, start=60)  # due, not yet sent
+
+    overview = admin.get('/admin/mailings').get_data(as_text=True)
+    failed = admin.get('/admin/mailings/week1?state=failed').get_data(as_text=True)
+    csv_file = admin.get('/admin/mailings/week1/not-received.csv')
+
+    row = re.search(r'<tr id="mailing-week1">(.*?)</tr>', overview, re.S).group(1)
+    assert re.findall(r'<td>([^<]*)</td>', row) == ['5', '2', '1', '1', '0', '1', 'yes']
+    assert emails[2] in failed and '550 no such user' in failed and emails[0] not in failed
+    assert csv_file.mimetype == 'text/csv' and list(csv.reader(io.StringIO(csv_file.get_data(as_text=True)))) == [
+        ['email', 'state', 'detail'], [emails[2], 'failed', f'{emails[2]}: 550 no such user'],
+        [emails[1], 'unknown', csv_detail(app, emails[1])], ['reader60@example.com', 'pending', 'due']]
+    assert admin.get('/admin/mailings/week9').status_code == 404
+
+
+def csv_detail(app, email):
+    with app.app_context():
+        return db.session.scalar(sa.select(Delivery.error).join(Client).where(Client.email == email))
+
+
+def test_every_admin_url_refuses_anonymous_visitors(app):
+    """Read from the app's url_map, so that a page added later cannot forget it."""
+    anonymous = app.test_client()
+    open_to_all = {'admin.login_page', 'admin.sign_in'}
+    checked = 0
+    for rule in app.url_map.iter_rules():
+        if not rule.endpoint.startswith('admin.') or rule.endpoint in open_to_all:
+            continue
+        url = re.sub(r'<(?:int:)?(\w+)>', '1', re.sub(r'<any\(([^,)]+)[^>]*>', r'\1', rule.rule))
+        for method in rule.methods - {'HEAD', 'OPTIONS'}:
+            response = anonymous.open(url, method=method)
+            assert response.status_code in (302, 400) and (response.status_code == 400 or
+                                                        response.location.startswith('/admin/login')), (method, url)
+            checked += 1
+    assert checked >= 12

@@ -1,0 +1,48 @@
+"""The subscribers' pages: find one, see what happened to them, and act on them (app/subscribers.py)."""
+from flask import abort, flash, redirect, render_template, request, url_for
+
+from app import subscribers
+from app.admin.blueprint import bp
+from app.extensions import db
+from app.models import Client
+from app.subscribers import SubscriberState
+
+
+@bp.route('/subscribers')
+def subscriber_list():
+    """:raise 400: for a filter that is not one (a state, a stage number, an id to page after)."""
+    search, state, stage = request.args.get('q', ''), request.args.get('state') or None, request.args.get('stage')
+    try:
+        page = subscribers.find(search, SubscriberState(state) if state else None,
+                                int(stage) if stage else None, int(request.args.get('after') or 0))
+    except ValueError:
+        abort(400, 'A filter is not valid: state is one of active, unconfirmed, unsubscribed; stage is a number.')
+    return render_template('admin/subscribers.html', title='Subscribers', page=page, search=search, state=state,
+                           stage=stage, states=list(SubscriberState), state_of=SubscriberState.of)
+
+
+@bp.route('/subscribers/<int:client_id>')
+def subscriber(client_id):
+    client = db.get_or_404(Client, client_id)
+    return render_template('admin/subscriber.html', title=client.email, client=client,
+                           state=SubscriberState.of(client), moments=subscribers.timeline(client))
+
+
+@bp.route('/subscribers/<int:client_id>/<any(deactivate, reactivate):action>', methods=['POST'])
+def subscriber_action(client_id, action):
+    client = db.get_or_404(Client, client_id)
+    getattr(subscribers, action)(client)
+    flash({'deactivate': f'{client.email} receives nothing more.',
+           'reactivate': f'{client.email} is sent a fresh confirmation email: following it subscribes them again.'
+           }[action])
+    return redirect(url_for('admin.subscriber', client_id=client_id))
+
+
+@bp.route('/subscribers/<int:client_id>/resend/<mailing>', methods=['POST'])
+def subscriber_resend(client_id, mailing):
+    client = db.get_or_404(Client, client_id)
+    if subscribers.resend_unknown(client, mailing):
+        flash(f'{mailing} goes to {client.email} again, by a job now.')
+    else:
+        flash(f'{client.email} has no {mailing} whose outcome is unknown.', 'error')
+    return redirect(url_for('admin.subscriber', client_id=client_id))

@@ -1,0 +1,109 @@
+"""Subscribers as an admin finds them and sees what happened to each: a list that pages by id (keyset:
+a page costs the same at a million rows as at the first), searched by address and filtered by state and
+stage; one subscriber's timeline, from sign-up through every message to unsubscribing; and what an admin
+may do to one subscriber. Nothing here sends: a resend goes back through the send log (app/sendlog.py)
+and the next run or job, with all of its guarantees."""
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from app import broadcasts
+from app.database import utcnow
+from app.drip import send_stage
+from app.extensions import db
+from app.main.email import queue_confirmation_email
+from app.models import Client, Delivery, DeliveryStatus, SendRun
+from app.sendlog import requeue
+
+PAGE_SIZE = 50
+
+
+class SubscriberState(enum.StrEnum):
+    """How an admin filters subscribers (derived from a row, not stored)."""
+    ACTIVE = 'active'  # confirmed, and receiving the drip
+    UNCONFIRMED = 'unconfirmed'  # signed up, has not followed the confirmation link
+    UNSUBSCRIBED = 'unsubscribed'  # left (or was deactivated by an admin)
+
+    def condition(self):
+        return {SubscriberState.ACTIVE: sa.and_(Client.active, Client.email_confirmed_at.is_not(None)),
+                SubscriberState.UNCONFIRMED: Client.email_confirmed_at.is_(None),
+                SubscriberState.UNSUBSCRIBED: sa.and_(~Client.active, Client.email_confirmed_at.is_not(None))}[self]
+
+    @classmethod
+    def of(cls, client):
+        if client.email_confirmed_at is None:
+            return cls.UNCONFIRMED
+        return cls.ACTIVE if client.active else cls.UNSUBSCRIBED
+
+
+@dataclass(frozen=True)
+class Page:
+    subscribers: list
+    after: int | None  # the id to ask for the next page after, if there is one
+
+
+def find(search='', state=None, stage=None, after=0, size=PAGE_SIZE):
+    """One page of subscribers by id after `after`: those whose address contains `search` (any case),
+    in `state` (a SubscriberState) and at drip `stage` (num_newsletter), when given."""
+    conditions = [Client.id > after]
+    if search:
+        escaped = search.strip().lower().replace('\\', '\\\\').replace('%', '\\%').replace('_', '\\_')
+        conditions.append(sa.func.lower(Client.email).like(f'%{escaped}%', escape='\\'))
+    if state:
+        conditions.append(SubscriberState(state).condition())
+    if stage is not None:
+        conditions.append(Client.num_newsletter == stage)
+    rows = db.session.scalars(sa.select(Client).where(*conditions).order_by(Client.id).limit(size + 1)).all()
+    return Page(rows[:size], rows[size - 1].id if len(rows) > size else None)
+
+
+@dataclass(frozen=True)
+class Moment:
+    at: datetime | None
+    what: str  # signed up, confirmed, a mailing, unsubscribed
+    delivery: Delivery | None = None
+
+
+def timeline(client):
+    """Everything that happened to `client`, oldest first: a delivery is placed at its latest move."""
+    moments = [Moment(client.created_at, 'signed up')]
+    if client.email_confirmed_at:
+        moments.append(Moment(client.email_confirmed_at, 'confirmed'))
+    for delivery in db.session.scalars(sa.select(Delivery).where(Delivery.client_id == client.id)):
+        moments.append(Moment(delivery.sent_at or delivery.updated_at or delivery.created_at, delivery.mailing,
+                              delivery))
+    if client.unsubscribed_at:
+        moments.append(Moment(client.unsubscribed_at, 'unsubscribed'))
+    return sorted(moments, key=lambda moment: moment.at or datetime.min)
+
+
+def deactivate(client):
+    """An admin's unsubscribe: the same as the subscriber's own."""
+    if client.active:
+        client.active, client.unsubscribed_at = False, utcnow()
+    db.session.commit()
+
+
+def reactivate(client):
+    """Back on the list only through a fresh confirmation email, never silently: the subscriber's own
+    click on its link is what subscribes them again."""
+    queue_confirmation_email(client)
+    db.session.commit()
+
+
+def resend_unknown(client, mailing_key):
+    """Their copy of `mailing_key`, whose outcome is unknown, sent again (an admin found that it did not
+    arrive), by a job of its own, now.  :return: whether there was one."""
+    if mailing_key.startswith('broadcast'):
+        return bool(broadcasts.resend_unknown(int(mailing_key.removeprefix('broadcast')), client_ids=[client.id]))
+    if not requeue(mailing_key, [DeliveryStatus.UNKNOWN], client_ids=[client.id]):
+        return False
+    send_stage.apply(stage=mailing_key, trigger='admin', deferred_only=True)
+    db.session.commit()
+    return True
+
+
+def recent_runs(limit=20):
+    return db.session.scalars(sa.select(SendRun).order_by(SendRun.id.desc()).limit(limit)).all()
