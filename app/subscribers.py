@@ -5,7 +5,7 @@ may do to one subscriber. Nothing here sends: a resend goes back through the sen
 and the next run or job, with all of its guarantees."""
 import enum
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
@@ -105,5 +105,33 @@ def resend_unknown(client, mailing_key):
     return True
 
 
+def totals():
+    """{SubscriberState: how many}."""
+    return {state: db.session.scalar(sa.select(sa.func.count(Client.id)).where(state.condition()))
+            for state in SubscriberState}
+
+
+def per_stage():
+    """[(stage number, active subscribers who have reached exactly it)], for the funnel."""
+    return db.session.execute(
+        sa.select(Client.num_newsletter, sa.func.count(Client.id)).where(SubscriberState.ACTIVE.condition())
+        .group_by(Client.num_newsletter).order_by(Client.num_newsletter)).all()
+
+
+def per_day(days=56):
+    """[(YYYY-MM-DD, (sign-ups, confirmations))] for each of the last `days` days (UTC), oldest first."""
+    today = utcnow().date()
+    first = today - timedelta(days=days - 1)
+    counts = {}
+    for column, i in ((Client.created_at, 0), (Client.email_confirmed_at, 1)):
+        day = sa.func.date(column)
+        for when, count in db.session.execute(sa.select(day, sa.func.count()).where(column >= datetime.combine(
+                first, datetime.min.time())).group_by(day)):
+            counts.setdefault(str(when), [0, 0])[i] = count
+    return [(str(first + timedelta(days=n)), tuple(counts.get(str(first + timedelta(days=n)), (0, 0))))
+            for n in range(days)]
+
+
 def recent_runs(limit=20):
+    """The latest send runs of every mailing: what started them, when, and how they ended."""
     return db.session.scalars(sa.select(SendRun).order_by(SendRun.id.desc()).limit(limit)).all()

@@ -355,3 +355,46 @@ def test_every_admin_url_refuses_anonymous_visitors(app):
                                                         response.location.startswith('/admin/login')), (method, url)
             checked += 1
     assert checked >= 12
+
+
+def test_the_dashboard_counts_subscribers_by_state_charts_them_and_lists_the_send_runs(app, admin, subscribers,
+                                                                                       runner):
+    subscribers(3, created_at=utcnow() - timedelta(days=2))
+    subscribers(2, start=10, num_newsletter=1)
+    subscribers(1, start=20, email_confirmed_at=None)
+    subscribers(1, start=30, active=False)
+    runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    page = admin.get('/admin/').get_data(as_text=True)
+
+    assert re.sub(r'<[^>]+>', '', re.search(r'<p id="totals">(.*?)</p>', page).group(1)) == \
+        'active 5, unconfirmed 1, unsubscribed 1.'
+    funnel = re.search(r'<figure id="funnel">(.*?)</figure>', page, re.S).group(1)
+    assert re.findall(r'<text x="0" y="\d+">([^<]+)</text>', funnel) == ['stage 1']
+    assert '<text x="' in funnel and '>5</text>' in funnel, 'everyone active has week1 now'
+    growth = re.search(r'<figure id="growth">(.*?)</figure>', page, re.S).group(1)
+    today, two_days_ago = utcnow().date(), (utcnow() - timedelta(days=2)).date()
+    assert f'<title>{today}: 4 sign-ups</title>' in growth and f'<title>{two_days_ago}: 3 sign-ups</title>' in growth
+    assert f'<title>{today}: 6 confirmations</title>' in growth
+    assert re.search(r'<tr><td><a href="/admin/mailings/week1">week1</a></td><td>cli</td>.*?<td>3</td>', page, re.S)
+
+
+def test_a_stage_is_previewed_as_any_subscriber_would_get_it_and_sent_to_the_admin_as_a_test(app, admin, smtp,
+                                                                                              subscribers):
+    [jane] = subscribers(1)
+
+    sample = admin.get('/admin/stages/week1/preview').get_data(as_text=True)
+    as_jane = admin.get(f'/admin/stages/week1/preview?subscriber={jane}').get_data(as_text=True)
+    admin.post('/admin/stages/week1/test', data={'csrf_token': csrf_token(admin, '/admin/stages/week1/preview')})
+    with app.app_context():
+        run_due()
+
+    assert 'To preview@example.com.' in sample and 'Hello Preview' in sample
+    assert f'To {jane}.' in as_jane and 'Hello Reader' in as_jane
+    [test] = [message for message in smtp.messages if message['To'] == 'admin@example.com' and 'Test' in message['Subject']]
+    assert test['Subject'].startswith('[Test] ')
+    with app.app_context():
+        assert db.session.scalars(sa.select(Delivery)).all() == [], 'not in the ledger'
+        assert db.session.scalar(sa.select(Client.num_newsletter)) == 0
+    assert admin.get('/admin/stages/week7/preview').status_code == 404
+    assert admin.get('/admin/stages/week1/preview?subscriber=nobody@example.com').status_code == 404

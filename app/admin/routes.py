@@ -1,14 +1,21 @@
-"""What admins see and do: the state of every background job, the schedules, and broadcasts."""
+"""What admins see and do: the state of every background job, the drip's stages (previews, tests, "send
+now") and schedules, and broadcasts."""
+import dataclasses
+import secrets
+
 import sqlalchemy as sa
 from flask import abort, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 
-from app import broadcasts
+from app import broadcasts, charts
+from app import subscribers as people
 from app.admin.blueprint import bp
 from app.admin.forms import BroadcastForm
 from app.database import utcnow
 from app.drip import DripStage, available_stages, send_stage, waiting
+from app.email import make_message_id, queue_email
 from app.extensions import db, login
+from app.mailing import PREVIEW_RECIPIENT, Recipient
 from app.models import BROADCAST_MOVES, Broadcast, Client, Job
 from app.sendlog import count_due
 from app.timing import TimingError, describe_delay
@@ -30,7 +37,12 @@ def dashboard():
     schedules, zone = current_app.extensions['schedules']
     now = utcnow()
     last_due = [(schedule, broadcasts.utc_to_local(schedule.latest_due(now, zone), zone.key)) for schedule in schedules]
+    funnel = charts.bars([(f'stage {stage}', count) for stage, count in people.per_stage()],
+                         'Active subscribers by the last drip stage they received')
+    growth = charts.daily(people.per_day(), ('sign-ups', 'confirmations'),
+                          'Sign-ups and confirmations per day, last eight weeks')
     return render_template('admin/dashboard.html', title='Admin', subscribers=subscribers, jobs=jobs,
+                           totals=people.totals(), funnel=funnel, growth=growth, runs=people.recent_runs(),
                            schedules=last_due, zone=zone.key, stages=[_stage_row(key) for key in available_stages()],
                            window=current_app.extensions['sending_window'],
                            broadcasts=db.session.scalars(sa.select(Broadcast).order_by(Broadcast.id.desc())).all())
@@ -100,3 +112,38 @@ def broadcast_action(broadcast_id, verb):
     except broadcasts.BroadcastError as exc:
         flash(str(exc), 'error')
     return redirect(url_for('admin.broadcast', broadcast_id=broadcast_id))
+
+
+@bp.route('/stages/<stage>/preview')
+def stage_preview(stage):
+    """A drip stage as a made-up subscriber, or the one asked for (`?subscriber=` an id or an address),
+    would get it.  :raise 404: no such stage or subscriber."""
+    mailing = _stage_or_404(stage)
+    wanted = request.args.get('subscriber', '').strip()
+    recipient = PREVIEW_RECIPIENT
+    if wanted:
+        client = db.session.scalar(sa.select(Client).where(
+            Client.id == int(wanted) if wanted.isdigit() else Client.email == wanted))
+        if client is None:
+            abort(404, f'There is no subscriber {wanted}.')
+        recipient = Recipient(client.id, client.email)
+    return render_template('admin/stage.html', title=f'{stage} preview', stage=stage, wanted=wanted,
+                           preview=mailing.compose(recipient), recipient=recipient)
+
+
+@bp.route('/stages/<stage>/test', methods=['POST'])
+def stage_test(stage):
+    """The stage, to the signed-in admin, marked as a test: it goes as a single email, not through the
+    send, so no ledger and no subscriber's stage is touched."""
+    email = _stage_or_404(stage).compose(Recipient(0, current_user.email))
+    queue_email(dataclasses.replace(email, subject=f'[Test] {email.subject}',
+                                    message_id=make_message_id('test', stage, secrets.token_hex(6))))
+    db.session.commit()
+    flash(f'A test of {stage} is on its way to {current_user.email}.')
+    return redirect(url_for('admin.stage_preview', stage=stage))
+
+
+def _stage_or_404(stage):
+    if stage not in available_stages():
+        abort(404)
+    return DripStage(stage)
