@@ -10,10 +10,11 @@ from datetime import timedelta
 
 from app.transports import looks_deployed
 
-# Styles are inline in the page templates; nothing else is allowed to load or run. A broadcast's preview
-# (an iframe with `srcdoc`, sandboxed) shows its images from anywhere.
-CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data: https:; "
-                           "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+# Styles are inline in the page templates, scripts only the app's own files (the admin pages' live
+# progress); nothing else is allowed to load or run. A broadcast's preview (an iframe with `srcdoc`,
+# sandboxed) shows its images from anywhere.
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; "
+                           "img-src 'self' data: https:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 HEADERS = {
     'Content-Security-Policy': CONTENT_SECURITY_POLICY,
     'X-Frame-Options': 'DENY',

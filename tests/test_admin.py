@@ -90,7 +90,7 @@ def test_an_admin_previews_schedules_and_cancels_a_broadcast(app, admin):
     assert created.status_code == 302 and created.location == '/admin/broadcasts/1'
     page = admin.get('/admin/broadcasts/1').get_data(as_text=True)
     assert '<strong id="status">scheduled</strong>' in page and 'Europe/Paris' in page
-    assert re.search(r'<tr id="job-2">\s*<td>2</td>\s*<td>send_broadcast <small>1</small>', page), 'its send job'
+    assert re.search(r'<tr id="job-2"[^>]*>\s*<td>2</td>\s*<td>send_broadcast <small>1</small>', page), 'its send job'
 
     admin.post('/admin/broadcasts/1/cancel', data={'csrf_token': form['csrf_token']})
     with app.app_context():
@@ -125,11 +125,12 @@ def test_send_now_queues_the_stage_and_the_dashboard_shows_each_jobs_state(app, 
     page = admin.get('/admin/').get_data(as_text=True)
 
     assert 'week1 is queued as job' in page
-    assert re.search(r'send_stage <small>week1</small></td>\s*<td>queued', page)
+    assert re.search(r'send_stage <small>week1</small></td>\s*<td><span class="status">queued</span>', page)
     assert 'SMTP 550: no such user' in page
     deliver(app)
     page = admin.get('/admin/').get_data(as_text=True)
-    assert re.search(r'send_stage <small>week1</small></td>\s*<td>done</td>\s*<td>3 / 3</td>', page)
+    assert re.search(r'send_stage <small>week1</small></td>\s*<td><span class="status">done</span></td>\s*'
+                     r'<td class="progress">3 / 3 \(100 %\)</td>', page)
 
 
 def test_a_new_broadcast_starts_at_the_current_time_in_the_zone_the_form_shows(admin, monkeypatch):
@@ -219,8 +220,10 @@ def test_with_an_https_base_url_cookies_are_secure_and_hsts_is_sent(settings, re
 def test_every_page_forbids_scripts_framing_sniffing_and_referrers(client, url):
     headers = client.get(url).headers
 
-    assert "default-src 'none'" in headers['Content-Security-Policy'] and 'script-src' not in headers['Content-Security-Policy']
-    assert "frame-ancestors 'none'" in headers['Content-Security-Policy'] and headers['X-Frame-Options'] == 'DENY'
+    policy = headers['Content-Security-Policy']
+    assert "default-src 'none'" in policy and "script-src 'self';" in policy and 'unsafe-inline' not in policy.split(
+        'style-src')[0], "scripts only from the app's own files, never inline"
+    assert "frame-ancestors 'none'" in policy and headers['X-Frame-Options'] == 'DENY'
     assert headers['X-Content-Type-Options'] == 'nosniff' and headers['Referrer-Policy'] == 'no-referrer'
     assert 'Strict-Transport-Security' not in headers, 'not over plain http'
 
@@ -398,3 +401,25 @@ def test_a_stage_is_previewed_as_any_subscriber_would_get_it_and_sent_to_the_adm
         assert db.session.scalar(sa.select(Client.num_newsletter)) == 0
     assert admin.get('/admin/stages/week7/preview').status_code == 404
     assert admin.get('/admin/stages/week1/preview?subscriber=nobody@example.com').status_code == 404
+
+
+def test_a_jobs_progress_is_on_the_page_and_in_its_json_for_the_page_to_follow(app, admin, subscribers):
+    subscribers(3)
+    admin.post('/admin/stages/week1/send', data={'csrf_token': csrf_token(admin, '/admin/')})
+    with app.app_context():
+        job_id = db.session.scalar(sa.select(Job.id).where(Job.task == 'send_stage'))
+
+    queued = admin.get(f'/admin/jobs/{job_id}.json').get_json()
+    with app.app_context():
+        run_due()
+    done = admin.get(f'/admin/jobs/{job_id}.json').get_json()
+    page = admin.get('/admin/').get_data(as_text=True)
+
+    assert (queued['status'], done['status'], done['progress']) == ('queued', 'done', '3 / 3 (100 %)')
+    row = re.search(rf'<tr id="job-{job_id}" data-job-progress data-url="/admin/jobs/{job_id}.json">(.*?)</tr>', page, re.S)
+    assert '<span class="status">done</span>' in row.group(1) and '3 / 3 (100 %)' in row.group(1)
+    assert '<script src="/static/progress.js" defer></script>' in page
+    with admin.get('/static/progress.js') as script:
+        assert script.status_code == 200 and b'data-job-progress' in script.data
+    assert admin.get('/admin/jobs/999.json').status_code == 404
+

@@ -147,3 +147,19 @@ def _stage_or_404(stage):
     if stage not in available_stages():
         abort(404)
     return DripStage(stage)
+
+
+@bp.app_template_global('progress')
+def job_progress(job):
+    """'40 / 100 (40 %)', or '' while a job has reported none."""
+    if not job.progress_total:
+        return ''
+    return f'{job.progress_done or 0} / {job.progress_total} ({100 * (job.progress_done or 0) // job.progress_total} %)'
+
+
+@bp.route('/jobs/<int:job_id>.json')
+def job_state(job_id):
+    """A job's state and progress, for the pages' live progress (static/progress.js)."""
+    job = db.get_or_404(Job, job_id)
+    return {'id': job.id, 'task': job.task, 'status': job.status, 'progress': job_progress(job),
+            'done': job.progress_done, 'total': job.progress_total, 'error': job.error}
