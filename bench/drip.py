@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/drip.py --subscribers 100000 --database sqlite
     .venv/bin/python bench/drip.py --subscribers 100000 --database postgresql --connections 8 --delay 0.02
+    .venv/bin/python bench/drip.py --subscribers 200 --round-trip 50
 
 Seeds N confirmed subscribers into a fresh database, starts a counting SMTP server on 127.0.0.1,
 runs `flask send-newsletter-email week1` as a user would, and reports wall time, messages per second,
@@ -12,7 +13,13 @@ the same server (the transport limit), and prints the app's ratio to it. The lim
 slices woven into the app's run: each time the app has delivered another 1/SLICES of its messages,
 the app is paused (SIGSTOP), as many raw messages are pushed, and the app resumes (SIGCONT). The app's
 time is its wall time less those pauses. A shared machine's speed drifts by a third within minutes;
-measured side by side in the same stretches of time, both sides feel the same drift.
+measured side by side in the same stretches of time, both sides feel the same drift. The raw
+connections stay open from one slice to the next, as the app's do, so that neither side connects more
+often than the other.
+
+With --round-trip MS, both the app and the raw smtplib connections reach the server through one
+bench/latency_proxy.py, which adds MS milliseconds to every round trip (half each way): a relay far
+away, where a client that waits for each reply pays a round trip per command.
 """
 import argparse
 import contextlib
@@ -33,6 +40,7 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.latency_proxy import LatencyProxy  # noqa: E402
 from bench.sink import LIMIT_PREFIX, Sink  # noqa: E402
 
 POSTGRESQL_URL = os.environ.get('TEST_POSTGRESQL_URL', 'postgresql://postgres@127.0.0.1:5432/test')
@@ -118,14 +126,30 @@ def run_flask_processes(env, commands, while_running=None):
     return seconds, peak, statements, out + err
 
 
-class TransportLimit:
-    """N pre-rendered messages pushed over raw smtplib connections, in slices woven into the app's run:
-    `step` is run_flask_processes's `while_running`, `finish` pushes what is left once the app is done.
-    The messages go to LIMIT_PREFIX addresses, which the sink counts apart from the app's."""
+@contextlib.contextmanager
+def reached_through(port, round_trip_ms):
+    """The port the app and the raw connections both reach the server on: its own, or given a round
+    trip, a latency proxy's in front of it."""
+    if round_trip_ms is None:
+        yield port
+    else:
+        with LatencyProxy(port, round_trip_ms / 2000) as proxy:
+            yield proxy.port
 
-    def __init__(self, sink, count, connections, message, slices):
-        self.sink, self.count, self.connections, self.message = sink, count, connections, message
-        self.slice = max(count // slices, 1)
+
+class TransportLimit:
+    """N pre-rendered messages pushed over raw smtplib connections to `port` (the sink's, or a proxy in
+    front of it), in slices woven into the app's run: `step` is run_flask_processes's `while_running`,
+    `finish` pushes what is left once the app is done and closes the connections, which stay open from
+    one slice to the next. The messages go to LIMIT_PREFIX addresses, which the sink counts apart from
+    the app's."""
+
+    def __init__(self, sink, port, count, connections, message, slices):
+        self.sink, self.port, self.count, self.message = sink, port, count, message
+        self.smtps = [None] * connections
+        # A whole number of messages for each connection: one left with an extra message holds up a
+        # slice by a whole message's round trips while the others wait.
+        self.slice = max(count // slices // connections, 1) * connections
         self.pushed, self.seconds, self.pauses = 0, 0.0, []
 
     def step(self, processes):
@@ -153,28 +177,39 @@ class TransportLimit:
     def finish(self):
         if self.pushed < self.count:
             self._push(self.count - self.pushed)
+        self._on_each_connection(lambda i, smtp: smtp and smtp.quit())
         assert self.sink.progress()[1] == self.count, 'the transport limit run lost messages'
 
     def paused_between(self, first, last):
         return sum(max(0.0, min(end, last) - max(start, first)) for start, end in self.pauses)
 
     def _push(self, count):
-        numbers = range(self.pushed, self.pushed + count)
+        numbers, connections = range(self.pushed, self.pushed + count), len(self.smtps)
 
-        def push(share):
-            with smtplib.SMTP('127.0.0.1', self.sink.port) as smtp:
-                for n in share:
+        def push(i, smtp):
+            for n in numbers[i::connections]:
+                if smtp is None:
+                    smtp = self.smtps[i] = smtplib.SMTP('127.0.0.1', self.port)
+                try:
+                    smtp.sendmail('news@example.com', [f'{LIMIT_PREFIX}{n}@example.com'], self.message)
+                except smtplib.SMTPServerDisconnected:
+                    # The server hung up on a connection left idle too long between slices, before
+                    # taking this message (finish's count would show otherwise): connect again.
+                    smtp = self.smtps[i] = smtplib.SMTP('127.0.0.1', self.port)
                     smtp.sendmail('news@example.com', [f'{LIMIT_PREFIX}{n}@example.com'], self.message)
 
-        threads = [threading.Thread(target=push, args=(numbers[i::self.connections],))
-                   for i in range(self.connections)]
+        self._on_each_connection(push)
+        self.pushed += count
+
+    def _on_each_connection(self, work):
+        """Run `work(i, connection or None)` for every connection at once, one thread each, timed."""
+        threads = [threading.Thread(target=work, args=(i, smtp)) for i, smtp in enumerate(self.smtps)]
         started = time.perf_counter()
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         self.seconds += time.perf_counter() - started
-        self.pushed += count
 
 
 def main():
@@ -183,6 +218,8 @@ def main():
     parser.add_argument('--database', choices=['sqlite', 'postgresql'], default='sqlite')
     parser.add_argument('--connections', type=int, default=1, help='MAIL_CONCURRENCY, and the raw connections')
     parser.add_argument('--delay', type=float, default=0.0, help='seconds the server takes over each message')
+    parser.add_argument('--round-trip', type=float, default=None, metavar='MS',
+                        help='reach the server through bench/latency_proxy.py, adding MS milliseconds a round trip')
     parser.add_argument('--batch-size', type=int, default=None, help='SEND_BATCH_SIZE (default: the app\'s)')
     parser.add_argument('--record-every', type=int, default=None, help='SEND_RECORD_EVERY (default: the app\'s)')
     parser.add_argument('--rate-limit', type=float, default=None, help='MAIL_RATE_LIMIT, messages per second')
@@ -194,10 +231,10 @@ def main():
     n = args.subscribers
 
     with tempfile.TemporaryDirectory() as folder, FreshDatabase(args.database, folder) as database, \
-            Sink(free_port(), args.delay) as sink:
+            Sink(free_port(), args.delay) as sink, reached_through(sink.port, args.round_trip) as port:
         env = {**os.environ, 'FLASK_SKIP_DOTENV': '1', 'INSTANCE_PATH': folder, 'DATABASE_URL': database.url,
                'SECRET_KEY': 'bench', 'BASE_URL': 'https://news.example.com', 'MAIL_SERVER': '127.0.0.1',
-               'MAIL_PORT': str(sink.port), 'MAIL_DEFAULT_SENDER': 'The Newsletter <news@example.com>',
+               'MAIL_PORT': str(port), 'MAIL_DEFAULT_SENDER': 'The Newsletter <news@example.com>',
                'MAIL_CONCURRENCY': str(args.connections), 'JOB_WORKER': 'off'}
         if args.batch_size:
             env['SEND_BATCH_SIZE'] = str(args.batch_size)
@@ -207,7 +244,7 @@ def main():
             env['MAIL_RATE_LIMIT'] = str(args.rate_limit)
         run_flask(env, 'db', 'upgrade')
         seed(database.url, n)
-        limit = None if args.skip_limit else TransportLimit(sink, n, args.connections, _one_message(env, folder),
+        limit = None if args.skip_limit else TransportLimit(sink, port, n, args.connections, _one_message(env, folder),
                                                             args.slices)
         step = limit.step if limit else None
 
@@ -226,8 +263,9 @@ def main():
 
         how = f'{args.rq_workers} RQ worker(s) x ' if args.rq_workers else ''
         rate = f', rate limit {args.rate_limit:g}/s' if args.rate_limit else ''
+        trip = '' if args.round_trip is None else f', {args.round_trip:g} ms round trip (bench/latency_proxy.py)'
         print(f'drip send, {n} subscribers, {args.database}, {how}{args.connections} connection(s), '
-              f'server delay {args.delay * 1000:g} ms{rate}')
+              f'server delay {args.delay * 1000:g} ms{rate}{trip}')
         print(f'  app:    {seconds:8.2f} s  {n / seconds:9.1f} msg/s  peak RSS {rss:6.1f} MB  '
               f'{statements} SQL statements  duplicates {duplicates}  losses {losses}')
         paced = (n - 1) / (last - first - (limit.paused_between(first, last) if limit else 0.0))
