@@ -24,6 +24,7 @@ away, where a client that waits for each reply pays a round trip per command.
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import smtplib
 import socket
@@ -33,6 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -74,16 +76,31 @@ class FreshDatabase:
                 conn.execute(sa.text(f'DROP SCHEMA {self.schema} CASCADE'))
 
 
-def seed(url, count):
+def seed(url, count, week1_days_ago=None):
+    """N confirmed subscribers due week1; or, with `week1_days_ago`, past week1, delivered that long ago."""
     engine = sa.create_engine(url)
     clients = sa.table('clients', *(sa.column(c) for c in (
         'email', 'active', 'num_newsletter', 'created_at', 'email_confirmed_at')))
     now = sa.func.now() if url.startswith('postgresql') else sa.text("CURRENT_TIMESTAMP")
     with engine.begin() as conn:
         for start in range(0, count, 10_000):
-            conn.execute(clients.insert().values(active=True, num_newsletter=0, created_at=now, email_confirmed_at=now),
+            conn.execute(clients.insert().values(active=True, num_newsletter=0 if week1_days_ago is None else 1,
+                                                 created_at=now, email_confirmed_at=now),
                          [{'email': f'reader{n}@example.com'} for n in range(start, min(start + 10_000, count))])
+        if week1_days_ago is not None:
+            then = sa.literal(datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(days=week1_days_ago))
+            conn.execute(sa.text('INSERT INTO deliveries (client_id, mailing, status, attempts, created_at, sent_at) '
+                                 "SELECT id, 'week1', 'sent', 1, :then, :then FROM clients"), {'then': then.value})
     engine.dispose()
+
+
+def delayed_stages(folder, days):
+    """A STAGES_FOLDER whose week2 waits `days` days after week1."""
+    stages = Path(folder) / 'stages'
+    shutil.copytree(ROOT / 'app' / 'templates' / 'emails' / 'newsletter', stages)
+    subject, _, rest = (stages / 'week2.txt').read_text().partition('\n')
+    (stages / 'week2.txt').write_text(f'{subject}\nDelay: {days} days\n{rest}')
+    return str(stages)
 
 
 def run_flask(env, *args, while_running=None):
@@ -223,6 +240,8 @@ def main():
     parser.add_argument('--batch-size', type=int, default=None, help='SEND_BATCH_SIZE (default: the app\'s)')
     parser.add_argument('--record-every', type=int, default=None, help='SEND_RECORD_EVERY (default: the app\'s)')
     parser.add_argument('--rate-limit', type=float, default=None, help='MAIL_RATE_LIMIT, messages per second')
+    parser.add_argument('--stage-delay', type=int, default=None, metavar='DAYS',
+                        help='send week2 with "Delay: DAYS days", to subscribers who got week1 DAYS+1 days ago')
     parser.add_argument('--rq-workers', type=int, default=0,
                         help='send through RQ: queue that many jobs and run that many `flask rq-worker` processes')
     parser.add_argument('--skip-limit', action='store_true', help='do not measure the transport limit')
@@ -233,7 +252,7 @@ def main():
     with tempfile.TemporaryDirectory() as folder, FreshDatabase(args.database, folder) as database, \
             Sink(free_port(), args.delay) as sink, reached_through(sink.port, args.round_trip) as port:
         env = {**os.environ, 'FLASK_SKIP_DOTENV': '1', 'INSTANCE_PATH': folder, 'DATABASE_URL': database.url,
-               'SECRET_KEY': 'bench', 'BASE_URL': 'https://news.example.com', 'MAIL_SERVER': '127.0.0.1',
+               'SECRET_KEY': 'bench-secret-key-0123456789', 'BASE_URL': 'https://news.example.com', 'MAIL_SERVER': '127.0.0.1',
                'MAIL_PORT': str(port), 'MAIL_DEFAULT_SENDER': 'The Newsletter <news@example.com>',
                'MAIL_CONCURRENCY': str(args.connections), 'JOB_WORKER': 'off'}
         if args.batch_size:
@@ -242,19 +261,22 @@ def main():
             env['SEND_RECORD_EVERY'] = str(args.record_every)
         if args.rate_limit:
             env['MAIL_RATE_LIMIT'] = str(args.rate_limit)
+        stage = 'week1'
+        if args.stage_delay is not None:  # week2, due by its delay: the send log is read for every batch
+            env['STAGES_FOLDER'], stage = delayed_stages(folder, args.stage_delay), 'week2'
         run_flask(env, 'db', 'upgrade')
-        seed(database.url, n)
+        seed(database.url, n, None if args.stage_delay is None else args.stage_delay + 1)
         limit = None if args.skip_limit else TransportLimit(sink, port, n, args.connections, _one_message(env, folder),
                                                             args.slices)
         step = limit.step if limit else None
 
         if args.rq_workers:
             env.update(REDIS_URL=os.environ.get('REDIS_URL', 'redis://127.0.0.1:6379/0'), RQ_QUEUE=database.schema)
-            run_flask(env, 'send-newsletter-email', 'week1', '--queue', str(args.rq_workers))
+            run_flask(env, 'send-newsletter-email', stage, '--queue', str(args.rq_workers))
             seconds, rss, statements, output = run_flask_processes(
                 env, [('rq-worker', '--burst')] * args.rq_workers, while_running=step)
         else:
-            seconds, rss, statements, output = run_flask(env, 'send-newsletter-email', 'week1', while_running=step)
+            seconds, rss, statements, output = run_flask(env, 'send-newsletter-email', stage, while_running=step)
         if limit:
             limit.finish()
         counts, first, last = sink.reset()
@@ -264,8 +286,9 @@ def main():
         how = f'{args.rq_workers} RQ worker(s) x ' if args.rq_workers else ''
         rate = f', rate limit {args.rate_limit:g}/s' if args.rate_limit else ''
         trip = '' if args.round_trip is None else f', {args.round_trip:g} ms round trip (bench/latency_proxy.py)'
+        delayed = '' if args.stage_delay is None else f', week2 with Delay: {args.stage_delay} days'
         print(f'drip send, {n} subscribers, {args.database}, {how}{args.connections} connection(s), '
-              f'server delay {args.delay * 1000:g} ms{rate}{trip}')
+              f'server delay {args.delay * 1000:g} ms{rate}{trip}{delayed}')
         print(f'  app:    {seconds:8.2f} s  {n / seconds:9.1f} msg/s  peak RSS {rss:6.1f} MB  '
               f'{statements} SQL statements  duplicates {duplicates}  losses {losses}')
         paced = (n - 1) / (last - first - (limit.paused_between(first, last) if limit else 0.0))
