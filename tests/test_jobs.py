@@ -17,7 +17,7 @@ from app.extensions import db
 from app.jobs import Interrupted, Worker, define_task, report_progress, run_due, run_next, stopping
 from app.models import Client, Delivery, Job
 from config import Config
-from tests.test_outbox import queue
+from tests.test_transactional_mail import queue
 
 
 @define_task()

@@ -1,5 +1,8 @@
-"""Emails the app accepts (confirmations, admin notices) are `send_email` jobs: web requests never wait
-on SMTP, and an accepted email is never lost."""
+"""Transactional mail (a sign-up's confirmation, an admin's sign-in link, the admins' notices): each email
+is a `send_email` job queued in the transaction of the request that wants it, so it exists only if that
+transaction commits and the request never waits on SMTP. Any number of workers deliver each email once
+(a worker killed mid-send may repeat only the one it had in flight); a temporary failure is retried with
+growing back-off, and a permanent one is kept as failed for the admins to see."""
 import signal
 import time
 from collections import Counter
@@ -24,7 +27,8 @@ def queue(app, *recipients):
         db.session.commit()
 
 
-def outbox(app):
+def email_jobs(app):
+    """The `send_email` jobs, by recipient."""
     with app.app_context():
         return {row.payload['recipient']: row for row in db.session.scalars(sa.select(Job))}
 
@@ -49,21 +53,21 @@ def test_sign_up_does_not_wait_for_a_dead_smtp_server_and_the_email_goes_out_whe
     assert sign_up(client, 'jane@example.com').status_code == 200
     assert deliver(app) == 0
 
-    row = outbox(app)['jane@example.com']
+    row = email_jobs(app)['jane@example.com']
     assert row.status == 'queued' and row.attempts == 1
     assert 'cannot connect' in row.error and row.run_after > row.created_at
     smtp.start()
     make_due_now(app)
     assert deliver(app) == 1
     assert smtp.recipients() == ['jane@example.com']
-    assert outbox(app)['jane@example.com'].status == 'done'
+    assert email_jobs(app)['jane@example.com'].status == 'done'
 
 
 def test_an_email_exists_only_if_its_transaction_commits(app, smtp):
     with app.app_context():
         queue_email(Email('jane@example.com', 'Hi', 'text', '<p>html</p>', '<rolled.back@example.com>'))
         db.session.rollback()
-    assert outbox(app) == {} and deliver(app) == 0
+    assert email_jobs(app) == {} and deliver(app) == 0
 
 
 def test_a_permanent_failure_is_kept_as_failed_and_the_rest_go_out(app, smtp):
@@ -72,7 +76,7 @@ def test_a_permanent_failure_is_kept_as_failed_and_the_rest_go_out(app, smtp):
 
     assert deliver(app) == 2
 
-    rows = outbox(app)
+    rows = email_jobs(app)
     assert rows['gone@example.com'].status == 'failed' and '550' in rows['gone@example.com'].error
     assert rows['gone@example.com'].attempts == 1, 'a permanent failure is not retried'
     assert sorted(smtp.recipients()) == ['a@example.com', 'b@example.com']
@@ -87,13 +91,13 @@ def test_a_temporary_failure_is_retried_with_growing_back_off_then_kept_as_faile
     for _ in range(3):
         before = utcnow()
         deliver(app)
-        row = outbox(app)['busy@example.com']
+        row = email_jobs(app)['busy@example.com']
         waits.append((row.run_after - before).total_seconds())
         make_due_now(app)
 
     assert row.status == 'failed' and row.attempts == 3 and '451' in row.error
     assert 59 <= waits[0] <= 61 and 119 <= waits[1] <= 121, waits  # 60 s, then doubled
-    assert outbox(app)['busy@example.com'] is not None, 'kept, for the admin to see'
+    assert email_jobs(app)['busy@example.com'] is not None, 'kept, for the admin to see'
 
 
 def test_two_workers_deliver_each_email_once(app, smtp, flask_command):
@@ -106,8 +110,8 @@ def test_two_workers_deliver_each_email_once(app, smtp, flask_command):
 
     assert all(code == 0 for _, _, code in results), results
     assert Counter(smtp.recipients()) == Counter(recipients)
-    assert {row.status for row in outbox(app).values()} == {'done'}
-    assert {row.attempts for row in outbox(app).values()} == {1}
+    assert {row.status for row in email_jobs(app).values()} == {'done'}
+    assert {row.attempts for row in email_jobs(app).values()} == {1}
 
 
 def test_emails_claimed_by_a_killed_worker_are_delivered_by_another(app, smtp, flask_command):
