@@ -1,6 +1,5 @@
 """Fixtures: every database test runs on SQLite and on PostgreSQL; mail goes to a real SMTP server."""
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -252,9 +251,3 @@ def promise_kept(app, smtp):
             by_status.setdefault(statuses.get(email), []).append(email)
         return by_status
     return check
-
-
-def csrf_token(client, url):
-    """The CSRF token a browser would get with the form at `url`."""
-    page = client.get(url).get_data(as_text=True)
-    return re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', page).group(1)

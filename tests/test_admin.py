@@ -13,18 +13,14 @@ from app.database import utcnow
 from app.extensions import db
 from app.jobs import run_due
 from app.models import AdminSession, Broadcast, Client, Delivery, Job
-from tests.conftest import csrf_token
 from tests.support.smtp import MailSink
-
-
-def deliver(app):
-    with app.app_context():
-        run_due()
+from tests.support.forms import csrf_token
+from tests.support.jobs import run_due_jobs
 
 
 def sign_in(app, client, smtp, address='admin@example.com'):
     client.post('/admin/login', data={'email': address, 'csrf_token': csrf_token(client, '/admin/login')})
-    deliver(app)
+    run_due_jobs(app)
     body = smtp.messages[-1].get_body(('plain',)).get_content()
     return client.get(re.search(r'http://newsletter.test(/admin/sign-in/\S+)', body).group(1))
 
@@ -53,7 +49,7 @@ def test_an_admin_signs_in_with_the_link_emailed_to_them(app, client, smtp):
 def test_a_stranger_gets_the_same_answer_and_no_email(app, client, smtp):
     page = client.post('/admin/login', data={'email': 'mallory@example.com',
                                              'csrf_token': csrf_token(client, '/admin/login')})
-    deliver(app)
+    run_due_jobs(app)
 
     assert 'If mallory@example.com is an admin address' in page.get_data(as_text=True)
     assert smtp.messages == []
@@ -127,7 +123,7 @@ def test_send_now_queues_the_stage_and_the_dashboard_shows_each_jobs_state(app, 
     assert 'week1 is queued as job' in page
     assert re.search(r'send_stage <small>week1</small></td>\s*<td><span class="status">queued</span>', page)
     assert 'SMTP 550: no such user' in page
-    deliver(app)
+    run_due_jobs(app)
     page = admin.get('/admin/').get_data(as_text=True)
     assert re.search(r'send_stage <small>week1</small></td>\s*<td><span class="status">done</span></td>\s*'
                      r'<td class="progress">3 / 3 \(100 %\)</td>', page)

@@ -12,8 +12,8 @@ import sqlalchemy as sa
 from app import broadcasts
 from app.database import utcnow
 from app.extensions import db
-from app.jobs import run_due
 from app.models import Broadcast, Delivery, Job
+from tests.support.jobs import make_jobs_due_now, run_due_jobs
 
 TEXT = 'Hello {{ greeting_name }},\n\nOur winter sale starts today.'
 HTML = '<p>Hello {{ greeting_name }},</p><p>Our <b>winter sale</b> starts today.</p>'
@@ -26,21 +26,10 @@ def schedule(app, at=None, zone='UTC', subject='Winter sale, {{ greeting_name }}
         return broadcasts.schedule_broadcast(subject, text, html, at, zone, created_by='admin@example.com').id
 
 
-def make_due_now(app):
-    with app.app_context():
-        db.session.execute(sa.update(Job).values(run_after=utcnow() - timedelta(seconds=1)))
-        db.session.commit()
-
-
 def state(app, broadcast_id):
     with app.app_context():
         broadcast = db.session.get(Broadcast, broadcast_id)
         return broadcast.status, broadcasts.delivery_counts(broadcast)
-
-
-def run(app):
-    with app.app_context():
-        return run_due()
 
 
 def test_a_broadcast_goes_at_its_time_once_to_every_active_confirmed_subscriber(app, smtp, subscribers):
@@ -49,10 +38,10 @@ def test_a_broadcast_goes_at_its_time_once_to_every_active_confirmed_subscriber(
     subscribers(1, start=200, active=False)
     broadcast_id = schedule(app, zone='Europe/Paris', at=datetime.now() + timedelta(hours=3))
 
-    assert run(app) == 0 and smtp.messages == [], 'not before its time'
-    make_due_now(app)
-    run(app)
-    run(app)
+    assert run_due_jobs(app) == 0 and smtp.messages == [], 'not before its time'
+    make_jobs_due_now(app)
+    run_due_jobs(app)
+    run_due_jobs(app)
 
     assert Counter(smtp.recipients()) == Counter(emails)
     message = smtp.messages[0]
@@ -67,9 +56,9 @@ def test_a_broadcast_goes_at_its_time_once_to_every_active_confirmed_subscriber(
 def test_a_broadcast_that_breaks_for_one_subscriber_fails_that_one_and_reaches_the_rest(app, smtp, subscribers):
     subscribers(3)
     broadcast_id = schedule(app, text=TEXT + '{% if email.startswith("reader1@") %}{{ 1 // 0 }}{% endif %}')
-    make_due_now(app)
+    make_jobs_due_now(app)
 
-    run(app)
+    run_due_jobs(app)
 
     assert sorted(smtp.recipients()) == ['reader0@example.com', 'reader2@example.com']
     assert state(app, broadcast_id) == ('sent', {'sent': 2, 'failed': 1})
@@ -109,8 +98,8 @@ def test_a_broadcast_cancelled_before_it_starts_is_never_sent(app, smtp, subscri
 
     with app.app_context():
         broadcasts.cancel(broadcast_id)
-    make_due_now(app)
-    run(app)
+    make_jobs_due_now(app)
+    run_due_jobs(app)
 
     assert smtp.messages == [] and state(app, broadcast_id) == ('cancelled', {})
     with app.app_context():
@@ -122,9 +111,9 @@ def test_a_broadcast_cancelled_before_it_starts_is_never_sent(app, smtp, subscri
 def test_a_paused_broadcast_stops_after_its_batch_and_resumes_where_it_stopped(app, smtp, subscribers):
     emails = subscribers(60)
     broadcast_id = schedule(app)
-    make_due_now(app)
+    make_jobs_due_now(app)
     smtp.delay = 0.03
-    sender = threading.Thread(target=run, args=(app,))
+    sender = threading.Thread(target=run_due_jobs, args=(app,))
     sender.start()
     smtp.wait_for(5, timeout=30)
 
@@ -141,7 +130,7 @@ def test_a_paused_broadcast_stops_after_its_batch_and_resumes_where_it_stopped(a
 
     with app.app_context():
         broadcasts.resume(broadcast_id)
-    run(app)
+    run_due_jobs(app)
 
     assert Counter(smtp.recipients()) == Counter(emails), 'the rest, and nobody twice'
     assert state(app, broadcast_id) == ('sent', {'sent': 60})
@@ -150,7 +139,7 @@ def test_a_paused_broadcast_stops_after_its_batch_and_resumes_where_it_stopped(a
 def test_subscribers_who_confirm_after_a_broadcast_started_do_not_get_it(app, smtp, subscribers):
     emails = subscribers(10)
     broadcast_id = schedule(app)
-    make_due_now(app)
+    make_jobs_due_now(app)
     with app.app_context():
         db.session.execute(sa.update(Broadcast).values(status='paused', started_at=utcnow()))
         db.session.commit()
@@ -158,7 +147,7 @@ def test_subscribers_who_confirm_after_a_broadcast_started_do_not_get_it(app, sm
 
     with app.app_context():
         broadcasts.resume(broadcast_id)
-    run(app)
+    run_due_jobs(app)
 
     assert Counter(smtp.recipients()) == Counter(emails)
 
@@ -166,7 +155,7 @@ def test_subscribers_who_confirm_after_a_broadcast_started_do_not_get_it(app, sm
 def test_a_broadcast_resumes_after_its_worker_is_killed(app, smtp, subscribers, flask_command, promise_kept):
     emails = subscribers(60)
     broadcast_id = schedule(app)
-    make_due_now(app)
+    make_jobs_due_now(app)
     smtp.delay = 0.05
 
     doomed = flask_command('worker', LEASE_SECONDS='2')

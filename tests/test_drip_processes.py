@@ -12,13 +12,9 @@ import sqlalchemy as sa
 
 from app.extensions import db
 from app.models import Client, Delivery
+from tests.support.processes import finish
 
 SUBSCRIBERS = 60
-
-
-def finish(process, timeout=120):
-    out, err = process.communicate(timeout=timeout)
-    return process.returncode, out, err
 
 
 def assert_everyone_advanced(app):

@@ -19,17 +19,13 @@ from app import broadcasts
 from app.broadcasts import BroadcastMailing
 from app.database import utcnow
 from app.extensions import db
-from app.jobs import run_due
 from app.mailing import Recipient
 from app.models import Broadcast, Client, Delivery, Job, SendRun
+from tests.support.jobs import run_due_jobs
+from tests.support.processes import finish
 from tests.support.smtp import MailSink, free_port
 
 TEXT, HTML = 'Hello {{ greeting_name }}, our sale starts today.', '<p>Hello {{ greeting_name }}</p>'
-
-
-def finish(process, timeout=120):
-    out, err = process.communicate(timeout=timeout)
-    return process.returncode, out, err
 
 
 @pytest.fixture
@@ -75,11 +71,6 @@ def time_passes(app):
                                .values(next_attempt_at=an_hour_ago))
             db.session.commit()
     return wait
-
-
-def run_jobs(app):
-    with app.app_context():
-        return run_due()
 
 
 # 1. The answer to the final dot is lost.
@@ -160,7 +151,7 @@ def test_a_broadcast_job_stopped_by_lost_answers_waits_for_an_admin_instead_of_r
         smtp.after_dot[email] = MailSink.DROP
     broadcast_id = broadcast()
 
-    run_jobs(app)
+    run_due_jobs(app)
 
     with app.app_context():
         job = db.session.scalar(sa.select(Job).where(Job.task == 'send_broadcast'))
@@ -179,7 +170,7 @@ def test_a_greylisted_subscriber_keeps_a_broadcast_open_until_they_have_it(app, 
     broadcast_id = broadcast()
 
     for _ in range(2):
-        run_jobs(app)
+        run_due_jobs(app)
         with app.app_context():
             status = db.session.get(Broadcast, broadcast_id).status
             job = db.session.scalar(sa.select(Job).where(Job.task == 'send_broadcast'))
@@ -190,7 +181,7 @@ def test_a_greylisted_subscriber_keeps_a_broadcast_open_until_they_have_it(app, 
         assert ledger_of(f'broadcast{broadcast_id}')['reader3@example.com'][0] == 'deferred'
         time_passes()
 
-    run_jobs(app)
+    run_due_jobs(app)
 
     assert Counter(smtp.recipients()) == Counter(emails)
     with app.app_context():
@@ -205,13 +196,13 @@ def test_one_deferred_for_longer_than_the_give_up_age_fails_with_the_reason(app,
     subscribers(3)
     smtp.refuse_for_now['reader1@example.com'] = 99
     broadcast_id = broadcast()
-    run_jobs(app)
+    run_due_jobs(app)
     with app.app_context():
         db.session.execute(sa.update(Delivery).values(deferred_since=utcnow() - timedelta(days=2)))
         db.session.commit()
     time_passes()
 
-    run_jobs(app)
+    run_due_jobs(app)
 
     status, _, error = ledger_of(f'broadcast{broadcast_id}')['reader1@example.com']
     assert status == 'failed'
@@ -265,7 +256,7 @@ def test_a_broadcast_over_several_connections_reaches_everyone(app, smtp, subscr
     smtp.delay = 0.01
     broadcast_id = broadcast()
 
-    run_jobs(app)
+    run_due_jobs(app)
 
     assert promise_kept(f'broadcast{broadcast_id}', emails) == {'sent': emails}
 
@@ -416,7 +407,7 @@ def test_every_way_of_starting_a_send_is_the_same_send_and_fails_the_way_its_run
         from app.drip import send_stage
         send_stage.apply(stage='week1')
         db.session.commit()
-    run_jobs(app)
+    run_due_jobs(app)
     code, out, err = finish(flask_command('send-newsletter-email', 'week1', '--queue', '1',
                                           REDIS_URL='redis://127.0.0.1:6379/0', RQ_QUEUE=queue_name))
     assert code == 0, (out, err)

@@ -3,7 +3,6 @@ lease by any number of workers, retried with back-off, and kept with its outcome
 import signal
 import threading
 import time
-from collections import Counter
 from datetime import timedelta
 
 import pytest
@@ -14,10 +13,10 @@ from app.database import utcnow
 from app.drip import send_stage
 from app.email import Email, queue_email
 from app.extensions import db
-from app.jobs import Interrupted, Worker, define_task, report_progress, run_due, run_next, stopping
-from app.models import Client, Delivery, Job
+from app.jobs import Interrupted, Worker, define_task, report_progress, run_next, stopping
+from app.models import Client, Job
 from config import Config
-from tests.test_transactional_mail import queue
+from tests.support.jobs import jobs, make_jobs_due_now, queue_emails, run_due_jobs
 
 
 @define_task()
@@ -55,34 +54,18 @@ def app(app):
     return app
 
 
-def jobs(app):
-    with app.app_context():
-        return db.session.scalars(sa.select(Job).order_by(Job.id)).all()
-
-
-def make_due_now(app):
-    with app.app_context():
-        db.session.execute(sa.update(Job).values(run_after=utcnow() - timedelta(seconds=1)))
-        db.session.commit()
-
-
-def run(app):
-    with app.app_context():
-        return run_due()
-
-
 def test_a_task_runs_with_its_keyword_arguments_and_its_result_and_timings_are_kept(app):
     with app.app_context():
         add.apply(a=2, b=3)
         db.session.commit()
 
-    assert run(app) == 1
+    assert run_due_jobs(app) == 1
 
     [job] = jobs(app)
     assert (job.task, job.payload, job.status, job.result, job.attempts) == ('add', {'a': 2, 'b': 3}, 'done',
                                                                              {'sum': 5}, 1)
     assert job.created_at <= job.started_at <= job.finished_at and job.claimed_by is None
-    assert run(app) == 0, 'a done job is not run again'
+    assert run_due_jobs(app) == 0, 'a done job is not run again'
 
 
 def test_an_argument_that_cannot_be_stored_is_refused_where_the_task_is_applied(app):
@@ -99,11 +82,11 @@ def test_a_failing_job_is_retried_with_growing_back_off_then_kept_as_failed_with
     waits = []
     for _ in range(3):
         before = utcnow()
-        run(app)
+        run_due_jobs(app)
         [job] = jobs(app)
         waits.append((job.run_after - before).total_seconds())
-        assert run(app) == 0, 'not before its back-off has passed'
-        make_due_now(app)
+        assert run_due_jobs(app) == 0, 'not before its back-off has passed'
+        make_jobs_due_now(app)
 
     assert job.status == 'failed' and job.attempts == 3 and job.error == 'ValueError: the disk is full'
     assert 59 <= waits[0] <= 61 and 119 <= waits[1] <= 121, waits
@@ -115,7 +98,7 @@ def test_a_jobs_database_writes_are_committed_with_its_success_and_not_at_all_if
         subscribe_then.apply(email='new@example.com', fail=fail)
         db.session.commit()
 
-    run(app)
+    run_due_jobs(app)
 
     with app.app_context():
         written = db.session.scalar(sa.select(Client.email))
@@ -128,7 +111,7 @@ def test_a_job_for_a_task_this_app_does_not_have_fails_with_a_clear_error(app):
         db.session.add(Job(task='renamed_long_ago', queue='mail', payload={}, max_attempts=3))
         db.session.commit()
 
-    run(app)
+    run_due_jobs(app)
 
     [job] = jobs(app)
     assert job.status == 'failed' and "no task named 'renamed_long_ago'" in job.error
@@ -139,9 +122,9 @@ def test_a_job_is_not_run_before_its_time(app):
         add.apply(run_after=utcnow() + timedelta(minutes=5), a=1, b=1)
         db.session.commit()
 
-    assert run(app) == 0
-    make_due_now(app)
-    assert run(app) == 1
+    assert run_due_jobs(app) == 0
+    make_jobs_due_now(app)
+    assert run_due_jobs(app) == 1
 
 
 def test_a_long_job_keeps_its_lease_and_shows_its_progress_while_it_runs(app):
@@ -149,7 +132,7 @@ def test_a_long_job_keeps_its_lease_and_shows_its_progress_while_it_runs(app):
     with app.app_context():
         slow_counter.apply(steps=25, step_seconds=0.2)
         db.session.commit()
-    worker = threading.Thread(target=run, args=(app,))
+    worker = threading.Thread(target=run_due_jobs, args=(app,))
     worker.start()
     while not any(job.status == 'running' for job in jobs(app)):
         time.sleep(0.02)
@@ -180,7 +163,7 @@ def test_a_worker_asked_to_stop_puts_its_running_job_back_without_counting_an_at
 
     [job] = jobs(app)
     assert (job.status, job.attempts, job.claimed_by) == ('queued', 0, None)
-    assert run(app) == 1 and jobs(app)[0].status == 'done'
+    assert run_due_jobs(app) == 1 and jobs(app)[0].status == 'done'
 
 
 def test_a_job_whose_worker_keeps_dying_is_failed_instead_of_retried_forever(app):
@@ -189,14 +172,14 @@ def test_a_job_whose_worker_keeps_dying_is_failed_instead_of_retried_forever(app
                            status='running', claimed_by='dead', lease_until=utcnow() - timedelta(seconds=1)))
         db.session.commit()
 
-    run(app)
+    run_due_jobs(app)
 
     [job] = jobs(app)
     assert job.status == 'failed' and 'stopped 3 time(s) mid-job' in job.error
 
 
 def test_two_workers_racing_for_one_job_run_it_once(app, smtp, flask_command):
-    queue(app, 'jane@example.com')
+    queue_emails(app, 'jane@example.com')
     smtp.delay = 0.5
 
     racers = [flask_command('worker', '--once') for _ in range(2)]

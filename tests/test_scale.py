@@ -10,7 +10,7 @@ from app.extensions import db
 from app.models import Client, Delivery
 from app.ratelimit import LocalSchedule, SharedSchedule
 from tests.conftest import REDIS_URL
-from tests.test_drip_processes import finish
+from tests.support.processes import finish
 
 
 def test_mail_concurrency_sends_over_that_many_connections_and_still_once_each(app, runner, smtp, subscribers):

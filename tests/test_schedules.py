@@ -8,19 +8,12 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-import sqlalchemy as sa
 
 from app import create_app
-from app.extensions import db
 from app.jobs import run_next
-from app.models import Job
 from app.schedules import Schedule, fire_due_schedules, parse_schedules
 from config import Config
-
-
-def jobs(app):
-    with app.app_context():
-        return db.session.scalars(sa.select(Job).order_by(Job.id)).all()
+from tests.support.jobs import jobs
 
 
 def run_bulk_jobs():

@@ -7,25 +7,16 @@ import sqlalchemy as sa
 
 from app.database import utcnow
 from app.extensions import db
-from app.jobs import run_due
 from app.models import Client, Job
-from tests.conftest import csrf_token
+from tests.support.forms import csrf_token, sign_up
+from tests.support.jobs import run_due_jobs
 
 CHECK_INBOX = 'We have sent a confirmation link to'
-
-
-def sign_up(client, email):
-    return client.post('/', data={'email': email, 'csrf_token': csrf_token(client, '/')})
 
 
 def rows(app, model):
     with app.app_context():
         return db.session.scalars(sa.select(model).order_by(model.id)).all()
-
-
-def deliver(app):
-    with app.app_context():
-        return run_due()
 
 
 def confirm_link(message):
@@ -46,7 +37,7 @@ def test_sign_up_sends_a_confirmation_and_the_link_confirms(app, client, smtp):
     assert subscriber.email_confirmed_at is None and subscriber.num_newsletter == 0
     assert smtp.messages == [], 'the request only queues the email'
 
-    assert deliver(app) == 1
+    assert run_due_jobs(app) == 1
     [confirmation] = smtp.messages
     assert confirmation['To'] == 'Jane.Doe@example.com'
     assert confirmation['Subject'] == 'Please confirm your subscription'
@@ -60,10 +51,10 @@ def test_sign_up_sends_a_confirmation_and_the_link_confirms(app, client, smtp):
 
 def test_confirmation_notifies_the_admins(app, client, smtp):
     sign_up(client, 'new@example.com')
-    deliver(app)
+    run_due_jobs(app)
     client.get(confirm_link(smtp.messages[0]))
 
-    assert deliver(app) == 1
+    assert run_due_jobs(app) == 1
     notice = smtp.messages[1]
     assert notice['To'] == 'admin@example.com'
     assert notice['Subject'] == 'New subscriber: new@example.com'
@@ -71,24 +62,24 @@ def test_confirmation_notifies_the_admins(app, client, smtp):
 
 def test_confirming_twice_notifies_the_admins_once(app, client, smtp):
     sign_up(client, 'new@example.com')
-    deliver(app)
+    run_due_jobs(app)
     link = confirm_link(smtp.messages[0])
     assert client.get(link).status_code == 200
     assert client.get(link).status_code == 200
-    deliver(app)
+    run_due_jobs(app)
     assert smtp.recipients().count('admin@example.com') == 1
 
 
 def test_signing_up_again_never_reveals_whether_the_address_is_known(app, client, smtp):
     new = sign_up(client, 'someone@example.com').get_data(as_text=True)
     again_unconfirmed = sign_up(client, 'someone@example.com').get_data(as_text=True)
-    assert deliver(app) == 2, 'the unconfirmed address gets a fresh confirmation'
+    assert run_due_jobs(app) == 2, 'the unconfirmed address gets a fresh confirmation'
     client.get(confirm_link(smtp.messages[-1]))
-    assert deliver(app) == 1  # the admins' notice
+    assert run_due_jobs(app) == 1  # the admins' notice
     again_active = sign_up(client, 'someone@example.com').get_data(as_text=True)
 
     assert new == again_unconfirmed == again_active
-    assert deliver(app) == 0, 'an active subscriber gets nothing a stranger could trigger at will'
+    assert run_due_jobs(app) == 0, 'an active subscriber gets nothing a stranger could trigger at will'
     assert [m['Subject'] for m in smtp.messages] == ['Please confirm your subscription'] * 2 + [
         'New subscriber: someone@example.com']
 
@@ -98,7 +89,7 @@ def test_an_unsubscribed_reader_can_come_back_through_confirmation(app, client, 
 
     sign_up(client, 'reader0@example.com')
     assert rows(app, Client)[0].active is False, 'not back before confirming'
-    deliver(app)
+    run_due_jobs(app)
     client.get(confirm_link(smtp.messages[0]))
 
     [subscriber] = rows(app, Client)
@@ -146,7 +137,7 @@ def test_an_oversized_request_gets_an_error_page_and_writes_nothing(app, client)
 ])
 def test_a_forged_confirmation_link_is_refused_and_confirms_nothing(app, client, smtp, tamper):
     sign_up(client, 'jane@example.com')
-    deliver(app)
+    run_due_jobs(app)
     link = confirm_link(smtp.messages[0])
     prefix, token = link.rsplit('/', 1)
 
@@ -158,7 +149,7 @@ def test_a_forged_confirmation_link_is_refused_and_confirms_nothing(app, client,
 
 def test_an_expired_confirmation_link_says_so_and_confirms_nothing(app, client, smtp):
     sign_up(client, 'jane@example.com')
-    deliver(app)
+    run_due_jobs(app)
     app.config['CONFIRM_MAX_AGE'] = -1
 
     response = client.get(confirm_link(smtp.messages[0]))
@@ -169,7 +160,7 @@ def test_an_expired_confirmation_link_says_so_and_confirms_nothing(app, client, 
 
 def test_the_confirmation_link_of_a_replaced_address_does_not_confirm_another(app, client, smtp):
     sign_up(client, 'jane@example.com')
-    deliver(app)
+    run_due_jobs(app)
     link = confirm_link(smtp.messages[0])
     with app.app_context():
         db.session.execute(sa.update(Client).values(email='someone.else@example.com'))
@@ -186,7 +177,7 @@ def test_an_unknown_page_gets_a_404_page(client):
 
 def test_an_old_confirmation_link_does_not_subscribe_again_someone_who_left_after_it(app, client, smtp):
     sign_up(client, 'jane@example.com')
-    deliver(app)
+    run_due_jobs(app)
     link = confirm_link(smtp.messages[0])
     client.get(link)
     with app.app_context():

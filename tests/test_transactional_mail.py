@@ -6,25 +6,17 @@ growing back-off, and a permanent one is kept as failed for the admins to see.""
 import signal
 import time
 from collections import Counter
-from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
 
 from app.database import utcnow
-from app.email import Email
-from app.email import queue_email
+from app.email import Email, queue_email
 from app.extensions import db
 from app.jobs import run_due
 from app.models import Job
-from tests.test_signup import sign_up
-
-
-def queue(app, *recipients):
-    with app.app_context():
-        for n, recipient in enumerate(recipients):
-            queue_email(Email(recipient, f'Hello {n}', 'text', '<p>html</p>', f'<test.{n}.{recipient}>'))
-        db.session.commit()
+from tests.support.forms import sign_up
+from tests.support.jobs import make_jobs_due_now, queue_emails
 
 
 def email_jobs(app):
@@ -34,17 +26,11 @@ def email_jobs(app):
 
 
 def deliver(app):
-    """:return: how many emails went out."""
+    """Run the due jobs as one pass of a worker does.  :return: how many emails went out."""
     with app.app_context():
         before = db.session.scalar(sa.select(sa.func.count()).where(Job.status == 'done'))
         run_due()
         return db.session.scalar(sa.select(sa.func.count()).where(Job.status == 'done')) - before
-
-
-def make_due_now(app):
-    with app.app_context():
-        db.session.execute(sa.update(Job).values(run_after=utcnow() - timedelta(seconds=1)))
-        db.session.commit()
 
 
 def test_sign_up_does_not_wait_for_a_dead_smtp_server_and_the_email_goes_out_when_it_is_back(app, client, smtp):
@@ -57,7 +43,7 @@ def test_sign_up_does_not_wait_for_a_dead_smtp_server_and_the_email_goes_out_whe
     assert row.status == 'queued' and row.attempts == 1
     assert 'cannot connect' in row.error and row.run_after > row.created_at
     smtp.start()
-    make_due_now(app)
+    make_jobs_due_now(app)
     assert deliver(app) == 1
     assert smtp.recipients() == ['jane@example.com']
     assert email_jobs(app)['jane@example.com'].status == 'done'
@@ -72,7 +58,7 @@ def test_an_email_exists_only_if_its_transaction_commits(app, smtp):
 
 def test_a_permanent_failure_is_kept_as_failed_and_the_rest_go_out(app, smtp):
     smtp.refuse_for_good['gone@example.com'] = '550 5.1.1 No such user'
-    queue(app, 'a@example.com', 'gone@example.com', 'b@example.com')
+    queue_emails(app, 'a@example.com', 'gone@example.com', 'b@example.com')
 
     assert deliver(app) == 2
 
@@ -85,7 +71,7 @@ def test_a_permanent_failure_is_kept_as_failed_and_the_rest_go_out(app, smtp):
 def test_a_temporary_failure_is_retried_with_growing_back_off_then_kept_as_failed(app, smtp):
     app.config.update(JOB_MAX_ATTEMPTS=3, JOB_RETRY_BACKOFF=60)
     smtp.refuse_for_now['busy@example.com'] = 99
-    queue(app, 'busy@example.com')
+    queue_emails(app, 'busy@example.com')
 
     waits = []
     for _ in range(3):
@@ -93,7 +79,7 @@ def test_a_temporary_failure_is_retried_with_growing_back_off_then_kept_as_faile
         deliver(app)
         row = email_jobs(app)['busy@example.com']
         waits.append((row.run_after - before).total_seconds())
-        make_due_now(app)
+        make_jobs_due_now(app)
 
     assert row.status == 'failed' and row.attempts == 3 and '451' in row.error
     assert 59 <= waits[0] <= 61 and 119 <= waits[1] <= 121, waits  # 60 s, then doubled
@@ -102,7 +88,7 @@ def test_a_temporary_failure_is_retried_with_growing_back_off_then_kept_as_faile
 
 def test_two_workers_deliver_each_email_once(app, smtp, flask_command):
     recipients = [f'person{n}@example.com' for n in range(30)]
-    queue(app, *recipients)
+    queue_emails(app, *recipients)
     smtp.delay = 0.03
 
     workers = [flask_command('worker', '--once') for _ in range(2)]
@@ -116,7 +102,7 @@ def test_two_workers_deliver_each_email_once(app, smtp, flask_command):
 
 def test_emails_claimed_by_a_killed_worker_are_delivered_by_another(app, smtp, flask_command):
     recipients = [f'person{n}@example.com' for n in range(10)]
-    queue(app, *recipients)
+    queue_emails(app, *recipients)
     smtp.delay = 0.2
 
     doomed = flask_command('worker', LEASE_SECONDS='1')

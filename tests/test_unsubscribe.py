@@ -6,7 +6,7 @@ from itsdangerous import URLSafeSerializer
 from app.extensions import db
 from app.links import unsubscribe_token
 from app.models import Client
-from tests.conftest import csrf_token
+from tests.support.forms import csrf_token
 
 
 @pytest.fixture
