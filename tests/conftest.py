@@ -1,4 +1,5 @@
-"""Fixtures: every database test runs on SQLite and on PostgreSQL; mail goes to a real SMTP server."""
+"""Fixtures: every database test runs on SQLite and on PostgreSQL; mail goes to a real SMTP server; a test
+that needs Redis gets one that answers (`redis_url`)."""
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 os.environ['FLASK_SKIP_DOTENV'] = '1'  # before config is imported: a developer's .env must not leak in
 
 import pytest  # noqa: E402
+import redis  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
 from app import create_app  # noqa: E402
@@ -21,7 +23,7 @@ from app.models import Client, Delivery  # noqa: E402
 from config import Config  # noqa: E402
 from tests.support.sendgrid import SendGridStandIn  # noqa: E402
 from tests.support.silent import SilentServer  # noqa: E402
-from tests.support.smtp import MailSink  # noqa: E402
+from tests.support.smtp import MailSink, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRESQL_URL = os.environ.get('TEST_POSTGRESQL_URL', 'postgresql://postgres@127.0.0.1:5432/test')
@@ -67,32 +69,67 @@ def postgresql_url(postgresql_server):
         conn.execute(sa.text(f'DROP SCHEMA {schema} CASCADE'))
 
 
-REDIS_URL = os.environ.get('TEST_REDIS_URL', 'redis://127.0.0.1:6379/0')
+def _redis_error(url):
+    """Why the Redis at `url` does not answer a PING, or None when it does."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return exc
+    finally:
+        client.close()
+    return None
+
+
+def _start_own_redis(folder):
+    """A redis-server of this session's own on a free port, keeping nothing but its log (in `folder`).
+    :return: the process and its URL, once it answers (or has had ten seconds to)."""
+    port = free_port()
+    process = subprocess.Popen(['redis-server', '--bind', '127.0.0.1', '--port', str(port), '--save', '',
+                                '--appendonly', 'no', '--dir', str(folder), '--logfile', str(folder / 'redis.log')],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f'redis://127.0.0.1:{port}/0'
+    deadline = time.monotonic() + 10
+    while _redis_error(url) is not None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return process, url
 
 
 @pytest.fixture(scope='session')
-def redis_server():
-    """The machine's Redis, started if it is installed but not running."""
-    import redis
-    client = redis.Redis.from_url(REDIS_URL)
+def redis_url(tmp_path_factory):
+    """The URL of a Redis that answers, for every test that needs one: TEST_REDIS_URL when it is set;
+    else the machine's at 127.0.0.1:6379, or, if none answers there, a redis-server this session starts
+    on a free port and stops at its end. When there is none, the test fails saying what to do."""
+    url = os.environ.get('TEST_REDIS_URL', 'redis://127.0.0.1:6379/0')
+    if (error := _redis_error(url)) is None:
+        yield url
+        return
+    if 'TEST_REDIS_URL' in os.environ:
+        pytest.fail(f'Redis is not reachable at TEST_REDIS_URL={url}: {error}\nStart it, or point '
+                    'TEST_REDIS_URL at a Redis that runs (unset, the tests use 127.0.0.1:6379 or start their own).',
+                    pytrace=False)
+    if not shutil.which('redis-server'):
+        pytest.fail(f'Redis is not reachable at {url}, and there is no redis-server to start one: {error}\n'
+                    'Start Redis, install it (Debian: apt-get install redis-server), or point TEST_REDIS_URL at '
+                    'one.', pytrace=False)
+    folder = tmp_path_factory.mktemp('redis')
+    process, own_url = _start_own_redis(folder)
     try:
-        client.ping()
-    except redis.ConnectionError:
-        if shutil.which('redis-server'):
-            port = client.connection_pool.connection_kwargs.get('port', 6379)
-            subprocess.run(['redis-server', '--daemonize', 'yes', '--bind', '127.0.0.1', '--port', str(port),
-                            '--save', '', '--appendonly', 'no'], capture_output=True, timeout=30)
-            for _ in range(50):
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.1)
-        try:
-            client.ping()
-        except redis.ConnectionError as exc:
-            pytest.fail(f'Redis is not reachable at {REDIS_URL} and could not be started: {exc}\n'
-                        'Start redis-server or point TEST_REDIS_URL at one.', pytrace=False)
+        if (own_error := _redis_error(own_url)) is not None:
+            log = (folder / 'redis.log').read_text() if (folder / 'redis.log').exists() else ''
+            pytest.fail(f'Redis is not reachable at {url} ({error}), and the redis-server started at {own_url} '
+                        f'did not answer either: {own_error}\n{log}Start Redis or point TEST_REDIS_URL at one.',
+                        pytrace=False)
+        yield own_url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    """A client of the tests' Redis (`redis_url`), for a test to look at what a run left there."""
+    client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
 

@@ -396,7 +396,7 @@ def test_a_database_that_sent_real_mail_is_not_written_into_the_folder_unless_as
 # 9. One send, whatever starts it.
 
 def test_every_way_of_starting_a_send_is_the_same_send_and_fails_the_way_its_runner_understands(
-        app, runner, smtp, subscribers, settings, redis_server, flask_command):
+        app, runner, smtp, subscribers, settings, redis_url, redis_client, flask_command):
     app.config.update(MAIL_RETRIES=0, JOB_RETRY_BACKOFF=60)  # one try each; a job retried a minute later
     subscribers(3)
     smtp.stop()  # the way out is down for all of them
@@ -409,18 +409,18 @@ def test_every_way_of_starting_a_send_is_the_same_send_and_fails_the_way_its_run
         db.session.commit()
     run_due_jobs(app)
     code, out, err = finish(flask_command('send-newsletter-email', 'week1', '--queue', '1',
-                                          REDIS_URL='redis://127.0.0.1:6379/0', RQ_QUEUE=queue_name))
+                                          REDIS_URL=redis_url, RQ_QUEUE=queue_name))
     assert code == 0, (out, err)
-    finish(flask_command('rq-worker', '--burst', REDIS_URL='redis://127.0.0.1:6379/0', RQ_QUEUE=queue_name))
+    finish(flask_command('rq-worker', '--burst', REDIS_URL=redis_url, RQ_QUEUE=queue_name))
 
     assert from_cron.exit_code == 1 and 'cannot connect to SMTP' in from_cron.output
     with app.app_context():
         job = db.session.scalar(sa.select(Job).where(Job.task == 'send_stage'))
         runs = db.session.execute(sa.select(SendRun.trigger, SendRun.via, SendRun.sent, SendRun.stopped)).all()
     assert job.status == 'queued' and job.run_after > job.started_at and 'cannot connect to SMTP' in job.error
-    queue = rq.Queue(queue_name, connection=redis_server)
+    queue = rq.Queue(queue_name, connection=redis_client)
     [rq_job_id] = queue.scheduled_job_registry.get_job_ids() + queue.failed_job_registry.get_job_ids()
-    rq_job = rq.job.Job.fetch(rq_job_id, connection=redis_server)
+    rq_job = rq.job.Job.fetch(rq_job_id, connection=redis_client)
     assert rq_job.get_status() == 'scheduled' and rq_job.retries_left == 2, 'RQ saw it fail, and retries it'
 
     assert sorted(trigger for trigger, _, _, _ in runs) == ['admin', 'cli', 'rq']

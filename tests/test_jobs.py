@@ -217,9 +217,9 @@ def test_a_job_whose_worker_is_killed_mid_job_is_finished_by_another(app, smtp, 
     assert len(outcome.get('unknown', [])) <= 2, 'at this pace, each message is marked on its own'
 
 
-def test_with_the_rq_backend_a_job_handed_to_rq_twice_still_runs_once(settings, redis_server, request, smtp,
-                                                                     flask_command):
-    settings.update(JOB_BACKEND='rq', REDIS_URL='redis://127.0.0.1:6379/0', RQ_QUEUE=f'jobs-test-{time.time_ns()}')
+def test_with_the_rq_backend_a_job_handed_to_rq_twice_still_runs_once(settings, redis_url, redis_client, request,
+                                                                     smtp, flask_command):
+    settings.update(JOB_BACKEND='rq', REDIS_URL=redis_url, RQ_QUEUE=f'jobs-test-{time.time_ns()}')
     app = request.getfixturevalue('app')
     with app.app_context():
         queue_email(Email('jane@example.com', 'Hi', 'text', '<p>html</p>', '<rq.1@example.com>'))
@@ -229,7 +229,7 @@ def test_with_the_rq_backend_a_job_handed_to_rq_twice_still_runs_once(settings, 
         db.session.execute(sa.update(Job).values(lease_until=utcnow() - timedelta(seconds=1)))
         db.session.commit()
         assert run_next('mail')
-    assert redis_server.llen(f'rq:queue:{settings["RQ_QUEUE"]}') == 2
+    assert redis_client.llen(f'rq:queue:{settings["RQ_QUEUE"]}') == 2
 
     out, err = flask_command('rq-worker', '--burst', JOB_BACKEND='rq', REDIS_URL=settings['REDIS_URL'],
                              RQ_QUEUE=settings['RQ_QUEUE']).communicate(timeout=60)

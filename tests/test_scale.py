@@ -4,12 +4,12 @@ import uuid
 from collections import Counter
 
 import pytest
+import redis
 import sqlalchemy as sa
 
 from app.extensions import db
 from app.models import Client, Delivery
 from app.ratelimit import LocalSchedule, SharedSchedule
-from tests.conftest import REDIS_URL
 from tests.support.processes import finish
 
 
@@ -49,24 +49,23 @@ def test_the_local_schedule_spaces_sends_one_interval_apart():
     assert after_pause == 0
 
 
-def test_processes_sharing_redis_share_one_schedule(redis_server):
+def test_processes_sharing_redis_share_one_schedule(redis_url, redis_client):
     key = f'test:rate:{uuid.uuid4().hex}'
-    import redis
-    first = SharedSchedule(redis.Redis.from_url(REDIS_URL), rate=200, key=key)
-    second = SharedSchedule(redis.Redis.from_url(REDIS_URL), rate=200, key=key)
+    first = SharedSchedule(redis.Redis.from_url(redis_url), rate=200, key=key)
+    second = SharedSchedule(redis.Redis.from_url(redis_url), rate=200, key=key)
 
     slots = []
     for schedule in (first, second, first, second, second, first):
         schedule.reserve()
-        slots.append(int(redis_server.get(key)))
+        slots.append(int(redis_client.get(key)))
 
     assert [b - a for a, b in zip(slots, slots[1:], strict=False)] == [5000] * 5, 'each send one 5 ms slot later'
-    redis_server.delete(key)
+    redis_client.delete(key)
 
 
 @pytest.fixture
-def rq_settings(settings, redis_server):
-    settings.update(REDIS_URL=REDIS_URL, RQ_QUEUE=f'test-{uuid.uuid4().hex[:10]}')
+def rq_settings(settings, redis_url):
+    settings.update(REDIS_URL=redis_url, RQ_QUEUE=f'test-{uuid.uuid4().hex[:10]}')
     return settings
 
 
