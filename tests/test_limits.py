@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from app.extensions import db, limiter
 from app.jobs import run_due
 from app.models import Client, Job
+from tests.support.forms import csrf_token
 
 
 @pytest.fixture
@@ -22,12 +23,8 @@ def limited(settings, request):
     return app
 
 
-def form_token(client, url):
-    return re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', client.get(url).get_data(as_text=True)).group(1)
-
-
 def post(client, url, email, address='10.0.0.1', **fields):
-    return client.post(url, data={'email': email, 'csrf_token': form_token(client, url), **fields},
+    return client.post(url, data={'email': email, 'csrf_token': csrf_token(client, url), **fields},
                        environ_base={'REMOTE_ADDR': address})
 
 
@@ -110,7 +107,7 @@ def test_behind_a_proxy_the_limit_counts_the_forwarded_client_not_the_proxy(sett
 
     def through_proxy(n, forwarded_for):
         url = '/'
-        return client.post(url, data={'email': f'reader{n}@example.com', 'csrf_token': form_token(client, url)},
+        return client.post(url, data={'email': f'reader{n}@example.com', 'csrf_token': csrf_token(client, url)},
                            environ_base={'REMOTE_ADDR': '127.0.0.1'}, headers={'X-Forwarded-For': forwarded_for})
 
     assert [through_proxy(n, '203.0.113.7').status_code for n in range(3)] == [200, 200, 429]
