@@ -80,6 +80,12 @@ class Config:
     SENDGRID_API_KEY = os.environ.get('SENDGRID_API_KEY')
     SENDGRID_API_URL = os.environ.get('SENDGRID_API_URL') or 'https://api.sendgrid.com'
     UNSUBSCRIBE_MAILTO = os.environ.get('UNSUBSCRIBE_MAILTO')
+    # SendGrid's Event Webhook verification key (Mail Settings, Signed Event Webhook): bounces and
+    # complaints reported there suppress the address. Unset, /webhooks/sendgrid refuses every request.
+    SENDGRID_WEBHOOK_PUBLIC_KEY = os.environ.get('SENDGRID_WEBHOOK_PUBLIC_KEY')
+    WEBHOOK_MAX_AGE = env_int('WEBHOOK_MAX_AGE', 600)  # seconds a signed request stays good
+    # An address our relay refuses for good (5xx) in this many mailings is suppressed (0: never).
+    SUPPRESS_AFTER_FAILURES = env_int('SUPPRESS_AFTER_FAILURES', 1)
     ADMINS = env_list('ADMINS')
     ADMIN_SESSION_HOURS = env_float('ADMIN_SESSION_HOURS', 8)  # an admin signs in again after this
     # Earlier keys, comma-separated: links and sessions they signed still work while SECRET_KEY is rotated.

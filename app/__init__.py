@@ -8,7 +8,7 @@ from config import Config
 
 
 def create_app(config_class=Config):
-    from app import broadcasts, database, drip, email, jobs, links, models, limits, schedules, security, transports  # noqa: F401
+    from app import broadcasts, database, drip, email, jobs, links, models, limits, schedules, security, transports, webhooks  # noqa: F401
     from app.admin import bp as admin_bp
     from app.cli import bp as cli_bp
     from app.errors import bp as errors_bp
@@ -33,11 +33,13 @@ def create_app(config_class=Config):
     jobs.init_app(app, tasks=(email.send_email, drip.send_stage, broadcasts.send_broadcast),
                   clock=schedules.fire_due_schedules)
     schedules.init_app(app)
+    webhooks.init_app(app)
 
     app.register_blueprint(errors_bp)
     app.register_blueprint(main_bp)
     app.register_blueprint(admin_bp)
     app.register_blueprint(cli_bp)
+    app.register_blueprint(webhooks.bp)
 
     if not app.debug and not app.testing:
         app.logger.setLevel(logging.INFO)

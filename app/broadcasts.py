@@ -29,6 +29,7 @@ from app.links import list_unsubscribe_headers, unsubscribe_url
 from app.mailing import PREVIEW_RECIPIENT, address_digest
 from app.models import BROADCAST_MOVES, Broadcast, BroadcastStatus, Client, Delivery, DeliveryStatus, Job, JobStatus
 from app.sending import send_as_job
+from app.suppression import not_suppressed
 from app.sendlog import requeue
 
 
@@ -56,7 +57,7 @@ class BroadcastMailing:
         return f'broadcast{self.id}'
 
     def conditions(self, after=0):
-        return Client.active, Client.email_confirmed_at <= (self.started_at or utcnow())
+        return Client.active, Client.email_confirmed_at <= (self.started_at or utcnow()), not_suppressed()
 
     def compose(self, recipient):
         link = unsubscribe_url(recipient.client_id, recipient.email)

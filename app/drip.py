@@ -21,6 +21,7 @@ from app.links import list_unsubscribe_headers, unsubscribe_url
 from app.mailing import address_digest
 from app.models import Client, Delivery, DeliveryStatus
 from app.sending import send_as_job
+from app.suppression import not_suppressed
 from app.timing import SendingWindow, outside, stage_delay
 
 STAGE_NAME = re.compile(r'week([1-9][0-9]*)')
@@ -74,7 +75,8 @@ class DripStage:
 
     def reached(self):
         """Those who have the stage before it: its audience, due now or waiting for the delay."""
-        return Client.active, Client.email_confirmed_at.is_not(None), Client.num_newsletter == self.number - 1
+        return (Client.active, Client.email_confirmed_at.is_not(None), Client.num_newsletter == self.number - 1,
+                not_suppressed())
 
     def waited(self, after=0):
         """The delay, on the database's clock: since the confirmation for week1; for weekN, no delivery

@@ -77,6 +77,22 @@ def load_unsubscribe_token(token):
     raise InvalidLink('This unsubscribe link is not valid.')
 
 
+def block_url(email):
+    """The confirmation email's "never email this address again" link (for a stranger's sign-up)."""
+    return public_url('main.block', token=serializer('block').dumps(email))
+
+
+def load_block_token(token):
+    """:return: the address.  :raise InvalidLink:"""
+    try:
+        email = serializer('block').loads(token)
+    except BadSignature as exc:
+        raise InvalidLink('This link is not valid.') from exc
+    if not isinstance(email, str):
+        raise InvalidLink('This link is not valid.')
+    return email
+
+
 def public_url(endpoint, **values):
     """An absolute URL under BASE_URL. Emails are built by cron and workers with no request to take a
     host from, and behind a proxy the request's host would be the wrong one anyway."""

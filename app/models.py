@@ -213,3 +213,32 @@ class AdminSession(db.Model):
     created_at: so.Mapped[datetime] = so.mapped_column(default=utcnow)
     expires_at: so.Mapped[datetime]
     ended_at: so.Mapped[datetime | None]  # logged out
+
+
+class SuppressionReason(enum.StrEnum):
+    BLOCKED = 'blocked'  # the address's owner asked never to be mailed again (the confirmation's block link)
+    BOUNCED = 'bounced'  # the provider said it does not exist (a bounce or a drop)
+    COMPLAINED = 'complained'  # marked as spam
+    UNSUBSCRIBED = 'unsubscribed'  # unsubscribed at the provider (its own link or a list-unsubscribe)
+    REFUSED = 'refused'  # our relay refused it for good SUPPRESS_AFTER_FAILURES times
+
+
+class Suppression(db.Model):
+    """An address that gets nothing more from us, whatever mailing, whoever signs it up (app/suppression.py).
+    Kept by address, not by subscriber: it outlives the subscriber's row and a new sign-up."""
+    __tablename__ = 'suppressions'
+
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    email: so.Mapped[str] = so.mapped_column(sa.String(254), unique=True)  # lower-cased
+    reason: so.Mapped[str] = so.mapped_column(sa.String(20))  # a SuppressionReason
+    detail: so.Mapped[str | None] = so.mapped_column(sa.Text)  # what said so: the event, the relay's answer
+    created_at: so.Mapped[datetime] = so.mapped_column(default=utcnow)
+
+
+class WebhookEvent(db.Model):
+    """An event a provider's webhook delivered, by its own id: a replayed batch counts once."""
+    __tablename__ = 'webhook_events'
+
+    id: so.Mapped[str] = so.mapped_column(sa.String(100), primary_key=True)  # SendGrid's sg_event_id
+    event: so.Mapped[str] = so.mapped_column(sa.String(30))
+    received_at: so.Mapped[datetime] = so.mapped_column(default=utcnow)

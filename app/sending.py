@@ -63,6 +63,7 @@ from app.sendlog import (
     next_retry,
     refresh_planner_statistics,
 )
+from app.suppression import suppress_refused
 from app.transports import SenderPool, describe_transport, mail_transport, retry_delay
 
 UNKNOWN_IN_A_ROW_STOPS = 3
@@ -278,6 +279,7 @@ class MailingSend:
         with contextlib.suppress(sa.exc.SQLAlchemyError):
             self.report.retry_at = next_retry(self.mailing)
             self.log.finish(self.report)
+            suppress_refused([email for email, _ in self.report.failed])
         return self.report
 
     def _claim_on(self, claims, wait):

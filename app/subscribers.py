@@ -16,6 +16,7 @@ from app.extensions import db
 from app.main.email import queue_confirmation_email
 from app.models import Client, Delivery, DeliveryStatus, SendRun
 from app.sendlog import requeue
+from app.suppression import is_suppressed, not_suppressed
 
 PAGE_SIZE = 50
 
@@ -25,14 +26,20 @@ class SubscriberState(enum.StrEnum):
     ACTIVE = 'active'  # confirmed, and receiving the drip
     UNCONFIRMED = 'unconfirmed'  # signed up, has not followed the confirmation link
     UNSUBSCRIBED = 'unsubscribed'  # left (or was deactivated by an admin)
+    SUPPRESSED = 'suppressed'  # on the suppression list: gets nothing, whatever else (app/suppression.py)
 
     def condition(self):
-        return {SubscriberState.ACTIVE: sa.and_(Client.active, Client.email_confirmed_at.is_not(None)),
-                SubscriberState.UNCONFIRMED: Client.email_confirmed_at.is_(None),
-                SubscriberState.UNSUBSCRIBED: sa.and_(~Client.active, Client.email_confirmed_at.is_not(None))}[self]
+        return {SubscriberState.ACTIVE: sa.and_(Client.active, Client.email_confirmed_at.is_not(None),
+                                                not_suppressed()),
+                SubscriberState.UNCONFIRMED: sa.and_(Client.email_confirmed_at.is_(None), not_suppressed()),
+                SubscriberState.UNSUBSCRIBED: sa.and_(~Client.active, Client.email_confirmed_at.is_not(None),
+                                                      not_suppressed()),
+                SubscriberState.SUPPRESSED: ~not_suppressed()}[self]
 
     @classmethod
     def of(cls, client):
+        if is_suppressed(client.email):
+            return cls.SUPPRESSED
         if client.email_confirmed_at is None:
             return cls.UNCONFIRMED
         return cls.ACTIVE if client.active else cls.UNSUBSCRIBED

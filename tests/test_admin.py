@@ -13,6 +13,7 @@ from app.database import utcnow
 from app.extensions import db
 from app.jobs import run_due
 from app.models import AdminSession, Broadcast, Client, Delivery, Job
+from app.suppression import suppress
 from tests.support.smtp import MailSink
 from tests.support.forms import csrf_token
 from tests.support.jobs import run_due_jobs
@@ -249,6 +250,12 @@ def test_subscribers_are_found_by_address_state_and_stage_a_page_at_a_time(app, 
     assert set(first).isdisjoint(second)
     assert listed(state='unconfirmed')[0] == ['reader200@example.com', 'reader201@example.com']
     assert listed(state='unsubscribed')[0] == ['reader300@example.com']
+    with app.app_context():
+        suppress('reader301@example.com', 'bounced')
+        suppress('reader1@example.com', 'complained')
+        db.session.commit()
+    assert listed(state='suppressed')[0] == ['reader1@example.com']
+    assert 'reader1@example.com' not in listed(state='active')[0]
     assert listed(stage=2)[0] == ['reader100@example.com', 'reader101@example.com', 'reader102@example.com']
     assert listed(q='READER10')[0] == ['reader10@example.com', 'reader100@example.com', 'reader101@example.com',
                                         'reader102@example.com']
@@ -367,7 +374,7 @@ def test_the_dashboard_counts_subscribers_by_state_charts_them_and_lists_the_sen
     page = admin.get('/admin/').get_data(as_text=True)
 
     assert re.sub(r'<[^>]+>', '', re.search(r'<p id="totals">(.*?)</p>', page).group(1)) == \
-        'active 5, unconfirmed 1, unsubscribed 1.'
+        'active 5, unconfirmed 1, unsubscribed 1, suppressed 0.'
     funnel = re.search(r'<figure id="funnel">(.*?)</figure>', page, re.S).group(1)
     assert re.findall(r'<text x="0" y="\d+">([^<]+)</text>', funnel) == ['stage 1']
     assert '<text x="' in funnel and '>5</text>' in funnel, 'everyone active has week1 now'

@@ -16,7 +16,7 @@ def subscriber_list():
         page = subscribers.find(search, SubscriberState(state) if state else None,
                                 int(stage) if stage else None, int(request.args.get('after') or 0))
     except ValueError:
-        abort(400, 'A filter is not valid: state is one of active, unconfirmed, unsubscribed; stage is a number.')
+        abort(400, f'A filter is not valid: state is one of {", ".join(SubscriberState)}; stage is a number.')
     return render_template('admin/subscribers.html', title='Subscribers', page=page, search=search, state=state,
                            stage=stage, states=list(SubscriberState), state_of=SubscriberState.of)
 

@@ -7,12 +7,13 @@ from sqlalchemy.exc import IntegrityError
 from app.database import utcnow
 from app.extensions import csrf, db
 from app.limits import per_address, per_client
-from app.links import ExpiredLink, InvalidLink, load_confirm_token, load_unsubscribe_token
+from app.links import ExpiredLink, InvalidLink, load_block_token, load_confirm_token, load_unsubscribe_token
 from app.mailing import address_digest
 from app.main.blueprint import bp
 from app.main.email import queue_confirmation_email, queue_new_subscriber_notice
 from app.main.forms import SubscribeForm, UnsubscribeForm
-from app.models import Client
+from app.models import Client, SuppressionReason
+from app.suppression import is_suppressed, suppress
 
 
 @bp.route('/', methods=['GET', 'POST'])
@@ -37,6 +38,8 @@ def subscribe(address):
     wants back in, but at most one every CONFIRM_RESEND_SECONDS. An active subscriber gets nothing: no
     mail for a stranger to trigger at will."""
     client = db.session.scalar(sa.select(Client).where(Client.email == address))
+    if client is None and is_suppressed(address):
+        return  # its owner asked never to hear from us, or it bounced: no confirmation to a stranger
     if client is None:
         client = Client(email=address, confirmation_sent_at=utcnow())
         db.session.add(client)
@@ -48,7 +51,7 @@ def subscribe(address):
             return
     elif client.active and client.email_confirmed_at is not None:
         return
-    elif not _may_send_confirmation(client):
+    elif is_suppressed(address) or not _may_send_confirmation(client):
         return
     queue_confirmation_email(client)
     db.session.commit()
@@ -115,3 +118,21 @@ def unsubscribe(token):
                                message=f'{client.email} will receive no more emails from us.')
     status = 400 if request.method == 'POST' else 200
     return render_template('unsubscribe.html', form=form, email=client.email), status
+
+
+@bp.route('/block/<token>', methods=['GET', 'POST'])
+def block(token):
+    """The confirmation email's block link: GET asks (link scanners follow GETs), POST puts the address on
+    the suppression list, for good.  :raise 400: for a forged or tampered link."""
+    try:
+        address = load_block_token(token)
+    except InvalidLink as exc:
+        return render_template('message.html', title='Invalid link', message=str(exc)), 400
+    form = UnsubscribeForm()
+    if form.validate_on_submit():
+        suppress(address, SuppressionReason.BLOCKED, 'the block link in a confirmation email')
+        db.session.commit()
+        return render_template('message.html', title='Blocked',
+                               message=f'{address} will receive nothing from us, whoever signs it up.')
+    return render_template('block.html', form=form, email=address), 400 if request.method == 'POST' else 200
+

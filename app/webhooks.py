@@ -1,0 +1,77 @@
+"""What mail providers tell us afterwards: SendGrid's Event Webhook (`POST /webhooks/sendgrid`).
+
+A request counts only with a valid signature (ECDSA over the timestamp and the raw body, checked with the
+`sendgrid` library's own helper against SENDGRID_WEBHOOK_PUBLIC_KEY) and a fresh timestamp (a recorded
+request replayed later is refused); with no key configured, every request is refused. Events come in
+batches and may be delivered again: each is acted on once, by its sg_event_id. A bounce, a drop, a spam
+report or an unsubscribe puts the address on the suppression list (app/suppression.py), with why."""
+import time
+
+from flask import Blueprint, abort, current_app, request
+from sendgrid.helpers.eventwebhook import EventWebhook, EventWebhookHeader
+
+from app.database import insert_ignoring_conflicts, utcnow
+from app.extensions import csrf, db
+from app.models import SuppressionReason, WebhookEvent
+from app.suppression import suppress
+
+bp = Blueprint('webhooks', __name__, url_prefix='/webhooks')
+
+SUPPRESSING = {'bounce': SuppressionReason.BOUNCED, 'dropped': SuppressionReason.BOUNCED,
+               'spamreport': SuppressionReason.COMPLAINED, 'unsubscribe': SuppressionReason.UNSUBSCRIBED,
+               'group_unsubscribe': SuppressionReason.UNSUBSCRIBED}
+
+
+def init_app(app):
+    """Say no at start-up to a verification key that cannot be read, not at the provider's first call."""
+    key = app.config['SENDGRID_WEBHOOK_PUBLIC_KEY']
+    try:
+        app.extensions['sendgrid_webhook_key'] = EventWebhook().convert_public_key_to_ecdsa(key) if key else None
+    except ValueError as exc:
+        raise ValueError('SENDGRID_WEBHOOK_PUBLIC_KEY is not a public key (paste the verification key from '
+                         "SendGrid's Mail Settings, Signed Event Webhook)") from exc
+
+
+@bp.route('/sendgrid', methods=['POST'])
+@csrf.exempt  # SendGrid signs its requests instead
+def sendgrid_events():
+    """:raise 403: no key configured, a missing or wrong signature, a stale timestamp.  :raise 400: not
+    a batch of events."""
+    _verify(request)
+    events = request.get_json(silent=True)
+    if not isinstance(events, list) or not all(isinstance(event, dict) for event in events):
+        abort(400, 'Expected a JSON array of events.')
+    acted = 0
+    for event in events:
+        reason, email, event_id = SUPPRESSING.get(event.get('event')), event.get('email'), event.get('sg_event_id')
+        if not (reason and isinstance(email, str) and isinstance(event_id, str)) or not _first_time(event_id, event):
+            continue
+        if event.get('event') == 'bounce' and event.get('type') == 'blocked':
+            continue  # refused for now (a block), not an address that does not exist
+        suppress(email, reason, f"SendGrid {event['event']}: {event.get('reason') or ''}".strip())
+        acted += 1
+    db.session.commit()
+    return {'received': len(events), 'suppressed': acted}
+
+
+def _verify(request):
+    key = current_app.extensions['sendgrid_webhook_key']
+    signature = request.headers.get(EventWebhookHeader.SIGNATURE, '')
+    timestamp = request.headers.get(EventWebhookHeader.TIMESTAMP, '')
+    if key is None or not signature or not timestamp.isdigit():
+        abort(403)
+    if abs(time.time() - int(timestamp)) > current_app.config['WEBHOOK_MAX_AGE']:
+        abort(403)
+    try:
+        valid = EventWebhook().verify_signature(request.get_data(as_text=False).decode(), signature, timestamp, key)
+    except (ValueError, UnicodeDecodeError):  # not base64, not text
+        valid = False
+    if not valid:
+        abort(403)
+
+
+def _first_time(event_id, event):
+    """Record the event; False if it was recorded before (a replay)."""
+    return db.session.execute(insert_ignoring_conflicts(WebhookEvent, ['id']).values(
+        id=event_id[:100], event=str(event.get('event'))[:30], received_at=utcnow()).returning(WebhookEvent.id)
+    ).first() is not None

@@ -1,0 +1,174 @@
+"""One suppression list (app/suppression.py), fed by the address's owner (the block link), by SendGrid's
+signed Event Webhook (app/webhooks.py) and by our relay's refusals, and applied to every mailing."""
+import base64
+import json
+import re
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from app import broadcasts, create_app
+from app.extensions import db
+from app.models import Client, Delivery, Suppression, WebhookEvent
+from app.suppression import suppress
+from config import Config
+from tests.support.forms import csrf_token, sign_up
+from tests.support.jobs import run_due_jobs
+
+
+@pytest.fixture(scope='module')
+def signing_key():
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+@pytest.fixture
+def webhook(settings, signing_key, request):
+    """The app with SendGrid's verification key set (ask for it before `app`); `post(events, ...)` sends a
+    batch as SendGrid does."""
+    public = signing_key.public_key().public_bytes(serialization.Encoding.DER,
+                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+    settings['SENDGRID_WEBHOOK_PUBLIC_KEY'] = base64.b64encode(public).decode()
+    client = request.getfixturevalue('app').test_client()
+
+    def post(events, timestamp=None, key=signing_key, signature=None):
+        body, timestamp = json.dumps(events), str(timestamp or int(time.time()))
+        signed = key.sign((timestamp + body).encode(), ec.ECDSA(hashes.SHA256()))
+        return client.post('/webhooks/sendgrid', data=body, content_type='application/json', headers={
+            'X-Twilio-Email-Event-Webhook-Signature': signature or base64.b64encode(signed).decode(),
+            'X-Twilio-Email-Event-Webhook-Timestamp': timestamp})
+    return post
+
+
+def suppressed(app):
+    with app.app_context():
+        return dict(db.session.execute(sa.select(Suppression.email, Suppression.reason)).all())
+
+
+def event(kind, email, event_id, **fields):
+    return {'event': kind, 'email': email, 'sg_event_id': event_id, 'timestamp': int(time.time()), **fields}
+
+
+def test_a_suppressed_address_gets_no_drip_stage_and_no_broadcast(app, runner, smtp, subscribers, broadcast_now):
+    emails = subscribers(3)
+    with app.app_context():
+        suppress(emails[1].upper(), 'bounced', 'a test')
+        db.session.commit()
+
+    runner.invoke(args=['send-newsletter-email', 'week1'])
+    broadcast_now()
+
+    assert sorted(set(smtp.recipients())) == [emails[0], emails[2]]
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count(Delivery.id)).join(Client).where(Client.email == emails[1])) == 0
+        assert db.session.scalar(sa.select(Client.active).where(Client.email == emails[1])) is False
+
+
+@pytest.fixture
+def broadcast_now(app):
+    """Send a broadcast to everyone, now."""
+    def send():
+        with app.app_context():
+            broadcasts.schedule_broadcast('News', 'Hi {{ greeting_name }}', '<p>Hi</p>',
+                                          datetime.now(timezone.utc).replace(tzinfo=None) + timedelta(minutes=1),
+                                          'UTC', 'admin@example.com')
+            db.session.execute(sa.text("UPDATE jobs SET run_after = CURRENT_TIMESTAMP"))
+            db.session.commit()
+        run_due_jobs(app)
+    return send
+
+
+def test_the_confirmation_emails_block_link_really_blocks_the_address(app, client, smtp):
+    sign_up(client, 'stranger@example.com')
+    run_due_jobs(app)
+    link = re.search(r'http://newsletter.test(/block/\S+)', smtp.messages[0].get_body(('plain',)).get_content()).group(1)
+
+    asked = client.get(link)
+    blocked = client.post(link, data={'csrf_token': csrf_token(client, link)})
+    sign_up(client, 'stranger@example.com')
+    run_due_jobs(app)
+
+    assert asked.status_code == 200 and 'Never send anything to <strong>stranger@example.com</strong>' in asked.get_data(as_text=True)
+    assert blocked.status_code == 200 and suppressed(app) == {'stranger@example.com': 'blocked'}
+    assert len(smtp.messages) == 1, 'no second confirmation, whoever signs it up'
+    assert client.get('/block/forged.token').status_code == 400
+
+
+def test_a_suppressed_address_signing_up_gets_the_usual_answer_and_no_email(app, client, smtp):
+    with app.app_context():
+        suppress('gone@example.com', 'bounced')
+        db.session.commit()
+
+    answer = sign_up(client, 'gone@example.com')
+    run_due_jobs(app)
+
+    assert answer.status_code == 200 and 'Check your inbox' in answer.get_data(as_text=True)
+    assert smtp.messages == []
+    with app.app_context():
+        assert db.session.scalars(sa.select(Client)).all() == []
+
+
+def test_bounces_drops_complaints_and_unsubscribes_reported_by_sendgrid_suppress_once_each(webhook, app, subscribers):
+    emails = subscribers(6)
+    events = [event('bounce', emails[0], 'e1', reason='550 no such user'), event('dropped', emails[1], 'e2'),
+              event('spamreport', emails[2], 'e3'), event('unsubscribe', emails[3], 'e4'),
+              event('delivered', emails[4], 'e5'), event('bounce', emails[5], 'e6', type='blocked')]
+
+    first = webhook(events)
+    replayed = webhook(events)
+
+    assert first.status_code == 200 and first.get_json() == {'received': 6, 'suppressed': 4}
+    assert replayed.get_json() == {'received': 6, 'suppressed': 0}, 'a replayed batch counts once'
+    assert suppressed(app) == {emails[0]: 'bounced', emails[1]: 'bounced', emails[2]: 'complained',
+                               emails[3]: 'unsubscribed'}
+    with app.app_context():
+        assert db.session.scalar(sa.select(Suppression.detail).where(Suppression.email == emails[0])) == \
+            'SendGrid bounce: 550 no such user'
+        assert db.session.scalar(sa.select(sa.func.count(WebhookEvent.id))) == 5, 'all but the delivery, once'
+        assert [c.email for c in db.session.scalars(sa.select(Client).where(Client.active))] == emails[4:]
+
+
+@pytest.mark.parametrize('tamper', ['wrong key', 'bad signature', 'not base64', 'stale', 'from the future', 'no headers'])
+def test_a_webhook_request_that_sendgrid_did_not_sign_now_is_refused_and_changes_nothing(webhook, app, subscribers,
+                                                                                          tamper):
+    [email] = subscribers(1)
+    events = [event('bounce', email, 'e1')]
+    if tamper == 'no headers':
+        response = app.test_client().post('/webhooks/sendgrid', json=events)
+    else:
+        response = webhook(events, **{
+            'wrong key': {'key': ec.generate_private_key(ec.SECP256R1())},
+            'bad signature': {'signature': base64.b64encode(b'x' * 70).decode()},
+            'not base64': {'signature': '%%%not base64%%%'},
+            'stale': {'timestamp': int(time.time()) - 3600},
+            'from the future': {'timestamp': int(time.time()) + 3600}}[tamper])
+
+    assert response.status_code == 403
+    assert suppressed(app) == {}
+
+
+def test_without_a_verification_key_every_webhook_request_is_refused(app, subscribers):
+    [email] = subscribers(1)
+    response = app.test_client().post('/webhooks/sendgrid', json=[event('bounce', email, 'e1')])
+    assert response.status_code == 403 and suppressed(app) == {}
+
+
+def test_a_key_that_cannot_be_read_stops_the_app_at_start_up(settings):
+    settings['SENDGRID_WEBHOOK_PUBLIC_KEY'] = 'bm90IGEga2V5'
+    with pytest.raises(ValueError, match='SENDGRID_WEBHOOK_PUBLIC_KEY is not a public key'):
+        create_app(type('TestConfig', (Config,), settings))
+
+
+@pytest.mark.parametrize('after, suppressed_now', [(1, True), (2, False)])
+def test_an_address_the_relay_refuses_for_good_is_suppressed_after_so_many_mailings(app, runner, smtp, subscribers,
+                                                                                     after, suppressed_now):
+    app.config['SUPPRESS_AFTER_FAILURES'] = after
+    emails = subscribers(2)
+    smtp.refuse_for_good[emails[0]] = '550 5.1.1 no such user'
+
+    runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert suppressed(app) == ({emails[0]: 'refused'} if suppressed_now else {})
