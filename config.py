@@ -45,7 +45,8 @@ class Config:
     # A relative SQLite path lives in the instance folder (Flask-SQLAlchemy's rule).
     SQLALCHEMY_DATABASE_URI = database_url()
     BASE_URL = (os.environ.get('BASE_URL') or 'http://localhost:5000').rstrip('/')
-    MAX_CONTENT_LENGTH = 64 * 1024
+    MAX_CONTENT_LENGTH = 64 * 1024  # a request body, at most; the broadcast form takes BROADCAST_MAX_BYTES
+    BROADCAST_MAX_BYTES = env_int('BROADCAST_MAX_BYTES', 2 * 1024 * 1024)
 
     # Mail: SendGrid when SENDGRID_API_KEY is set, SMTP when MAIL_SERVER is set, else .eml files; or named
     # here (smtp, sendgrid, folder). Once BASE_URL or DATABASE_URL look like a deployment, the folder must
@@ -117,6 +118,8 @@ class Config:
     JOB_RETRY_BACKOFF = env_float('JOB_RETRY_BACKOFF', 2)
     JOB_MAX_BACKOFF = env_float('JOB_MAX_BACKOFF', 3600)
     JOB_PROGRESS_SECONDS = env_float('JOB_PROGRESS_SECONDS', 2)
+    # Finished jobs (their rows name recipients and errors) are deleted this many days after they ended.
+    JOB_RETENTION_DAYS = env_float('JOB_RETENTION_DAYS', 30)
 
     # In-app schedules, an alternative to crontab.example: "week1=0 9 * * mon; week2=0 9 * * tue".
     SCHEDULES = os.environ.get('SCHEDULES') or ''

@@ -8,7 +8,8 @@ from config import Config
 
 
 def create_app(config_class=Config):
-    from app import broadcasts, database, drip, email, jobs, links, models, limits, schedules, security, transports, webhooks  # noqa: F401
+    from app import (broadcasts, database, drip, email, jobs, limits, links, models, retention,  # noqa: F401
+                     schedules, security, transports, webhooks)
     from app.admin import bp as admin_bp
     from app.cli import bp as cli_bp
     from app.errors import bp as errors_bp
@@ -17,7 +18,8 @@ def create_app(config_class=Config):
 
     app = Flask(__name__, instance_relative_config=True, instance_path=config_class.INSTANCE_PATH)
     app.config.from_object(config_class)
-    Path(app.instance_path).mkdir(parents=True, exist_ok=True)  # the SQLite file, the key, the mail folder
+    # The SQLite file, the key, the mail folder: the owner's only (app/retention.py).
+    Path(app.instance_path).mkdir(mode=0o700, parents=True, exist_ok=True)
 
     database.init_app(app)
     security.init_app(app)
@@ -30,8 +32,8 @@ def create_app(config_class=Config):
     csrf.init_app(app)
     login.init_app(app)
     drip.init_app(app)
-    jobs.init_app(app, tasks=(email.send_email, drip.send_stage, broadcasts.send_broadcast),
-                  clock=schedules.fire_due_schedules)
+    jobs.init_app(app, tasks=(email.send_email, drip.send_stage, broadcasts.send_broadcast, retention.clean_up),
+                  clock=(schedules.fire_due_schedules, retention.queue_clean_up))
     schedules.init_app(app)
     webhooks.init_app(app)
 

@@ -2,6 +2,7 @@
 (PostgreSQL and SQLite, and no other: their SQL differs where it matters), how each is set up, and the
 few statements written differently for each."""
 import json
+import os
 from datetime import datetime, timezone
 
 import sqlalchemy as sa
@@ -44,6 +45,9 @@ def _sqlite_concurrency(dbapi_connection, connection_record):
     cursor.execute('PRAGMA synchronous=NORMAL')
     cursor.execute('PRAGMA busy_timeout=30000')
     cursor.execute('PRAGMA foreign_keys=ON')
+    for _, name, path in cursor.execute('PRAGMA database_list').fetchall():
+        if name == 'main' and path:
+            os.chmod(path, 0o600)  # the subscribers' addresses: readable by the app's user only
     cursor.close()
 
 

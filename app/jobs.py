@@ -323,9 +323,14 @@ class Worker:
 
 
 def tick():
-    """What the app does on the clock (fire its due schedules): the callable the factory gave init_app."""
-    if clock := current_app.extensions['jobs_clock']:
-        clock()
+    """What the app does on the clock (fire its due schedules, queue its clean-up): the callables the
+    factory gave init_app, each on its own, so that one failing does not hold up the others."""
+    for clock in current_app.extensions['jobs_clock']:
+        try:
+            clock()
+        except Exception:  # a database outage: logged, and the next tick tries again
+            db.session.rollback()
+            log.exception('the clock: %s failed', getattr(clock, '__qualname__', clock))
 
 
 def run_due(queues=QUEUES):
@@ -339,11 +344,11 @@ def run_due(queues=QUEUES):
     return ran
 
 
-def init_app(app, tasks, clock=None):
-    """Bind the job runner: the app's `tasks` (a name clash is an error here), and `clock`, called on
-    each worker's clock thread every JOB_POLL_SECONDS."""
+def init_app(app, tasks, clock=()):
+    """Bind the job runner: the app's `tasks` (a name clash is an error here), and `clock`, callables
+    called on each worker's clock thread every JOB_POLL_SECONDS."""
     app.extensions['tasks'] = TaskRegistry(tasks)
-    app.extensions['jobs_clock'] = clock
+    app.extensions['jobs_clock'] = tuple(clock)
     if app.config['JOB_BACKEND'] not in ('database', 'rq'):
         raise ValueError(f'JOB_BACKEND must be "database" or "rq", not {app.config["JOB_BACKEND"]!r}')
     if app.config['JOB_BACKEND'] == 'rq' and not app.config['REDIS_URL']:

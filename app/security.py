@@ -8,6 +8,8 @@ generated into the instance folder would differ between machines, and a known on
 admin session); SECRET_KEY_FALLBACKS keeps links signed with an earlier key working while it is rotated."""
 from datetime import timedelta
 
+from flask import request
+
 from app.transports import looks_deployed
 
 # Styles are inline in the page templates, scripts only the app's own files (the admin pages' live
@@ -24,6 +26,9 @@ HEADERS = {
 # Keys no deployment may sign with: the empty one, and those that examples and tutorials print.
 KNOWN_KEYS = {'', 'change-me', 'changeme', 'secret', 'dev', 'development', 'you-will-never-guess', 'test'}
 SHORTEST_KEY = 16
+# A request body is refused above MAX_CONTENT_LENGTH before anything reads it, but at these endpoints above
+# the setting named: a broadcast's HTML may be long.
+LARGER_BODIES = {'admin.new_broadcast': 'BROADCAST_MAX_BYTES'}
 
 
 def init_app(app):
@@ -36,6 +41,12 @@ def init_app(app):
     headers = dict(HEADERS)
     if https:
         headers['Strict-Transport-Security'] = 'max-age=31536000; includeSubDomains'
+
+    # Registered before CSRFProtect's check, which is the first to read a form.
+    @app.before_request
+    def _body_limit():
+        if setting := LARGER_BODIES.get(request.endpoint):
+            request.max_content_length = config[setting]
 
     @app.after_request
     def _security_headers(response):

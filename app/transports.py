@@ -294,7 +294,7 @@ class FolderSender(Sender):
         name = re.sub(r'[^A-Za-z0-9.@-]+', '_', email.message_id.strip('<>'))
         path = folder / f'{utcnow():%Y%m%dT%H%M%S.%f}-{name}.eml'
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder, prefix='.writing-', delete=False) as file:
                 file.write(payload)
             os.replace(file.name, path)

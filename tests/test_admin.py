@@ -426,3 +426,16 @@ def test_a_jobs_progress_is_on_the_page_and_in_its_json_for_the_page_to_follow(a
         assert script.status_code == 200 and b'data-job-progress' in script.data
     assert admin.get('/admin/jobs/999.json').status_code == 404
 
+
+
+def test_a_long_broadcast_fits_its_form_while_every_other_form_stays_small(app, admin):
+    app.config['BROADCAST_MAX_BYTES'] = 1024 * 1024
+    form = {'subject': 'Long read', 'text': 'Hello', 'send_at': '2031-01-01T09:00', 'timezone': 'UTC',
+            'preview': 'Preview', 'csrf_token': csrf_token(admin, '/admin/broadcasts/new')}
+
+    long_one = admin.post('/admin/broadcasts/new', data={**form, 'html': '<p>' + 'x' * 300_000 + '</p>'})
+    too_long = admin.post('/admin/broadcasts/new', data={**form, 'html': '<p>' + 'x' * 1_100_000 + '</p>'})
+    sign_in_form = admin.post('/admin/login', data={'email': 'a@example.com', 'padding': 'x' * 100_000})
+
+    assert long_one.status_code == 200 and '<h2>Preview</h2>' in long_one.get_data(as_text=True)
+    assert too_long.status_code == 413 and sign_in_form.status_code == 413

@@ -70,6 +70,7 @@ def send_stage_now(stage):
 
 @bp.route('/broadcasts/new', methods=['GET', 'POST'])
 def new_broadcast():
+    """A broadcast's HTML may be long: this form takes BROADCAST_MAX_BYTES (app/security.py)."""
     form, preview, error = BroadcastForm(), None, None
     if form.validate_on_submit():
         try:

@@ -1,0 +1,40 @@
+"""What the app keeps, and for how long: finished jobs (their rows hold recipients and errors) are deleted
+JOB_RETENTION_DAYS after they ended, and sign-ups never confirmed once their link has expired (the
+address's owner may never have asked). A `clean_up` job does it, queued by the workers' clock once an
+hour (one job per hour however many workers tick). The instance folder's files (the SQLite database, the
+generated key, the `.eml` mail) are readable by their owner only: app/database.py, app/links.py and
+app/transports.py create them so."""
+import logging
+from datetime import timedelta
+
+import sqlalchemy as sa
+from flask import current_app
+
+from app.database import utcnow
+from app.extensions import db
+from app.jobs import define_task
+from app.models import Client, Delivery, Job, JobStatus
+
+log = logging.getLogger(__name__)
+OVER = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.SKIPPED)
+
+
+def queue_clean_up():
+    """On the clock: this hour's clean-up, once."""
+    clean_up.apply_once(f'clean-up:{utcnow():%Y-%m-%dT%H}')
+
+
+@define_task(queue='bulk')
+def clean_up():
+    """:return: how many jobs and unconfirmed sign-ups were deleted."""
+    config, now = current_app.config, utcnow()
+    jobs = db.session.execute(sa.delete(Job).where(
+        Job.status.in_(OVER), Job.finished_at < now - timedelta(days=config['JOB_RETENTION_DAYS']),
+        Job.unique_key.is_(None) | ~Job.unique_key.startswith('schedule:'))  # a schedule's firing is its memory
+        .execution_options(synchronize_session=False)).rowcount
+    expired = db.session.execute(sa.delete(Client).where(
+        Client.email_confirmed_at.is_(None), Client.created_at < now - timedelta(seconds=config['CONFIRM_MAX_AGE']),
+        ~sa.exists(sa.select(Delivery.id).where(Delivery.client_id == Client.id)))
+        .execution_options(synchronize_session=False)).rowcount
+    log.info('clean-up: %d finished job(s) and %d expired sign-up(s) deleted', jobs, expired)
+    return {'jobs': jobs, 'unconfirmed sign-ups': expired}

@@ -1,0 +1,68 @@
+"""What the app keeps, and for how long (app/retention.py), and who may read its files."""
+import stat
+from datetime import timedelta
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from app.database import utcnow
+from app.extensions import db
+from app.jobs import run_due
+from app.models import Client, Delivery, Job
+from tests.support.forms import sign_up
+from tests.support.jobs import run_due_jobs
+
+
+def test_the_clock_queues_one_clean_up_an_hour_that_deletes_old_finished_jobs_and_expired_sign_ups(app, subscribers):
+    app.config.update(JOB_RETENTION_DAYS=30, CONFIRM_MAX_AGE=7 * 86400)
+    long_ago = utcnow() - timedelta(days=40)
+    subscribers(1, start=0, email_confirmed_at=None, created_at=long_ago)  # its link expired: goes
+    subscribers(1, start=1, email_confirmed_at=None)  # its link still works: stays
+    subscribers(1, start=2, created_at=long_ago)  # confirmed: stays
+    with app.app_context():
+        db.session.add_all([
+            Job(task='send_email', queue='mail', payload={}, max_attempts=3, status='done', finished_at=long_ago),
+            Job(task='send_email', queue='mail', payload={}, max_attempts=3, status='failed', finished_at=utcnow()),
+            Job(task='send_email', queue='mail', payload={}, max_attempts=3, status='queued',
+                run_after=utcnow() + timedelta(days=1)),
+            Job(task='send_stage', queue='bulk', payload={}, max_attempts=3, status='done', finished_at=long_ago,
+                unique_key='schedule:week1:2026-01-01T09:00Z')])
+        db.session.commit()
+
+    for _ in range(3):  # several ticks in one hour
+        run_due_jobs(app)
+
+    with app.app_context():
+        clients = db.session.scalars(sa.select(Client.email).order_by(Client.id)).all()
+        jobs = db.session.execute(sa.select(Job.task, Job.status, Job.unique_key).order_by(Job.id)).all()
+    assert clients == ['reader1@example.com', 'reader2@example.com']
+    cleanups = [job for job in jobs if job.task == 'clean_up']
+    assert len(cleanups) == 1 and cleanups[0].status == 'done', 'one an hour'
+    assert [(task, status) for task, status, _ in jobs if task != 'clean_up'] == [
+        ('send_email', 'failed'), ('send_email', 'queued'), ('send_stage', 'done')], "old finished jobs gone; a schedule's firing kept"
+
+
+def test_a_sign_up_with_a_delivery_is_never_deleted_as_expired(app, subscribers):
+    subscribers(1, email_confirmed_at=None, created_at=utcnow() - timedelta(days=40))
+    with app.app_context():
+        client = db.session.scalar(sa.select(Client))
+        db.session.add(Delivery(client_id=client.id, mailing='broadcast1', status='sent'))
+        db.session.commit()
+        run_due()
+        assert db.session.scalar(sa.select(sa.func.count(Client.id))) == 1
+
+
+def test_the_instance_folders_files_are_readable_by_their_owner_only(settings, request):
+    settings.update(MAIL_SERVER=None, MAIL_TRANSPORT='folder', SECRET_KEY=None, BASE_URL='http://localhost:5000',
+                    SQLALCHEMY_DATABASE_URI=f"sqlite:///{settings['INSTANCE_PATH']}/newsletter.db")
+    app = request.getfixturevalue('app')
+    client = app.test_client()
+    sign_up(client, 'jane@example.com')
+    run_due_jobs(app)
+
+    instance = Path(app.instance_path)
+    files = [instance, instance / 'newsletter.db', instance / 'secret_key', instance.parent / 'mail',
+             *(instance.parent / 'mail').glob('*.eml')]
+    assert len(files) == 5, 'the folder, the database, the key, the mail folder, the confirmation'
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, f'{path} is readable by others'
