@@ -85,8 +85,9 @@ class Config:
     # complaints reported there suppress the address. Unset, /webhooks/sendgrid refuses every request.
     SENDGRID_WEBHOOK_PUBLIC_KEY = os.environ.get('SENDGRID_WEBHOOK_PUBLIC_KEY')
     WEBHOOK_MAX_AGE = env_int('WEBHOOK_MAX_AGE', 600)  # seconds a signed request stays good
-    # An address our relay refuses for good (5xx) in this many mailings is suppressed (0: never).
-    SUPPRESS_AFTER_FAILURES = env_int('SUPPRESS_AFTER_FAILURES', 1)
+    # An address our relay refuses for good as a bad address (5xx, status 5.1.x) in this many mailings is
+    # suppressed (0: never).
+    SUPPRESS_AFTER_FAILURES = env_int('SUPPRESS_AFTER_FAILURES', 3)
     ADMINS = env_list('ADMINS')
     ADMIN_SESSION_HOURS = env_float('ADMIN_SESSION_HOURS', 8)  # an admin signs in again after this
     # Earlier keys, comma-separated: links and sessions they signed still work while SECRET_KEY is rotated.
@@ -120,6 +121,7 @@ class Config:
     JOB_PROGRESS_SECONDS = env_float('JOB_PROGRESS_SECONDS', 2)
     # Finished jobs (their rows name recipients and errors) are deleted this many days after they ended.
     JOB_RETENTION_DAYS = env_float('JOB_RETENTION_DAYS', 30)
+    CLEAN_UP = env_bool('CLEAN_UP', True)  # the hourly clean-up of app/retention.py (off: keep everything)
 
     # In-app schedules, an alternative to crontab.example: "week1=0 9 * * mon; week2=0 9 * * tue".
     SCHEDULES = os.environ.get('SCHEDULES') or ''

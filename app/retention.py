@@ -20,8 +20,9 @@ OVER = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.SKIPPED
 
 
 def queue_clean_up():
-    """On the clock: this hour's clean-up, once."""
-    clean_up.apply_once(f'clean-up:{utcnow():%Y-%m-%dT%H}')
+    """On the clock: this hour's clean-up, once (unless CLEAN_UP is off)."""
+    if current_app.config['CLEAN_UP']:
+        clean_up.apply_once(f'clean-up:{utcnow():%Y-%m-%dT%H}')
 
 
 @define_task(queue='bulk')

@@ -31,14 +31,18 @@ def suppress(email, reason, detail=None):
 
 def suppress_refused(emails):
     """After a send: of `emails` (refused for good in it), those our relay has now refused for good in
-    SUPPRESS_AFTER_FAILURES mailings go on the list.  :return: them."""
+    SUPPRESS_AFTER_FAILURES mailings, each time saying the address itself is bad (an enhanced status
+    5.1.x: no such mailbox, no such domain), go on the list.  :return: them.
+
+    Only those: a relay that refuses every recipient for a reason of its own ("554 5.7.1 relay access
+    denied") must not put the whole list on it, and --retry-failed must still reach them once it is fixed."""
     limit = current_app.config['SUPPRESS_AFTER_FAILURES']
     if not limit or not emails:
         return []
     counted = db.session.execute(
         sa.select(Client.email, sa.func.count(Delivery.id)).join(Delivery, Delivery.client_id == Client.id)
         .where(Client.email.in_(emails), Delivery.status == DeliveryStatus.FAILED,
-               Delivery.error.like('%: 5%'))  # a 5xx answer about this address, not a message we could not build
+               Delivery.error.like('%: 5__ 5.1.%'))
         .group_by(Client.email)).all()
     refused = [email for email, count in counted if count >= limit]
     for email in refused:

@@ -21,6 +21,7 @@ from app.extensions import db
 from app.ledger import ledger, mailing_named  # noqa: E402
 from app.models import Client, Delivery  # noqa: E402
 from config import Config  # noqa: E402
+from tests.support.forms import sign_in  # noqa: E402
 from tests.support.sendgrid import SendGridStandIn  # noqa: E402
 from tests.support.silent import SilentServer  # noqa: E402
 from tests.support.smtp import MailSink, free_port  # noqa: E402
@@ -187,6 +188,8 @@ def settings(database_url, smtp, tmp_path):
         # The abuse limits have tests of their own (test_limits.py); elsewhere a test signs up as it likes.
         'RATELIMIT_ENABLED': False,
         'CONFIRM_RESEND_SECONDS': 0,
+        # The hourly clean-up job has tests of its own (test_retention.py); elsewhere it would be one more job.
+        'CLEAN_UP': False,
     }
 
 
@@ -236,7 +239,7 @@ def flask_command(settings):
                if not key.startswith(('MAIL_', 'SEND', 'DATABASE', 'REDIS', 'RQ_'))}
         passed = ('SECRET_KEY', 'BASE_URL', 'MAIL_SERVER', 'MAIL_PORT', 'MAIL_DEFAULT_SENDER', 'MAIL_RETRY_BACKOFF',
                   'MAIL_TRANSPORT', 'MAIL_FOLDER', 'SEND_BATCH_SIZE', 'LEASE_SECONDS', 'REDIS_URL', 'RQ_QUEUE',
-                  'STAGES_FOLDER')
+                  'STAGES_FOLDER', 'CLEAN_UP', 'RATELIMIT_ENABLED', 'CONFIRM_RESEND_SECONDS')
         env.update({name: str(settings[name]) for name in passed if settings.get(name) is not None})
         env.update({
             'FLASK_SKIP_DOTENV': '1', 'INSTANCE_PATH': settings['INSTANCE_PATH'],
@@ -260,6 +263,13 @@ def stage_templates(settings, tmp_path):
         (folder / f'{name}.txt').write_text(text)
         (folder / f'{name}.html').write_text(html)
     return write
+
+
+@pytest.fixture
+def admin(app, client, smtp):
+    """A browser signed in as an admin, through the emailed link."""
+    assert sign_in(app, client, smtp).status_code == 302
+    return client
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """The app's forms filled in as a browser fills them in: with the CSRF token that came with the page."""
 import re
 
+from tests.support.jobs import run_due_jobs
+
 
 def csrf_token(client, url):
     """The CSRF token a browser would get with the form at `url`."""
@@ -11,3 +13,13 @@ def csrf_token(client, url):
 def sign_up(client, email):
     """Sign `email` up through the form on the home page.  :return: the response."""
     return client.post('/', data={'email': email, 'csrf_token': csrf_token(client, '/')})
+
+
+def sign_in(app, client, smtp, address='admin@example.com'):
+    """Ask for a sign-in link as an admin does, let the worker send it, and follow it.  :return: the
+    answer to following it."""
+    client.post('/admin/login', data={'email': address, 'csrf_token': csrf_token(client, '/admin/login')})
+    run_due_jobs(app)
+    body = smtp.messages[-1].get_body(('plain',)).get_content()
+    return client.get(re.search(r'http://newsletter.test(/admin/sign-in/\S+)', body).group(1))
+
