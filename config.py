@@ -121,7 +121,10 @@ class Config:
     JOB_PROGRESS_SECONDS = env_float('JOB_PROGRESS_SECONDS', 2)
     # Finished jobs (their rows name recipients and errors) are deleted this many days after they ended.
     JOB_RETENTION_DAYS = env_float('JOB_RETENTION_DAYS', 30)
-    CLEAN_UP = env_bool('CLEAN_UP', True)  # the hourly clean-up of app/retention.py (off: keep everything)
+    CLEAN_UP = env_bool('CLEAN_UP', True)
+    # An admin's CSV export is gzipped above this size (bytes), and kept for download this many hours.
+    EXPORT_COMPRESS_ABOVE = env_int('EXPORT_COMPRESS_ABOVE', 1024 * 1024)
+    EXPORT_KEEP_HOURS = env_float('EXPORT_KEEP_HOURS', 24)  # the hourly clean-up of app/retention.py (off: keep everything)
 
     # In-app schedules, an alternative to crontab.example: "week1=0 9 * * mon; week2=0 9 * * tue".
     SCHEDULES = os.environ.get('SCHEDULES') or ''

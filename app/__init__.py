@@ -8,7 +8,7 @@ from config import Config
 
 
 def create_app(config_class=Config):
-    from app import (broadcasts, database, drip, email, jobs, limits, links, models, retention,  # noqa: F401
+    from app import (broadcasts, database, drip, email, exports, jobs, limits, links, models, retention,  # noqa: F401
                      schedules, security, transports, webhooks)
     from app.admin import bp as admin_bp
     from app.cli import bp as cli_bp
@@ -32,7 +32,8 @@ def create_app(config_class=Config):
     csrf.init_app(app)
     login.init_app(app)
     drip.init_app(app)
-    jobs.init_app(app, tasks=(email.send_email, drip.send_stage, broadcasts.send_broadcast, retention.clean_up),
+    jobs.init_app(app, tasks=(email.send_email, drip.send_stage, broadcasts.send_broadcast, retention.clean_up,
+                             exports.export_subscribers),
                   clock=(schedules.fire_due_schedules, retention.queue_clean_up))
     schedules.init_app(app)
     webhooks.init_app(app)

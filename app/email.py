@@ -2,6 +2,7 @@
 an `.html` template and becomes an `Email`, which each way out (app/transports.py) knows how to deliver,
 as MIME bytes or as an API request. A single email (a confirmation, a sign-in link) is queued as a job
 in the caller's transaction; mailings to many go through app/sending.py."""
+import base64
 import functools
 import re
 import secrets
@@ -23,6 +24,13 @@ class TemplateError(Exception):
 
 
 @dataclass(frozen=True)
+class Attachment:
+    filename: str
+    mimetype: str  # 'text/csv', 'application/gzip'
+    data: bytes
+
+
+@dataclass(frozen=True)
 class Email:
     recipient: str
     subject: str
@@ -30,6 +38,7 @@ class Email:
     html: str
     message_id: str
     headers: dict = field(default_factory=dict)
+    attachments: tuple = ()  # of Attachment: an admin's export; the drip and broadcasts have none
 
     @functools.cached_property
     def mime(self):
@@ -122,12 +131,23 @@ def mime_message(email):
         headers[name] = headers[name].replace('>, <', '>,\r\n <')
     boundary = f'=_{secrets.token_hex(16)}'
     lines = [f'{name}: {value}' for name, value in headers.items()]
-    lines += ['MIME-Version: 1.0', f'Content-Type: multipart/alternative; boundary="{boundary}"', '']
     parts = b''.join(
         b'\r\n--%s\r\nContent-Type: text/%s; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable'
         b'\r\n\r\n%s' % (boundary.encode(), subtype, b2a_qp(body.encode('utf-8')).replace(b'\n', b'\r\n'))
-        for subtype, body in ((b'plain', email.text), (b'html', email.html)))
-    return '\r\n'.join(lines).encode('ascii') + parts + b'\r\n--%s--\r\n' % boundary.encode()
+        for subtype, body in ((b'plain', email.text), (b'html', email.html))) + b'\r\n--%s--\r\n' % boundary.encode()
+    alternative = f'Content-Type: multipart/alternative; boundary="{boundary}"'
+    if not email.attachments:
+        return '\r\n'.join([*lines, 'MIME-Version: 1.0', alternative, '']).encode('ascii') + parts
+    mixed = f'=_{secrets.token_hex(16)}'
+    attached = b''.join(
+        b'\r\n--%s\r\nContent-Type: %s\r\nContent-Transfer-Encoding: base64\r\n'
+        b'Content-Disposition: attachment; filename="%s"\r\n\r\n%s' % (
+            mixed.encode(), attachment.mimetype.encode('ascii'), attachment.filename.encode('ascii'),
+            base64.encodebytes(attachment.data).replace(b'\n', b'\r\n'))
+        for attachment in email.attachments)
+    head = [*lines, 'MIME-Version: 1.0', f'Content-Type: multipart/mixed; boundary="{mixed}"', '',
+            f'--{mixed}', alternative, '']
+    return '\r\n'.join(head).encode('ascii') + parts + attached + b'\r\n--%s--\r\n' % mixed.encode()
 
 
 _SUBJECT_FITS = 78 - len('Subject: ')  # RFC 5322 2.1.1: lines of at most 78 characters

@@ -1,6 +1,6 @@
 """What the app keeps, and for how long: finished jobs (their rows hold recipients and errors) are deleted
-JOB_RETENTION_DAYS after they ended, and sign-ups never confirmed once their link has expired (the
-address's owner may never have asked). A `clean_up` job does it, queued by the workers' clock once an
+JOB_RETENTION_DAYS after they ended, sign-ups never confirmed once their link has expired (the
+address's owner may never have asked), and exports once EXPORT_KEEP_HOURS have passed. A `clean_up` job does it, queued by the workers' clock once an
 hour (one job per hour however many workers tick). The instance folder's files (the SQLite database, the
 generated key, the `.eml` mail) are readable by their owner only: app/database.py, app/links.py and
 app/transports.py create them so."""
@@ -10,6 +10,7 @@ from datetime import timedelta
 import sqlalchemy as sa
 from flask import current_app
 
+from app import exports
 from app.database import utcnow
 from app.extensions import db
 from app.jobs import define_task
@@ -37,5 +38,6 @@ def clean_up():
         Client.email_confirmed_at.is_(None), Client.created_at < now - timedelta(seconds=config['CONFIRM_MAX_AGE']),
         ~sa.exists(sa.select(Delivery.id).where(Delivery.client_id == Client.id)))
         .execution_options(synchronize_session=False)).rowcount
-    log.info('clean-up: %d finished job(s) and %d expired sign-up(s) deleted', jobs, expired)
-    return {'jobs': jobs, 'unconfirmed sign-ups': expired}
+    files = exports.delete_expired()
+    log.info('clean-up: %d finished job(s), %d expired sign-up(s) and %d export file(s) deleted', jobs, expired, files)
+    return {'jobs': jobs, 'unconfirmed sign-ups': expired, 'export files': files}

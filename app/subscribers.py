@@ -38,8 +38,11 @@ class SubscriberState(enum.StrEnum):
 
     @classmethod
     def of(cls, client):
-        if is_suppressed(client.email):
-            return cls.SUPPRESSED
+        return cls.SUPPRESSED if is_suppressed(client.email) else cls.of_unsuppressed(client)
+
+    @classmethod
+    def of_unsuppressed(cls, client):
+        """For a subscriber known not to be on the suppression list."""
         if client.email_confirmed_at is None:
             return cls.UNCONFIRMED
         return cls.ACTIVE if client.active else cls.UNSUBSCRIBED

@@ -5,6 +5,7 @@ answer is OutcomeUnknown, never a failure to retry.
 
 Which way out is used is decided once, by mail_transport(), and a deployment cannot fall into the folder
 by accident: once the settings look like a deployment, the folder must be chosen by name."""
+import base64
 import functools
 import http.client
 import logging
@@ -23,7 +24,8 @@ from urllib.parse import urlsplit
 from flask import current_app
 from python_http_client.exceptions import HTTPError
 from sendgrid import SendGridAPIClient
-from sendgrid.helpers.mail import From, Mail
+from sendgrid.helpers.mail import Attachment as SendGridAttachment
+from sendgrid.helpers.mail import Disposition, FileContent, FileName, FileType, From, Mail
 from sendgrid.helpers.mail import Header as SendGridHeader
 
 from app.database import utcnow
@@ -263,6 +265,10 @@ class SendGridSender(Sender):
                        subject=email.subject, plain_text_content=email.text, html_content=email.html)
         for key, value in {**email.headers, 'Message-ID': email.message_id}.items():
             message.add_header(SendGridHeader(key, value))
+        for attachment in email.attachments:
+            message.add_attachment(SendGridAttachment(FileContent(base64.b64encode(attachment.data).decode()),
+                                                      FileName(attachment.filename), FileType(attachment.mimetype),
+                                                      Disposition('attachment')))
         try:
             self.client.client.mail.send.post(request_body=message.get(), timeout=self.config['MAIL_TIMEOUT'])
         except HTTPError as exc:

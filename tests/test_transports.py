@@ -1,5 +1,6 @@
 """The ways out beyond the drip's own tests: the SendGrid Web API (against a local stand-in), the .eml
 folder, and the SMTP exchange and MIME encoding details."""
+import base64
 import re
 from email import message_from_bytes, policy
 from pathlib import Path
@@ -7,8 +8,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from app.email import Attachment, Email
 from app.extensions import db
 from app.models import Client, Delivery
+from app.transports import open_sender
 
 
 class TestSendGrid:
@@ -38,6 +41,16 @@ class TestSendGrid:
         assert headers['List-Unsubscribe'].startswith('<http://newsletter.test/unsubscribe/')
         assert headers['List-Unsubscribe-Post'] == 'List-Unsubscribe=One-Click'
         assert headers['Message-ID'].startswith('<newsletter.week1.')
+
+    def test_an_attachment_goes_through_the_api_base64_encoded(self, app, sendgrid_api):
+        with app.app_context(), open_sender() as sender:
+            sender.send(Email('admin@example.com', 'Export', 'text', '<p>html</p>', '<export.1@example.com>',
+                              attachments=(Attachment('subscribers.csv.gz', 'application/gzip', b'\x1f\x8b binary'),)))
+
+        [request] = sendgrid_api.requests
+        assert request['body']['attachments'] == [{'content': base64.b64encode(b'\x1f\x8b binary').decode(),
+                                                   'filename': 'subscribers.csv.gz', 'type': 'application/gzip',
+                                                   'disposition': 'attachment'}]
 
     def test_a_refused_address_fails_alone_and_a_request_turned_away_is_retried(self, app, runner, sendgrid_api,
                                                                                 subscribers):

@@ -1,0 +1,101 @@
+"""Every subscriber as a CSV, for an admin. A background job (its progress on the page) streams them, a
+batch at a time by id, into a file in the instance folder, gzipped above EXPORT_COMPRESS_ABOVE bytes;
+emails it to the admin who asked, attached; and keeps it for download for EXPORT_KEEP_HOURS, after
+which the hourly clean-up deletes it (app/retention.py). Cells a spreadsheet would run as formulas are
+escaped (app/csvfiles.py)."""
+import gzip
+import secrets
+import shutil
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import sqlalchemy as sa
+from flask import current_app
+
+from app.csvfiles import csv_lines
+from app.database import utcnow
+from app.email import Attachment, Email, make_message_id
+from app.extensions import db
+from app.jobs import define_task, report_progress
+from app.models import Client, Suppression
+from app.subscribers import SubscriberState
+from app.transports import open_sender
+
+BATCH = 1000
+HEADER = ('id', 'email', 'state', 'stage', 'signed_up_at', 'confirmed_at', 'unsubscribed_at')
+
+
+def folder():
+    path = Path(current_app.instance_path) / 'exports'
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def rows():
+    """Every subscriber, a batch at a time by id, as HEADER says; suppressed ones say so."""
+    after = 0
+    while True:
+        batch = db.session.execute(
+            sa.select(Client, Suppression.id.is_not(None)).outerjoin(Suppression, Suppression.email == sa.func.lower(Client.email))
+            .where(Client.id > after).order_by(Client.id).limit(BATCH)).all()
+        if not batch:
+            return
+        for client, suppressed in batch:
+            state = SubscriberState.SUPPRESSED if suppressed else SubscriberState.of_unsuppressed(client)
+            yield (client.id, client.email, state, client.num_newsletter, client.created_at,
+                   client.email_confirmed_at, client.unsubscribed_at)
+        after = batch[-1][0].id
+        db.session.expunge_all()  # memory stays one batch, whatever the list's length
+
+
+@define_task(queue='bulk')
+def export_subscribers(admin):
+    """:return: the file's name, its rows and size, for the page's download link."""
+    config, total = current_app.config, db.session.scalar(sa.select(sa.func.count(Client.id)))
+    path = folder() / f'subscribers-{utcnow():%Y%m%d-%H%M%S}-{secrets.token_hex(8)}.csv'
+    written = 0
+    with path.open('w', newline='', encoding='utf-8') as file:
+        for line in csv_lines(HEADER, rows()):
+            file.write(line)
+            written += 1
+            if written % BATCH == 0:
+                report_progress(written - 1, total)
+    if path.stat().st_size > config['EXPORT_COMPRESS_ABOVE']:
+        with path.open('rb') as plain, gzip.open(f'{path}.gz', 'wb') as packed:
+            shutil.copyfileobj(plain, packed)
+        path.unlink()
+        path = Path(f'{path}.gz')
+    path.chmod(0o600)
+    report_progress(written - 1, total)
+    _email(admin, path, written - 1)
+    return {'file': path.name, 'rows': written - 1, 'bytes': path.stat().st_size}
+
+
+def _email(admin, path, count):
+    keep = current_app.config['EXPORT_KEEP_HOURS']
+    text = (f'The export of {count} subscriber(s) is attached ({path.name}). It can also be downloaded from the '
+            f'admin pages for {keep:g} hours.\n')
+    email = Email(admin, f'Subscriber export: {count} subscriber(s)', text, f'<p>{text}</p>',
+                  make_message_id('export', path.stem), attachments=(Attachment(
+                      path.name, 'application/gzip' if path.suffix == '.gz' else 'text/csv', path.read_bytes()),))
+    with open_sender() as sender:
+        sender.send(email)
+
+
+def download(job):
+    """The export's file while it is kept, or None."""
+    if not (job.result or {}).get('file') or job.finished_at is None:
+        return None
+    path = folder() / job.result['file']
+    expired = job.finished_at < utcnow() - timedelta(hours=current_app.config['EXPORT_KEEP_HOURS'])
+    return None if expired or not path.exists() else path
+
+
+def delete_expired():
+    """:return: how many export files older than EXPORT_KEEP_HOURS were deleted."""
+    cutoff = time.time() - current_app.config['EXPORT_KEEP_HOURS'] * 3600
+    old = [path for path in folder().glob('subscribers-*') if path.stat().st_mtime < cutoff]
+    for path in old:
+        path.unlink()
+    return len(old)

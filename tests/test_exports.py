@@ -1,0 +1,78 @@
+"""An admin's CSV export of every subscriber (app/exports.py): a job that streams them to a file, emails it
+attached (gzipped when large), and keeps it for download for a while; formula cells escaped."""
+import csv
+import gzip
+import io
+import os
+import time
+from datetime import timedelta
+
+import sqlalchemy as sa
+
+from app.extensions import db
+from app.models import Client, Job
+from app.suppression import suppress
+from tests.support.forms import csrf_token
+from tests.support.jobs import run_due_jobs
+
+
+def export(app, admin):
+    admin.post('/admin/exports', data={'csrf_token': csrf_token(admin, '/admin/exports')})
+    run_due_jobs(app)
+    with app.app_context():
+        return db.session.scalar(sa.select(Job).where(Job.task == 'export_subscribers').order_by(Job.id.desc()))
+
+
+def attachment_of(smtp):
+    [message] = [m for m in smtp.messages if m['Subject'].startswith('Subscriber export')]
+    [part] = [part for part in message.walk() if part.get_filename()]
+    return part.get_filename(), part.get_content_type(), part.get_payload(decode=True)
+
+
+def test_every_subscriber_is_exported_with_state_stage_and_dates_emailed_and_downloadable(app, admin, smtp, subscribers):
+    subscribers(3)
+    subscribers(1, start=10, email_confirmed_at=None)
+    subscribers(1, start=20, active=False, num_newsletter=2)
+    with app.app_context():
+        db.session.add(Client(email='=HYPERLINK("http://evil")@example.com', active=True))
+        suppress('reader1@example.com', 'bounced')
+        db.session.commit()
+
+    job = export(app, admin)
+    name, mimetype, data = attachment_of(smtp)
+    downloaded = admin.get(f'/admin/exports/{job.id}/download')
+
+    assert job.status == 'done' and job.result['rows'] == 6 and (job.progress_done, job.progress_total) == (6, 6)
+    assert name.endswith('.csv') and mimetype == 'text/csv' and downloaded.data == data
+    rows = list(csv.reader(io.StringIO(data.decode())))
+    assert rows[0] == ['id', 'email', 'state', 'stage', 'signed_up_at', 'confirmed_at', 'unsubscribed_at']
+    assert [(row[1], row[2], row[3]) for row in rows[1:]] == [
+        ('reader0@example.com', 'active', '0'), ('reader1@example.com', 'suppressed', '0'),
+        ('reader2@example.com', 'active', '0'), ('reader10@example.com', 'unconfirmed', '0'),
+        ('reader20@example.com', 'unsubscribed', '2'), ("'=HYPERLINK(\"http://evil\")@example.com", 'unconfirmed', '0')]
+    assert f'{job.result["file"]}</a> (6 subscribers' in admin.get('/admin/exports').get_data(as_text=True)
+    downloaded.close()
+
+
+def test_a_large_export_is_gzipped_and_a_kept_file_expires(app, admin, smtp, subscribers):
+    app.config.update(EXPORT_COMPRESS_ABOVE=200, EXPORT_KEEP_HOURS=1, CLEAN_UP=True)
+    subscribers(30)
+
+    job = export(app, admin)
+    name, mimetype, data = attachment_of(smtp)
+
+    assert name.endswith('.csv.gz') and mimetype == 'application/gzip'
+    assert len(gzip.decompress(data).decode().splitlines()) == 31
+    path = os.path.join(app.instance_path, 'exports', job.result['file'])
+    assert oct(os.stat(path).st_mode & 0o777) == '0o600'
+    with app.app_context():
+        db.session.execute(sa.update(Job).where(Job.id == job.id).values(finished_at=job.finished_at - timedelta(hours=2)))
+        db.session.commit()
+    assert admin.get(f'/admin/exports/{job.id}/download').status_code == 410
+    two_hours_ago = time.time() - 7200
+    os.utime(path, (two_hours_ago, two_hours_ago))
+    with app.app_context():
+        db.session.execute(sa.delete(Job).where(Job.task == 'clean_up'))
+        db.session.commit()
+    run_due_jobs(app)
+    assert not os.path.exists(path), 'the hourly clean-up deletes it'
