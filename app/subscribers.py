@@ -6,15 +6,17 @@ and the next run or job, with all of its guarantees."""
 import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import sqlalchemy as sa
+from flask import current_app
 
 from app import broadcasts
 from app.database import utcnow
 from app.drip import send_stage
 from app.extensions import db
 from app.main.email import queue_confirmation_email
-from app.models import Client, Delivery, DeliveryStatus, SendRun
+from app.models import Client, Delivery, DeliveryStatus, Job, SendRun, Suppression
 from app.sendlog import requeue
 from app.suppression import is_suppressed, not_suppressed
 
@@ -145,3 +147,34 @@ def per_day(days=56):
 def recent_runs(limit=20):
     """The latest send runs of every mailing: what started them, when, and how they ended."""
     return db.session.scalars(sa.select(SendRun).order_by(SendRun.id.desc()).limit(limit)).all()
+
+
+def erase(client):
+    """The subscriber, and their address and personal data everywhere the app keeps it: their row and
+    their send log (deliveries), the emails queued or sent to them (job rows), their address in any job's
+    error, their `.eml` files in the mail folder, and their suppression-list entry. What stays is
+    anonymous: each send run's counts. :return: what was erased, in words."""
+    email = client.email
+    deliveries = db.session.scalar(sa.select(sa.func.count(Delivery.id)).where(Delivery.client_id == client.id))
+    jobs = db.session.execute(sa.delete(Job).where(Job.task == 'send_email', Job.payload['recipient'].as_string() == email)
+                              .execution_options(synchronize_session=False)).rowcount
+    db.session.execute(sa.update(Job).where(Job.error.contains(email, autoescape=True))
+                       .values(error=sa.func.replace(Job.error, email, '[erased]')).execution_options(synchronize_session=False))
+    db.session.execute(sa.delete(Suppression).where(Suppression.email == email.lower()))
+    db.session.delete(client)
+    db.session.commit()
+    files = _erase_mail_files(email)
+    return f'{email}: the subscriber, {deliveries} delivery record(s), {jobs} email job(s) and {files} mail file(s)'
+
+
+def _erase_mail_files(email):
+    """The `.eml` files in MAIL_FOLDER addressed to `email` (the folder way out, or a deployment's copy)."""
+    folder, erased = Path(current_app.config['MAIL_FOLDER']), 0
+    header = f'To: {email}\r\n'.encode()
+    for path in folder.glob('*.eml') if folder.is_dir() else ():
+        with path.open('rb') as file:
+            head = file.read(64 * 1024).split(b'\r\n\r\n', 1)[0] + b'\r\n'
+        if header in head:
+            path.unlink()
+            erased += 1
+    return erased

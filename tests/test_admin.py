@@ -4,6 +4,7 @@ import io
 import re
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -12,11 +13,12 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from app.database import utcnow
 from app.extensions import db
 from app.jobs import run_due
-from app.models import AdminSession, Broadcast, Client, Delivery, Job
+from app.ledger import ledger, mailing_named
+from app.models import AdminSession, Broadcast, Client, Delivery, Job, SendRun, Suppression
 from app.suppression import suppress
 from tests.support.forms import csrf_token, sign_in
 from tests.support.smtp import MailSink
-from tests.support.jobs import run_due_jobs
+from tests.support.jobs import queue_emails, run_due_jobs
 
 
 def test_the_admin_pages_need_a_signed_in_admin(client):
@@ -426,3 +428,34 @@ def test_a_long_broadcast_fits_its_form_while_every_other_form_stays_small(app, 
 
     assert long_one.status_code == 200 and '<h2>Preview</h2>' in long_one.get_data(as_text=True)
     assert too_long.status_code == 413 and sign_in_form.status_code == 413
+
+
+def test_erasing_a_subscriber_removes_their_address_everywhere_and_keeps_the_anonymous_counts(app, admin, runner,
+                                                                                              subscribers, settings):
+    jane, other = subscribers(2)
+    runner.invoke(args=['send-newsletter-email', 'week1'])
+    queue_emails(app, jane, other)
+    mail = Path(settings['MAIL_FOLDER'])
+    mail.mkdir(exist_ok=True)
+    (mail / 'a.eml').write_bytes(f'From: news@example.com\r\nTo: {jane}\r\nSubject: Hi\r\n\r\nHello\r\n'.encode())
+    (mail / 'b.eml').write_bytes(f'From: news@example.com\r\nTo: {other}\r\nSubject: Hi\r\n\r\nto: {jane}\r\n'.encode())
+    with app.app_context():
+        db.session.add(Job(task='send_stage', queue='bulk', payload={}, max_attempts=3, status='failed',
+                           error=f'PermanentFailure: {jane}: 550 no such user'))
+        suppress(jane, 'bounced')
+        db.session.commit()
+        jane_id = db.session.scalar(sa.select(Client.id).where(Client.email == jane))
+        runs_before = db.session.execute(sa.select(SendRun.mailing, SendRun.sent)).all()
+    form = {'csrf_token': csrf_token(admin, f'/admin/subscribers/{jane_id}')}
+
+    refused = admin.post(f'/admin/subscribers/{jane_id}/erase', data={**form, 'confirm': 'someone else'})
+    erased = admin.post(f'/admin/subscribers/{jane_id}/erase', data={**form, 'confirm': jane.upper()})
+
+    assert refused.location.endswith(f'/admin/subscribers/{jane_id}') and erased.location.endswith('/admin/subscribers')
+    with app.app_context():
+        everything = ' '.join(str(row) for model in (Client, Delivery, Job, Suppression)
+                              for row in db.session.execute(sa.select(model.__table__)).all())
+        assert jane not in everything and other in everything
+        assert db.session.execute(sa.select(SendRun.mailing, SendRun.sent)).all() == runs_before
+        assert ledger(mailing_named('week1')).balances
+    assert sorted(path.name for path in mail.iterdir()) == ['b.eml'], "only jane's own mail file"

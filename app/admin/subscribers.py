@@ -38,6 +38,17 @@ def subscriber_action(client_id, action):
     return redirect(url_for('admin.subscriber', client_id=client_id))
 
 
+@bp.route('/subscribers/<int:client_id>/erase', methods=['POST'])
+def subscriber_erase(client_id):
+    """Only with the address typed again: erasing cannot be undone."""
+    client = db.get_or_404(Client, client_id)
+    if request.form.get('confirm', '').strip().lower() != client.email.lower():
+        flash('Type the address to erase it: nothing was erased.', 'error')
+        return redirect(url_for('admin.subscriber', client_id=client_id))
+    flash(f'Erased {subscribers.erase(client)}.')
+    return redirect(url_for('admin.subscriber_list'))
+
+
 @bp.route('/subscribers/<int:client_id>/resend/<mailing>', methods=['POST'])
 def subscriber_resend(client_id, mailing):
     client = db.get_or_404(Client, client_id)
