@@ -1,8 +1,8 @@
-from email_validator import EmailNotValidError, validate_email
+from email_validator import EmailNotValidError, EmailSyntaxError, validate_email
 from flask import current_app
 from flask_wtf import FlaskForm
 from wtforms import StringField, SubmitField
-from wtforms.validators import DataRequired, Length, ValidationError
+from wtforms.validators import DataRequired, ValidationError
 
 MAX_EMAIL_LENGTH = 254  # RFC 5321's limit on a path, and our column's size
 
@@ -18,23 +18,33 @@ def single_line(form, field):
         raise ValidationError('An email address cannot contain line breaks.')
 
 
+def normal_address(value, check_deliverability=None):
+    """The sign-up's rules for an address, for the form and for a file of them (app/imports.py): one line,
+    at most MAX_EMAIL_LENGTH characters, and what email-validator accepts, including (outside tests, or
+    unless `check_deliverability` is False) a domain that can receive mail.  :return: the normal form we
+    store: trimmed, domain lower-cased, and in ASCII (an international domain in its xn-- form), which
+    every SMTP server and mail header takes as it is.  :raise EmailNotValidError: (a ValueError) saying
+    what is wrong; EmailUndeliverableError when it is the domain."""
+    if '\r' in value or '\n' in value:
+        raise EmailSyntaxError('An email address cannot contain line breaks.')
+    if len(value) > MAX_EMAIL_LENGTH:
+        raise EmailSyntaxError(f'An email address has at most {MAX_EMAIL_LENGTH} characters.')
+    if check_deliverability is None:
+        check_deliverability = current_app.config['EMAIL_CHECK_DELIVERABILITY']
+    return validate_email(value, allow_smtputf8=False, timeout=current_app.config['EMAIL_DNS_TIMEOUT'],
+                          check_deliverability=check_deliverability).ascii_email
+
+
 def deliverable_address(form, field):
-    """email-validator checks the syntax (and, outside tests, that the domain can receive mail) and
-    gives the normal form we store: trimmed, domain lower-cased, and in ASCII (an international domain
-    in its xn-- form), which every SMTP server and mail header takes as it is."""
     try:
-        info = validate_email(field.data, allow_smtputf8=False, timeout=current_app.config['EMAIL_DNS_TIMEOUT'],
-                              check_deliverability=current_app.config['EMAIL_CHECK_DELIVERABILITY'])
+        field.data = normal_address(field.data)
     except EmailNotValidError as exc:
         raise ValidationError(str(exc)) from exc
-    field.data = info.ascii_email
 
 
 class SubscribeForm(FlaskForm):
     email = StringField('Email address', filters=[_strip], validators=[
-        single_line,
         DataRequired(message='Please enter your email address.'),
-        Length(max=MAX_EMAIL_LENGTH, message=f'An email address has at most {MAX_EMAIL_LENGTH} characters.'),
         deliverable_address,
     ])
     # Hidden from people (and from screen readers); bots fill in every field they find.
