@@ -11,7 +11,9 @@ from app.extensions import db
 
 
 class Client(db.Model):
-    """A subscriber. `num_newsletter` is the last drip stage received (0 when new)."""
+    """A subscriber. `num_newsletter` is the last drip stage received (0 when new). Someone imported from a
+    file (app/imports.py) whose admin said they had consented already is confirmed without a confirmation
+    email; who said so, and when, is kept as the record of their consent."""
     __tablename__ = 'clients'
     __table_args__ = (sa.Index('ix_clients_drip', 'num_newsletter', 'id'),)
 
@@ -23,6 +25,9 @@ class Client(db.Model):
     email_confirmed_at: so.Mapped[datetime | None]
     unsubscribed_at: so.Mapped[datetime | None]
     confirmation_sent_at: so.Mapped[datetime | None]  # the latest: at most one every CONFIRM_RESEND_SECONDS
+    name: so.Mapped[str | None] = so.mapped_column(sa.String(100))  # from an imported file's name column
+    consent_recorded_by: so.Mapped[str | None] = so.mapped_column(sa.String(254))  # the admin who imported them as consenting
+    consent_recorded_at: so.Mapped[datetime | None]
 
     def __repr__(self):
         return f'<Client {self.id} {self.email}>'

@@ -74,14 +74,16 @@ def find(search='', state=None, stage=None, after=0, size=PAGE_SIZE):
 @dataclass(frozen=True)
 class Moment:
     at: datetime | None
-    what: str  # signed up, confirmed, a mailing, unsubscribed
+    what: str  # signed up (or imported), confirmed, a mailing, unsubscribed
     delivery: Delivery | None = None
 
 
 def timeline(client):
     """Everything that happened to `client`, oldest first: a delivery is placed at its latest move."""
-    moments = [Moment(client.created_at, 'signed up')]
-    if client.email_confirmed_at:
+    moments = [Moment(client.created_at, 'imported' if client.consent_recorded_at else 'signed up')]
+    if client.consent_recorded_at:
+        moments.append(Moment(client.consent_recorded_at, f'confirmed: consent recorded by {client.consent_recorded_by}'))
+    elif client.email_confirmed_at:
         moments.append(Moment(client.email_confirmed_at, 'confirmed'))
     for delivery in db.session.scalars(sa.select(Delivery).where(Delivery.client_id == client.id)):
         moments.append(Moment(delivery.sent_at or delivery.updated_at or delivery.created_at, delivery.mailing,
