@@ -8,8 +8,8 @@ from config import Config
 
 
 def create_app(config_class=Config):
-    from app import (broadcasts, database, drip, email, exports, jobs, limits, links, models, retention,  # noqa: F401
-                     schedules, security, transports, webhooks)
+    from app import (broadcasts, database, drip, email, exports, imports, jobs, limits, links, models,  # noqa: F401
+                     retention, schedules, security, transports, webhooks)
     from app.admin import bp as admin_bp
     from app.cli import bp as cli_bp
     from app.errors import bp as errors_bp
@@ -33,7 +33,7 @@ def create_app(config_class=Config):
     login.init_app(app)
     drip.init_app(app)
     jobs.init_app(app, tasks=(email.send_email, drip.send_stage, broadcasts.send_broadcast, retention.clean_up,
-                             exports.export_subscribers),
+                             exports.export_subscribers, imports.import_subscribers),
                   clock=(schedules.fire_due_schedules, retention.queue_clean_up))
     schedules.init_app(app)
     webhooks.init_app(app)

@@ -15,6 +15,7 @@ from app import broadcasts
 from app.drip import DripStage, available_stages, latest_first, queue_retry
 from app.email import TemplateError
 from app.extensions import db
+from app.imports import ImportFileError, Outcome, check, import_file
 from app.jobs import QUEUES, Worker, rq_queue, run_due
 from app.ledger import STATES, ledger, mailing_named, members
 from app.models import Broadcast, DeliveryStatus
@@ -290,3 +291,39 @@ def broadcast_resend_unknown(broadcast_id):
     except broadcasts.BroadcastError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f'broadcast {broadcast_id}: {count} to send again; a job worker sends them')
+
+
+@bp.cli.command('import-subscribers')
+@click.argument('path', metavar='FILE', type=click.Path(exists=True, dir_okay=False))
+@click.option('--consented-by', metavar='EMAIL',
+              help='They consented already: subscribe them at once, send no confirmation email, and record EMAIL '
+                   '(who says so) and the time on each of them as their consent.')
+@click.option('--dry-run', is_flag=True, help='Only say what the import would do; write nothing.')
+def import_subscribers(path, consented_by, dry_run):
+    """Import subscribers from the CSV file FILE, as an admin's upload does: checked row by row like the
+    sign-up, duplicates left out, and all or nothing. Each new subscriber gets a confirmation email unless
+    --consented-by is given.
+
+    Prints the counts and the first duplicate and rejected rows with their reasons; exits with status 1
+    when the file cannot be imported at all.
+    """
+    if consented_by is not None and not 0 < len(consented_by.strip()) <= 254:
+        raise click.BadParameter('say who recorded the consent, in at most 254 characters',
+                                 param_hint='--consented-by')
+    try:
+        if dry_run:
+            report = check(path)
+        else:
+            report = import_file(path, consented_by and consented_by.strip())
+            db.session.commit()
+    except (ImportFileError, sa.exc.IntegrityError, sa.exc.DataError) as exc:
+        db.session.rollback()
+        reason = f'the database refused a row: {exc.orig}' if isinstance(exc, sa.exc.DBAPIError) else exc
+        raise click.ClickException(f'{reason} Nothing was imported.') from exc
+    click.echo(f'{path}: read as {report.read_as}')
+    for outcome in (Outcome.DUPLICATE, Outcome.REJECTED):
+        for line, address, reason in report.shown[outcome]:
+            click.echo(f'  line {line}: {outcome}: {address}: {reason}')
+        if report.counts[outcome] > len(report.shown[outcome]):
+            click.echo(f'  ... and {report.counts[outcome] - len(report.shown[outcome])} more {outcome}')
+    click.echo(report.summary('would import' if dry_run else 'imported'))
