@@ -1,7 +1,8 @@
 from zoneinfo import available_timezones
 
 from flask_wtf import FlaskForm
-from wtforms import DateTimeLocalField, SelectField, StringField, SubmitField, TextAreaField
+from flask_wtf.file import FileField, FileRequired
+from wtforms import BooleanField, DateTimeLocalField, SelectField, StringField, SubmitField, TextAreaField
 from wtforms.validators import DataRequired, Email, Length
 
 from app.main.forms import single_line
@@ -20,3 +21,10 @@ class BroadcastForm(FlaskForm):
     timezone = SelectField('Time zone', choices=sorted(available_timezones()), default='UTC')
     preview = SubmitField('Preview')
     schedule = SubmitField('Schedule')
+
+
+class ImportForm(FlaskForm):
+    file = FileField('CSV file', validators=[FileRequired('Choose a CSV file to import.')])
+    consented = BooleanField('These people already consented to receive the newsletter: send them no confirmation '
+                             'email. Your address and the time are recorded on each of them as their consent.')
+    submit = SubmitField('Check the file (nothing is imported yet)')
