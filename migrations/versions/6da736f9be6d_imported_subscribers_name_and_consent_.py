@@ -5,7 +5,7 @@ consented already (no confirmation email) keeps who said so and when, as the rec
 Every column is empty for those who signed up themselves.
 
 Revision ID: 6da736f9be6d
-Revises: 71636786f57c
+Revises: 962f83363491
 Create Date: 2026-11-30 19:37:22.651770
 
 """
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 # revision identifiers, used by Alembic.
 revision = '6da736f9be6d'
-down_revision = '71636786f57c'
+down_revision = '962f83363491'
 branch_labels = None
 depends_on = None
 
