@@ -18,8 +18,8 @@ from app.database import utcnow
 from app.email import Attachment, Email, make_message_id
 from app.extensions import db
 from app.jobs import define_task, report_progress
-from app.models import Client, Suppression
-from app.subscribers import SubscriberState
+from app.models import Client
+from app.subscribers import state_of, with_states
 from app.transports import open_sender
 
 BATCH = 1000
@@ -37,13 +37,11 @@ def rows():
     after = 0
     while True:
         batch = db.session.execute(
-            sa.select(Client, Suppression.id.is_not(None)).outerjoin(Suppression, Suppression.email == sa.func.lower(Client.email))
-            .where(Client.id > after).order_by(Client.id).limit(BATCH)).all()
+            with_states(sa.select(Client)).where(Client.id > after).order_by(Client.id).limit(BATCH)).all()
         if not batch:
             return
         for client, suppressed in batch:
-            state = SubscriberState.SUPPRESSED if suppressed else SubscriberState.of_unsuppressed(client)
-            yield (client.id, client.email, state, client.num_newsletter, client.created_at,
+            yield (client.id, client.email, state_of(client, suppressed), client.num_newsletter, client.created_at,
                    client.email_confirmed_at, client.unsubscribed_at)
         after = batch[-1][0].id
         db.session.expunge_all()  # memory stays one batch, whatever the list's length

@@ -50,9 +50,21 @@ class SubscriberState(enum.StrEnum):
         return cls.ACTIVE if client.active else cls.UNSUBSCRIBED
 
 
+def with_states(select):
+    """`select` of Client rows, each with its SubscriberState: whether it is suppressed comes in the same
+    statement, not one query per subscriber."""
+    suppressed = Suppression.id.is_not(None)
+    return (select.add_columns(suppressed)
+            .outerjoin(Suppression, Suppression.email == sa.func.lower(Client.email)))
+
+
+def state_of(client, suppressed):
+    return SubscriberState.SUPPRESSED if suppressed else SubscriberState.of_unsuppressed(client)
+
+
 @dataclass(frozen=True)
 class Page:
-    subscribers: list
+    subscribers: list  # of (Client, SubscriberState)
     after: int | None  # the id to ask for the next page after, if there is one
 
 
@@ -67,8 +79,10 @@ def find(search='', state=None, stage=None, after=0, size=PAGE_SIZE):
         conditions.append(SubscriberState(state).condition())
     if stage is not None:
         conditions.append(Client.num_newsletter == stage)
-    rows = db.session.scalars(sa.select(Client).where(*conditions).order_by(Client.id).limit(size + 1)).all()
-    return Page(rows[:size], rows[size - 1].id if len(rows) > size else None)
+    rows = db.session.execute(with_states(sa.select(Client)).where(*conditions).order_by(Client.id)
+                              .limit(size + 1)).all()
+    return Page([(client, state_of(client, suppressed)) for client, suppressed in rows[:size]],
+                rows[size - 1][0].id if len(rows) > size else None)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from app.models import Client, Delivery, DeliveryStatus, Suppression, Suppressio
 
 def not_suppressed():
     """A condition on Client: its address is not on the list."""
-    return ~sa.exists(sa.select(Suppression.id).where(Suppression.email == sa.func.lower(Client.email)))
+    return ~sa.exists(sa.select(Suppression.id).where(Suppression.email == sa.func.lower(Client.email))
+                      .correlate_except(Suppression))  # its own look at the list, whatever the outer query joins
 
 
 def is_suppressed(email):

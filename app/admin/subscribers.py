@@ -18,7 +18,7 @@ def subscriber_list():
     except ValueError:
         abort(400, f'A filter is not valid: state is one of {", ".join(SubscriberState)}; stage is a number.')
     return render_template('admin/subscribers.html', title='Subscribers', page=page, search=search, state=state,
-                           stage=stage, states=list(SubscriberState), state_of=SubscriberState.of)
+                           stage=stage, states=list(SubscriberState))
 
 
 @bp.route('/subscribers/<int:client_id>')
