@@ -307,13 +307,14 @@ class MailingSend:
         outcomes, releases = [], []
         while waiting or declared or in_flight:
             if not declared and waiting and not self.report.aborted:
-                group = [waiting.popleft() for _ in range(min(self._group_size(), len(waiting)))]
+                size = max(self._group_size(), self.pool.capacity - len(in_flight))
+                group = [waiting.popleft() for _ in range(min(size, len(waiting)))]
                 if self._checkpoint(outcomes, releases, sending=[outgoing.delivery_id for outgoing in group]):
                     declared.extend(group)
                 else:
                     waiting.extendleft(reversed(group))
                 outcomes, releases = [], []
-            while declared and len(in_flight) < self.pool.size and not self.report.aborted:
+            while declared and len(in_flight) < self.pool.capacity and not self.report.aborted:
                 outgoing = declared.popleft()
                 successor = (declared[0] if declared else waiting[0] if waiting else None) if self.pool.inline else None
                 in_flight[self.pool.submit(self._send_one, outgoing, successor)] = outgoing
@@ -393,10 +394,10 @@ class MailingSend:
                 # Only this subscriber's data can break it here: check_templates composed the mailing for a
                 # made-up subscriber before the run claimed anyone. So this one fails and the run goes on.
                 raise PermanentFailure(f'cannot compose the message: {type(exc).__name__}: {exc}') from exc
-            meanwhile = successor.prepare if successor else None
+            meanwhile, then = (successor.prepare, successor.recipient.email) if successor else (None, None)
             for attempt in itertools.count(1):
                 try:
-                    sender.send(email, meanwhile)
+                    sender.send(email, meanwhile, then)
                     return outgoing.outcome(DeliveryStatus.SENT, answers + 1), None
                 except TemporaryFailure as exc:
                     answers += not isinstance(exc, TransportFailure)

@@ -1,22 +1,20 @@
-"""The three ways out (SMTP, the SendGrid Web API, .eml files in a folder) behind one `send(email)`, each
-raising the failures of app/failures.py by the same rule: nothing can have arrived until the message's
+"""The three ways out (SMTP in app/smtp.py, the SendGrid Web API, .eml files in a folder) behind one
+`send(email)` (app/sender.py), each raising the failures of app/failures.py by the same rule: nothing can have arrived until the message's
 end has left us (the final dot, the whole API request, the file's rename); from then on, a missing
 answer is OutcomeUnknown, never a failure to retry.
 
 Which way out is used is decided once, by mail_transport(), and a deployment cannot fall into the folder
 by accident: once the settings look like a deployment, the folder must be chosen by name."""
 import base64
-import functools
 import http.client
 import logging
 import os
 import re
-import smtplib
-import ssl
 import tempfile
 import threading
 import urllib.error
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future
 from email.utils import parseaddr
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -29,8 +27,10 @@ from sendgrid.helpers.mail import Disposition, FileContent, FileName, FileType, 
 from sendgrid.helpers.mail import Header as SendGridHeader
 
 from app.database import utcnow
-from app.failures import DeliveryFailure, OutcomeUnknown, PermanentFailure, TemporaryFailure, TransportFailure
+from app.failures import OutcomeUnknown, PermanentFailure, TemporaryFailure, TransportFailure
 from app.ratelimit import rate_limiter
+from app.sender import Sender
+from app.smtp import SmtpSender
 
 log = logging.getLogger(__name__)
 
@@ -102,150 +102,6 @@ def retry_delay(attempt, cap=None):
     return min(delay, cap) if cap else delay
 
 
-class Sender:
-    """`send(email, meanwhile=None)` delivers one email or raises a DeliveryFailure. `meanwhile` is
-    optional work (preparing the caller's next message) to do while waiting for the way out; a sender
-    that has no such wait ignores it, and the work is then done when that message is sent."""
-
-    def __init__(self, config):
-        self.config = config
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-    def close(self):
-        pass
-
-
-@functools.lru_cache(maxsize=4)
-def tls_context(ca_file, verify):
-    """Certificates checked against the system's CA store (or `ca_file`, for a private CA) and the host
-    name, as a browser would: smtplib's own default checks nothing, so anyone on the path to the relay
-    would read MAIL_PASSWORD and every email, admins' sign-in links included."""
-    context = ssl.create_default_context(cafile=ca_file or None)
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-class SmtpSender(Sender):
-    """One SMTP connection, reused for many messages. It is opened here rather than by Flask-Mail (whose
-    settings it uses): with a verified TLS context, and with a time-out of its own, never the
-    process-wide socket default that threads opening connections at the same moment would trample.
-
-    Rather than smtplib's sendmail, each command is sent and its reply read in two steps, so that the
-    caller's `meanwhile()` runs in between: while the server works on the command, the caller prepares
-    its next message. The reply to the final dot is awaited for MAIL_DATA_TIMEOUT (RFC 5321 4.5.3.2.6:
-    10 minutes), not the command time-out: a server may scan a message that long before taking it, and
-    giving up sooner would only turn a delivery into an unknown."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.state = current_app.extensions['mail']
-        self.envelope_from = parseaddr(config['MAIL_DEFAULT_SENDER'])[1]
-        self.smtp = None
-        self.sent_on_connection = 0
-
-    def describe(self):
-        return f'SMTP {self.state.server}:{self.state.port}'
-
-    def _connect(self):
-        state, timeout = self.state, self.config['MAIL_TIMEOUT']
-        context = tls_context(self.config['MAIL_TLS_CA_FILE'], self.config['MAIL_TLS_VERIFY'])
-        try:
-            if state.use_ssl:
-                smtp = smtplib.SMTP_SSL(state.server, state.port, timeout=timeout, context=context)
-            else:
-                smtp = smtplib.SMTP(state.server, state.port, timeout=timeout)
-                if state.use_tls:
-                    smtp.starttls(context=context)
-            if state.username and state.password:
-                smtp.login(state.username, state.password)
-            smtp.ehlo_or_helo_if_needed()
-        except (OSError, smtplib.SMTPException) as exc:
-            raise TransportFailure(f'cannot connect to {self.describe()}: {exc}') from exc
-        self.smtp, self.sent_on_connection = smtp, 0
-
-    def send(self, email, meanwhile=None):
-        """:param meanwhile: called while each command waits for its reply; it must not raise."""
-        payload = email.mime
-        if self.smtp is None:
-            self._connect()
-        meanwhile = meanwhile or (lambda: None)
-        smtp, data_went = self.smtp, False
-        try:
-            smtp.putcmd('MAIL', f'FROM:<{self.envelope_from}>')
-            # RFC 5321 4.5.2: a line that starts with a period gets another; a lone period ends the data.
-            # Done while the server answers MAIL, not once it has said 354 and waits for the data.
-            data = re.sub(rb'(?m)^\.', b'..', payload) + b'.\r\n'
-            code, reply = self._reply(meanwhile)
-            if code != 250:
-                # Our own sender address refused is a configuration problem, not this subscriber's.
-                self.close()
-                raise TransportFailure(f'{self.describe()} refused sender: {code} {reply!r}')
-            smtp.putcmd('RCPT', f'TO:<{email.recipient}>')
-            code, reply = self._reply(meanwhile)
-            if code in (250, 251):
-                smtp.putcmd('DATA')
-                code, reply = self._reply(meanwhile)
-            if code != 354:
-                smtp.rset()
-                raise self._failure(code, reply, email)
-            smtp.send(data)  # sendall: if it raises, the final dot did not (all) go
-            data_went = True
-            code, reply = self._final_reply(meanwhile)
-            if code != 250:
-                raise self._failure(code, reply, email)
-        except DeliveryFailure:
-            raise
-        except (smtplib.SMTPException, OSError) as exc:
-            self.close()
-            if data_went:
-                raise OutcomeUnknown(f'{self.describe()}: no answer after the end of the data: '
-                                     f'{exc or type(exc).__name__}') from exc
-            raise TransportFailure(f'{self.describe()}: {exc or type(exc).__name__}') from exc
-        except BaseException as exc:
-            self.close()  # mid-conversation, in a state nobody can vouch for
-            if data_went:
-                raise OutcomeUnknown(f'unexpected error after the end of the data went out: {exc!r}') from exc
-            raise
-        self.sent_on_connection += 1
-        if self.state.max_emails and self.sent_on_connection >= self.state.max_emails:
-            self.close()  # the next send reconnects
-
-    def _reply(self, meanwhile):
-        meanwhile()
-        return self.smtp.getreply()
-
-    def _final_reply(self, meanwhile):
-        meanwhile()
-        self.smtp.sock.settimeout(self.config['MAIL_DATA_TIMEOUT'])
-        code, reply = self.smtp.getreply()  # on a time-out or hang-up it closes and raises
-        self.smtp.sock.settimeout(self.config['MAIL_TIMEOUT'])
-        return code, reply
-
-    def _failure(self, code, reply, email):
-        text = f'{code} {reply.decode(errors="replace") if isinstance(reply, bytes) else reply}'
-        if code == 421:  # the server is closing the connection
-            self.close()
-            return TransportFailure(f'{self.describe()}: {text}')
-        if 400 <= code < 500:
-            return TemporaryFailure(f'{email.recipient}: {text}')
-        return PermanentFailure(f'{email.recipient}: {text}')
-
-    def close(self):
-        if self.smtp is not None:
-            try:
-                self.smtp.quit()
-            except (smtplib.SMTPException, OSError):
-                pass  # already gone: nothing left to close cleanly
-            self.smtp = None
-
-
 class SendGridSender(Sender):
     """The SendGrid v3 Web API: one HTTPS request per message, through the `sendgrid` package. urllib
     wraps in URLError only what fails while the request is being sent; a failure after that, while
@@ -258,7 +114,7 @@ class SendGridSender(Sender):
     def describe(self):
         return f'SendGrid API {self.config["SENDGRID_API_URL"]}'
 
-    def send(self, email, meanwhile=None):
+    def send(self, email, meanwhile=None, then=None):
         email.refuse_unsendable()
         name, address = parseaddr(self.config['MAIL_DEFAULT_SENDER'])
         message = Mail(from_email=From(address, name or None), to_emails=email.recipient,
@@ -294,7 +150,7 @@ class FolderSender(Sender):
     def describe(self):
         return f'folder {self.config["MAIL_FOLDER"]}'
 
-    def send(self, email, meanwhile=None):
+    def send(self, email, meanwhile=None, then=None):
         payload = email.mime
         folder = Path(self.config['MAIL_FOLDER'])
         name = re.sub(r'[^A-Za-z0-9.@-]+', '_', email.message_id.strip('<>'))
@@ -310,49 +166,113 @@ class FolderSender(Sender):
 
 
 class SenderPool:
-    """`size` connections of the configured way out, each owned by one thread of a fixed pool: messages
-    go out in parallel without a thread per message. `submit(fn, *args)` runs `fn(sender, *args)` on
-    some connection and returns its Future.
+    """`size` connections of the configured way out. `submit(fn, item, successor)` runs `fn(sender, item,
+    successor)` on one of them and returns its Future, where `successor` is the item that connection
+    will run next, if that is known by then: its sender may start on it early (Sender's `then`).
 
-    With one connection the pool is `inline`: `submit` runs on the caller's thread. A lone sending
-    thread gains nothing from overlapping with the caller and loses to it on the GIL (bench/README.md)."""
+    With one connection the pool is `inline`: `submit` runs on the caller's thread, and `successor` is the
+    caller's own, the item it will submit next. A lone sending thread gains nothing from overlapping
+    with the caller and loses to it on the GIL (bench/README.md).
+
+    With more, each connection is owned by a thread with a queue of its own (a lane); `submit` gives the
+    item to the lane with the least to do, and the successor is the next item in that lane's queue.
+    `capacity` is how many items the caller should keep submitted: one per connection; three once the
+    connections pipeline (one on the wire, one whose envelope rides behind its dot, and the next to
+    announce). Not more otherwise: an item waiting in a queue is one more that a kill leaves unknown."""
+
+    PIPELINED_DEPTH = 3
 
     def __init__(self, size):
         app = current_app._get_current_object()
         self.size, self.inline = size, size == 1
         self.local, self.senders, self.lock = threading.local(), [], threading.Lock()
         self.limiter = rate_limiter()
-        # Each pool thread keeps an app context for its lifetime: senders read the app's settings.
-        self.executor = None if self.inline else ThreadPoolExecutor(
-            size, thread_name_prefix='sender', initializer=lambda: app.app_context().push())
+        self.lanes = [] if self.inline else [_Lane(self, app, number) for number in range(size)]
 
-    def submit(self, fn, *args):
-        if not self.inline:
-            return self.executor.submit(self._call, fn, *args)
+    @property
+    def capacity(self):
+        if self.inline or not any(sender.pipelining for sender in self.senders):
+            return self.size
+        return self.size * self.PIPELINED_DEPTH
+
+    def submit(self, fn, item, successor=None):
         future = Future()
+        if not self.inline:
+            min(self.lanes, key=lambda lane: lane.load).put(future, fn, item)
+            return future
         future.set_running_or_notify_cancel()
-        try:
-            future.set_result(self._call(fn, *args))
-        except Exception as exc:  # handed to the caller through the Future, as a pool thread would
-            future.set_exception(exc)
+        self.run(future, fn, item, successor)
         return future
 
-    def _call(self, fn, *args):
+    def run(self, future, fn, item, successor):
+        """`fn` on this thread's sender, its result or exception handed over through `future`."""
+        try:
+            future.set_result(fn(self._sender(), item, successor))
+        except Exception as exc:
+            future.set_exception(exc)
+
+    def _sender(self):
         sender = getattr(self.local, 'sender', None)
         if sender is None:
             sender = self.local.sender = open_sender() if self.limiter is None else _Paced(open_sender(), self.limiter)
             with self.lock:
                 self.senders.append(sender)
-        return fn(sender, *args)
+        return sender
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc_info):
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
+        for lane in self.lanes:
+            lane.close()
+        for lane in self.lanes:
+            lane.join()
         for sender in self.senders:
             sender.close()
+
+
+class _Lane(threading.Thread):
+    """One connection's thread, running the items of its own queue in order, in an app context for its
+    lifetime (senders read the app's settings). On close, the items not started are cancelled."""
+
+    def __init__(self, pool, app, number):
+        super().__init__(name=f'sender-{number}', daemon=True)
+        self.pool, self.app = pool, app
+        self.queue, self.ready = deque(), threading.Condition()
+        self.load, self.closing = 0, False  # items queued or running
+        self.start()
+
+    def put(self, future, fn, item):
+        with self.ready:
+            self.queue.append((future, fn, item))
+            self.load += 1
+            self.ready.notify()
+
+    def run(self):
+        with self.app.app_context():
+            while (task := self._next()) is not None:
+                future, fn, item, successor = task
+                if future.set_running_or_notify_cancel():
+                    self.pool.run(future, fn, item, successor)
+                with self.ready:
+                    self.load -= 1
+
+    def _next(self):
+        """:return: (future, fn, item, the item after it or None), or None once closed and empty."""
+        with self.ready:
+            while not self.queue and not self.closing:
+                self.ready.wait()
+            if not self.queue:
+                return None
+            future, fn, item = self.queue.popleft()
+            return future, fn, item, self.queue[0][2] if self.queue else None
+
+    def close(self):
+        with self.ready:
+            for future, _, _ in self.queue:
+                future.cancel()
+            self.closing = True
+            self.ready.notify()
 
 
 class _Paced:
@@ -362,12 +282,16 @@ class _Paced:
     def __init__(self, sender, limiter):
         self.sender, self.limiter = sender, limiter
 
-    def send(self, email, meanwhile=None):
+    @property
+    def pipelining(self):
+        return self.sender.pipelining
+
+    def send(self, email, meanwhile=None, then=None):
         try:
             self.limiter.acquire()
         except Exception as exc:  # its Redis down or silent: the infrastructure, not this subscriber
             raise TransportFailure(f'the rate limiter is unavailable: {exc!r}') from exc
-        return self.sender.send(email, meanwhile)
+        return self.sender.send(email, meanwhile, then)
 
     def close(self):
         self.sender.close()

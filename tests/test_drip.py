@@ -297,13 +297,13 @@ def test_an_unsendable_stored_address_fails_alone_with_its_reason(app, runner, s
 
 def test_a_bug_while_sending_one_message_stops_the_run_leaves_it_due_and_repeats_nothing(app, runner, smtp, subscribers,
                                                                                        monkeypatch):
-    from app.transports import SmtpSender
+    from app.smtp import SmtpSender
     send = SmtpSender.send
 
-    def send_with_a_bug(self, email, meanwhile=None):
+    def send_with_a_bug(self, email, meanwhile=None, then=None):
         if email.recipient == 'reader1@example.com':
             raise RuntimeError('a bug')
-        return send(self, email, meanwhile)
+        return send(self, email, meanwhile, then)
 
     monkeypatch.setattr(SmtpSender, 'send', send_with_a_bug)
     emails = subscribers(25)

@@ -152,7 +152,7 @@ def test_lines_that_start_with_a_period_arrive_intact_over_smtp(app, smtp):
     """A line of just "." would end the message early (RFC 5321 4.5.2): each such line is doubled on
     the wire, and the server takes the doubling off again."""
     from app.email import Email
-    from app.transports import SmtpSender
+    from app.smtp import SmtpSender
 
     text = 'Before\n.\n..two\n.three\nAfter'
     email = Email('jane@example.com', 'Periods', text, '<p>.</p>', '<m.2@example.com>')

@@ -26,7 +26,8 @@ class MailSink:
     # it and never answer; or refuse it for now (451). A number: take it, answer 250 that many seconds later.
     DROP, SILENT, REFUSE_FOR_NOW = 'drop', 'silent', 'refuse-for-now'
 
-    def __init__(self, tls_context=None, implicit_tls=False):
+    def __init__(self, tls_context=None, implicit_tls=False, pipelining=False):
+        self.pipelining = pipelining  # advertise PIPELINING (RFC 2920): aiosmtpd takes grouped commands as they come
         self.messages = []
         self.lock = threading.Lock()
         self.refuse_for_good = {}  # address -> SMTP reply, at RCPT
@@ -55,6 +56,8 @@ class MailSink:
         with self.lock:
             self.connections += 1
         session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, '250-PIPELINING')  # before the last line, '250 HELP'
         return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):

@@ -1,0 +1,153 @@
+"""Over a server that offers PIPELINING (RFC 2920), each message's envelope goes out in one flight and
+the next message's envelope rides behind the previous one's final dot, and the ledger's rules still hold
+per message: a refused recipient fails or defers that message alone; if the line drops, the message
+whose dot went out unanswered is unknown and the one whose envelope only went out is sent again. A
+server that does not offer it is spoken to one command at a time, as before."""
+from collections import Counter
+
+import pytest
+
+from app.email import Email
+from app.smtp import SmtpSender
+from tests.support.flights import FlightServer
+from tests.support.smtp import MailSink
+
+ENVELOPE = ['MAIL', 'RCPT', 'DATA']
+
+
+@pytest.fixture
+def flights(settings):
+    """A FlightServer that the app sends to (ask for it before `app`); a test may change how it behaves."""
+    server = FlightServer().start()
+    settings['MAIL_PORT'] = server.port
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pipelining(smtp):
+    """The suite's aiosmtpd server, offering PIPELINING."""
+    smtp.pipelining = True
+    return smtp
+
+
+def test_each_envelope_goes_in_one_flight_and_the_next_rides_behind_the_dot(flights, app, runner, subscribers):
+    server = flights
+    emails = subscribers(5)
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert result.exit_code == 0, result.output
+    [conversation] = server.conversations
+    assert conversation == [['EHLO'], ENVELOPE, *[['DOT', *ENVELOPE]] * 4, ['DOT'], ['QUIT']]
+    assert server.recipients() == emails
+
+
+def test_a_server_that_does_not_offer_pipelining_gets_one_command_at_a_time(flights, app, runner, subscribers):
+    server = flights
+    server.pipelining = False
+    emails = subscribers(3)
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert result.exit_code == 0, result.output
+    [conversation] = server.conversations
+    assert conversation == [['EHLO'], *[['MAIL'], ['RCPT'], ['DATA'], ['DOT']] * 3, ['QUIT']]
+    assert server.recipients() == emails
+
+
+def test_a_refused_and_a_greylisted_recipient_in_the_pipeline_fail_and_defer_alone(pipelining, app, runner,
+                                                                                   subscribers, promise_kept):
+    emails = subscribers(8)
+    refused, greylisted = emails[2], emails[5]
+    pipelining.refuse_for_good[refused] = '550 5.1.1 No such user'
+    pipelining.refuse_for_now[greylisted] = 100
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    by_status = promise_kept('week1', emails)
+    assert by_status == {'sent': [e for e in emails if e not in (refused, greylisted)], 'failed': [refused],
+                         'deferred': [greylisted]}
+    assert 'sent 6, skipped 0, failed 1, unknown 0, deferred 1' in result.output
+    assert pipelining.connections == 1, 'a refusal is answered by RSET, not by a new connection'
+
+
+def test_a_line_dropped_after_a_dot_leaves_that_message_unknown_and_sends_the_next_once(pipelining, app, runner,
+                                                                                      subscribers, promise_kept):
+    emails = subscribers(8)
+    dropped = emails[3]
+    pipelining.after_dot[dropped] = MailSink.DROP  # takes it, then hangs up with the next envelope in hand
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    by_status = promise_kept('week1', emails)
+    assert by_status == {'sent': [e for e in emails if e != dropped], 'unknown': [dropped]}
+    assert Counter(pipelining.recipients()) == Counter(emails), 'the next one went again, on a new connection, once'
+    assert pipelining.connections == 2 and 'unknown 1' in result.output
+
+
+def test_drops_after_several_dots_over_several_pipelining_connections_lose_and_double_nothing(
+        pipelining, settings, app, runner, subscribers, promise_kept):
+    app.config.update(MAIL_CONCURRENCY=3, SEND_BATCH_SIZE=7)
+    emails = subscribers(40)
+    dropped = emails[5::12]
+    for address in dropped:
+        pipelining.after_dot[address] = MailSink.DROP
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    by_status = promise_kept('week1', emails)
+    assert sorted(by_status['unknown']) == sorted(dropped) and len(by_status['sent']) == 40 - len(dropped)
+    assert Counter(pipelining.recipients()) == Counter(emails)
+    assert f'unknown {len(dropped)}' in result.output
+
+
+def test_several_connections_each_pipeline(flights, app, runner, subscribers):
+    server = flights
+    app.config.update(MAIL_CONCURRENCY=2, SEND_BATCH_SIZE=50)
+    emails = subscribers(30)
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert result.exit_code == 0, result.output
+    assert sorted(server.recipients()) == sorted(emails) and len(server.conversations) == 2
+    flights = [flight for conversation in server.conversations for flight in conversation]
+    behind_a_dot = flights.count(['DOT', *ENVELOPE])
+    # Each connection's first message has nobody ahead of it, and its queue runs dry at the very end.
+    assert behind_a_dot >= 30 - 2 * 3, repr(server.conversations)
+
+
+def test_a_server_that_takes_data_for_no_recipient_gets_no_empty_message(flights, app, runner, subscribers):
+    """RFC 2920 3.1 would have the client end that DATA with a lone dot; the client hangs up instead."""
+    emails = subscribers(3)
+    server = flights
+    server.refuse[emails[1]], server.data_without_recipients = '550 5.1.1 No such user', True
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert 'sent 2, skipped 0, failed 1' in result.output and '550 5.1.1' in result.output
+    assert server.recipients() == [emails[0], emails[2]] and server.empty_messages == 0
+    assert len(server.conversations) == 2
+
+
+def test_a_message_retried_after_its_dot_is_refused_for_now_does_not_land_in_the_announced_envelope(
+        pipelining, app, runner, subscribers, promise_kept):
+    emails = subscribers(4)
+    pipelining.after_dot[emails[1]] = [MailSink.REFUSE_FOR_NOW, None]  # 451 at its dot, then taken
+
+    runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert promise_kept('week1', emails) == {'sent': emails}
+    assert all(message['To'] == message.get_all('To')[0] for message in pipelining.messages)
+    assert Counter(pipelining.recipients()) == Counter(emails), 'each to its own address, once'
+
+
+def test_an_announced_address_with_a_line_break_is_never_written_ahead(flights, app):
+    server = flights
+    email = Email('jane@example.com', 'Hello', 'text', '<p>html</p>', '<m.1@example.com>')
+
+    with app.app_context(), SmtpSender(app.config) as sender:
+        sender.send(email, then='eve@example.com>\r\nRCPT TO:<mallory@example.com')
+
+    [conversation] = server.conversations
+    assert conversation == [['EHLO'], ENVELOPE, ['DOT'], ['QUIT']]
