@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import WebDriverWait
 from werkzeug.serving import make_server
 
@@ -131,12 +131,14 @@ class Browser:
         return self
 
     def submit(self, css, name):
-        """Press the button at `css` as a person does, and wait for the page it leads to."""
-        page = self.driver.find_element(By.TAG_NAME, 'html')
+        """Press the button at `css` as a person does, and wait for the page it leads to (a new document: the
+        mark left on this one is gone). Questions to the browser while it is between pages may be answered
+        with an error, not an answer: asked again."""
+        self.driver.execute_script('window.leftBySubmit = true')
         self.find(css).click()
-        WebDriverWait(self.driver, 10).until(staleness_of(page))
-        WebDriverWait(self.driver, 10).until(lambda _: self.driver.execute_script('return document.readyState')
-                                             == 'complete')
+        WebDriverWait(self.driver, 10, ignored_exceptions=(WebDriverException,)).until(
+            lambda driver: driver.execute_script("return !window.leftBySubmit && document.readyState === 'complete'"),
+            f'pressing {css} led to no new page')
         self.seen(name)
 
     def seen(self, name):
