@@ -203,11 +203,7 @@ def test_no_admin_page_scrolls_sideways_even_with_a_very_long_address(admin_page
     assert wide == {}, f'pages wider than a {width} px window (screenshots in {browser.artifacts})'
 
 
-@pytest.mark.parametrize('width', [
-    pytest.param(PHONE, marks=pytest.mark.xfail(strict=True, reason=(
-        "app bug: the text version's unsubscribe link, one unbreakable word in the preview's <pre> "
-        '(app/templates/admin/_preview.html), runs about 300 px past a 375 px window, so the page scrolls sideways'))),
-    DESKTOP])
+@pytest.mark.parametrize('width', [PHONE, DESKTOP])
 def test_a_stage_preview_fits_the_window(admin_browser, long_subscriber, width):
     browser = admin_browser.at_width(width)
     browser.open(f'/admin/stages/week1/preview?subscriber={long_subscriber}')
