@@ -6,8 +6,9 @@ class Sender:
     """`send(email, meanwhile=None, then=None)` delivers one email or raises one of the failures of
     app/failures.py. Both hints are optional, and a way out that cannot use one ignores it:
 
-    - `meanwhile` is work (preparing the caller's next message) to do while waiting for an answer; a
-      way out that never waits does it when that message is sent instead.
+    - `meanwhile()` takes a short step of the caller's work (preparing its next message) while waiting
+      for an answer, and says whether it took one; a way out that never waits leaves the work to be
+      done when that message is sent.
     - `then` is the address of the message the caller will give this same sender next, if it knows:
       over SMTP with PIPELINING its envelope goes out behind this message's end, saving round trips.
       A hint, not a promise: a sender asked for another message next copes, at some cost.

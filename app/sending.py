@@ -20,8 +20,9 @@ asked before anyone is claimed and after each batch, the rest left due):
    the outcomes that came in since the last. A run killed at any moment leaves that behind; once its
    lease has run out, the next run makes the deliveries it was sending 'unknown' (they may have
    arrived) and sends its other claims. So a kill repeats nothing, and leaves at most SEND_RECORD_EVERY
-   (or MAIL_CONCURRENCY, if more) messages, plus one per connection, unknown; over a slow link, just
-   the ones on the wire (GROUP_SECONDS).
+   (or as many as the connections hold, if more: MAIL_CONCURRENCY, three times that once several
+   connections pipeline) messages, plus one per connection, unknown; over a slow link, just the ones on
+   the wire (GROUP_SECONDS).
 4. The answer decides (sort_outcome): sent; failed, for a permanent refusal; deferred, for a temporary
    one that outlasts MAIL_RETRIES, tried again from its next attempt time until MAIL_GIVE_UP_AFTER;
    unknown, when the message's end went out and no answer came: never sent again unless an admin asks.
@@ -31,7 +32,9 @@ asked before anyone is claimed and after each batch, the rest left due):
 5. Resumable and efficient. Subscribers are claimed a batch (SEND_BATCH_SIZE) at a time, by id, the
    next batch on a thread of its own while one is on the wire, and read with a fixed number of
    statements and parameters per batch. Messages go out over MAIL_CONCURRENCY reused connections; over
-   one, each message is composed while the server is still busy with the one before it (Outgoing).
+   one, each message is composed while the server is still busy with the one before it (Outgoing); and
+   where the SMTP server offers PIPELINING, each message's envelope rides behind the dot of the one
+   before it on its connection (app/smtp.py), each message keeping its own outcome all the same.
 """
 import concurrent.futures
 import contextlib
@@ -189,12 +192,13 @@ class Outgoing:
         return self.mailing.compose(self.recipient)
 
     def prepare(self):
-        """Take the next step, if any. A failure belongs to this message, not to the one on the wire: it
-        is dropped here and raised again when this message is sent."""
+        """Take the next step, if any.  :return: whether there was one. A failure belongs to this message,
+        not to the one on the wire: it is dropped here and raised again when this message is sent."""
         step = next(self._steps, None)
         if step is not None:
             with contextlib.suppress(Exception):
                 step()
+        return step is not None
 
     def outcome(self, status, answers=0, error=None, retry_after=0.0):
         return Outcome(self.delivery_id, self.recipient, status, answers, error and error[:2000], retry_after)

@@ -109,14 +109,14 @@ class SmtpSender(Sender):
         self.smtp, self.sent_on_connection, self.ahead = smtp, 0, None
 
     def send(self, email, meanwhile=None, then=None):
-        """:param meanwhile: called while each command waits for its reply; it must not raise.
+        """:param meanwhile: see Sender; called while a command waits for its reply; it must not raise.
         :param then: see Sender."""
         payload = email.mime
         if self.ahead is not None and self.ahead != email.recipient:
             self.close()  # another message was announced: its envelope may hold the server in DATA mode
         if self.smtp is None:
             self._connect()
-        meanwhile = meanwhile or (lambda: None)
+        meanwhile = meanwhile or (lambda: False)
         data_went = False
         try:
             data = self._open_transaction(email, payload, meanwhile)
@@ -150,11 +150,13 @@ class SmtpSender(Sender):
         :return: the data to send.  :raise DeliveryFailure: the connection left ready for another message, or closed."""
         smtp = self.smtp
         if self.pipelining:
+            # An envelope that went out ahead has its replies in by now, with the previous dot's: the one
+            # wait left is for this message's dot, and the caller's work goes there (_final_reply).
             if self.ahead is None:
                 smtp.send(self._envelope(email.recipient))
             self.ahead = None
             data = stuffed(payload)
-            mail, rcpt, go = self._reply(meanwhile), smtp.getreply(), smtp.getreply()
+            mail, rcpt, go = smtp.getreply(), smtp.getreply(), smtp.getreply()
         else:
             smtp.putcmd('MAIL', f'FROM:<{self.envelope_from}>')
             data = stuffed(payload)  # while the server answers MAIL
@@ -200,7 +202,11 @@ class SmtpSender(Sender):
         return self.smtp.getreply()
 
     def _final_reply(self, meanwhile):
-        meanwhile()
+        if self.pipelining:
+            while meanwhile():  # the one wait a pipelined message has: all of the caller's work goes here
+                pass
+        else:
+            meanwhile()
         self.smtp.sock.settimeout(self.config['MAIL_DATA_TIMEOUT'])
         code, reply = self.smtp.getreply()  # on a time-out or hang-up it closes and raises
         self.smtp.sock.settimeout(self.config['MAIL_TIMEOUT'])

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/drip.py --subscribers 100000 --database sqlite
     .venv/bin/python bench/drip.py --subscribers 100000 --database postgresql --connections 8 --delay 0.02
-    .venv/bin/python bench/drip.py --subscribers 200 --round-trip 50
+    .venv/bin/python bench/drip.py --subscribers 600 --round-trip 50
+    .venv/bin/python bench/drip.py --subscribers 1600 --round-trip 50 --connections 8 --raw-connections 1
 
 Seeds N confirmed subscribers into a fresh database, starts a counting SMTP server on 127.0.0.1,
 runs `flask send-newsletter-email week1` as a user would, and reports wall time, messages per second,
@@ -234,6 +235,8 @@ def main():
     parser.add_argument('--subscribers', type=int, default=100_000)
     parser.add_argument('--database', choices=['sqlite', 'postgresql'], default='sqlite')
     parser.add_argument('--connections', type=int, default=1, help='MAIL_CONCURRENCY, and the raw connections')
+    parser.add_argument('--raw-connections', type=int, default=None,
+                        help='raw smtplib connections for the limit, if not as many as the app\'s')
     parser.add_argument('--delay', type=float, default=0.0, help='seconds the server takes over each message')
     parser.add_argument('--round-trip', type=float, default=None, metavar='MS',
                         help='reach the server through bench/latency_proxy.py, adding MS milliseconds a round trip')
@@ -266,7 +269,8 @@ def main():
             env['STAGES_FOLDER'], stage = delayed_stages(folder, args.stage_delay), 'week2'
         run_flask(env, 'db', 'upgrade')
         seed(database.url, n, None if args.stage_delay is None else args.stage_delay + 1)
-        limit = None if args.skip_limit else TransportLimit(sink, port, n, args.connections, _one_message(env, folder),
+        raw_connections = args.raw_connections or args.connections
+        limit = None if args.skip_limit else TransportLimit(sink, port, n, raw_connections, _one_message(env, folder),
                                                             args.slices)
         step = limit.step if limit else None
 
@@ -296,8 +300,10 @@ def main():
         print(f'          at the server, first to last message: {paced:.1f} msg/s (no process start-up){off}')
         if limit:
             print(f'  limit:  {limit.seconds:8.2f} s  {n / limit.seconds:9.1f} msg/s  (raw smtplib, pre-rendered, '
-                  f'in {len(limit.pauses)} slices woven into the app\'s run)')
-            print(f'  ratio:  {limit.seconds / seconds:.2f} of the transport limit')
+                  f'{raw_connections} connection(s), in {len(limit.pauses)} slices woven into the app\'s run)')
+            print(f'  ratio:  {limit.seconds / seconds:.2f} of the transport limit'
+                  f'{"" if raw_connections == args.connections else f" on {raw_connections} connection(s)"}; '
+                  f'at the server, {paced / (n / limit.seconds):.2f}')
 
 
 def _one_message(env, folder):
