@@ -219,6 +219,7 @@ def test_the_content_security_policy_holds_and_the_live_progress_runs_under_it(a
     for path in ('/', '/admin/login', *(path for path, _ in admin_pages), stage_preview):
         browser.open(path)
     assert browser.csp_violations() == [] and browser.script_errors() == []
+    assert browser.failed_requests() == []
 
     browser.open('/admin/exports')
     browser.submit('form[action="/admin/exports"] button', 'another export started')
@@ -233,6 +234,11 @@ def test_the_content_security_policy_holds_and_the_live_progress_runs_under_it(a
     browser.seen('export done, as the page shows it by itself')
     assert status.text == 'done' and browser.driver.execute_script('return window.notReloaded') is True
     assert browser.find(f'#job-{job_id} .progress').text.endswith('(100 %)')
+    assert browser.find(f'#job-{job_id} .attempts').text.startswith('1 of ')
+    assert browser.find(f'#job-{job_id} .times').text.count(' / ') == 2, 'created / started / finished'
+    assert browser.find(f'#job-{job_id} .outcome').text.startswith('file: subscribers-')
+    download = browser.find(f'#downloads a[href="/admin/exports/{job_id}/download"]')
+    assert download.text.startswith('subscribers-') and download.text.endswith('.csv'), 'offered without a reload'
     assert browser.csp_violations() == [] and browser.script_errors() == []
 
     # The watch itself works: a script the policy forbids (inline) is reported.

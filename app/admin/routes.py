@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from flask import abort, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 
-from app import broadcasts, charts
+from app import broadcasts, charts, exports
 from app import subscribers as people
 from app.admin.blueprint import bp
 from app.admin.forms import BroadcastForm
@@ -62,9 +62,9 @@ def _stage_row(key):
 def send_stage_now(stage):
     if stage not in available_stages():
         abort(404)
-    job = send_stage.apply(stage=stage)
+    job_id = send_stage.apply(stage=stage)
     db.session.commit()
-    flash(f'{stage} is queued as job {job.id}: everyone due it gets it, nobody twice.')
+    flash(f'{stage} is queued as job {job_id}: everyone due it gets it, nobody twice.')
     return redirect(url_for('admin.dashboard'))
 
 
@@ -158,9 +158,33 @@ def job_progress(job):
     return f'{job.progress_done or 0} / {job.progress_total} ({100 * (job.progress_done or 0) // job.progress_total} %)'
 
 
+@bp.app_template_global('job_times')
+def job_times(job):
+    """'11-30 09:15:02 / 09:15:03 / 09:15:09': created, started, finished, as far as it has come (UTC)."""
+    times = [job.created_at.strftime('%m-%d %H:%M:%S')]
+    times += [moment.strftime('%H:%M:%S') for moment in (job.started_at, job.finished_at) if moment]
+    return ' / '.join(times)
+
+
+@bp.app_template_global('job_outcome')
+def job_outcome(job):
+    """Its error, or what its result says in words ('rows: 4, bytes: 528'), leaving out what is empty."""
+    if job.error:
+        return job.error
+    if isinstance(job.result, dict):
+        return ', '.join(f'{key.replace("_", " ")}: {value}' for key, value in job.result.items()
+                         if value not in (None, False, '', [], {}))
+    return '' if job.result is None else str(job.result)
+
+
 @bp.route('/jobs/<int:job_id>.json')
 def job_state(job_id):
-    """A job's state and progress, for the pages' live progress (static/progress.js)."""
+    """A job's row as the page shows it, for the pages' live progress (static/progress.js); an export's
+    download, once there is one."""
     job = db.get_or_404(Job, job_id)
+    download = job.task == 'export_subscribers' and exports.download(job)
     return {'id': job.id, 'task': job.task, 'status': job.status, 'progress': job_progress(job),
-            'done': job.progress_done, 'total': job.progress_total, 'error': job.error}
+            'done': job.progress_done, 'total': job.progress_total, 'error': job.error,
+            'attempts': f'{job.attempts} of {job.max_attempts}', 'times': job_times(job), 'outcome': job_outcome(job),
+            'download': {'url': url_for('admin.export_download', job_id=job.id), 'file': job.result['file'],
+                         'about': f' ({job.result["rows"]} subscribers, {job.result["bytes"]} bytes)'} if download else None}

@@ -173,6 +173,13 @@ class Browser:
         return [(page, entry['message']) for page, entry in self.console
                 if entry['level'] == 'SEVERE' and entry.get('source') == 'javascript']
 
+    def failed_requests(self):
+        """Every request of the pages seen so far that the browser logged as failed (a 404 for an icon
+        or a script among them): [(page, message)]."""
+        self.read_console(self.driver.current_url)
+        return [(page, entry['message']) for page, entry in self.console
+                if entry['level'] == 'SEVERE' and entry.get('source') == 'network']
+
     def overflow(self):
         """How wide the page is against the window, and what sticks out (see OVERFLOW_SCRIPT)."""
         return self.driver.execute_script(OVERFLOW_SCRIPT)
