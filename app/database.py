@@ -51,6 +51,20 @@ def _sqlite_concurrency(dbapi_connection, connection_record):
     cursor.close()
 
 
+_built = {}
+
+
+def built_once(name, build):
+    """The statement `build()` makes for this app's database, built at its first use and kept under
+    `name`, with bind parameters for what changes from one run to the next. Statements run for every
+    sign-up and every job cost SQLAlchemy more CPU to build and cache-key anew each time, and more again
+    through the ORM, than the database took to run them (bench/signups.py)."""
+    key = (db.engine.dialect.name, name)
+    if (statement := _built.get(key)) is None:
+        statement = _built[key] = build()
+    return statement
+
+
 def utcnow():
     """Naive UTC everywhere: SQLite keeps no time zone, and mixing aware and naive values breaks comparisons."""
     return datetime.now(timezone.utc).replace(tzinfo=None)
@@ -59,8 +73,12 @@ def utcnow():
 def insert_ignoring_conflicts(model, unique_columns):
     """INSERT that leaves out rows colliding on `unique_columns`: how the database, not the code,
     decides which of two racing processes claims something first."""
-    insert = (postgresql if is_postgresql() else sqlite).insert
-    return insert(model).on_conflict_do_nothing(index_elements=unique_columns)
+    return upsert(model).on_conflict_do_nothing(index_elements=unique_columns)
+
+
+def upsert(table):
+    """INSERT with this database's ON CONFLICT clause (`on_conflict_do_nothing`, ...)."""
+    return (postgresql if is_postgresql() else sqlite).insert(table)
 
 
 class RowsParameter:

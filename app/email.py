@@ -15,7 +15,7 @@ from email.utils import formataddr, formatdate, parseaddr
 from flask import current_app
 
 from app.failures import PermanentFailure
-from app.jobs import GiveUp, define_task
+from app.jobs import GiveUp, define_task, kept_open
 from app.transports import open_sender
 
 
@@ -72,7 +72,7 @@ def send_email(recipient, subject, text, html, message_id, headers):
     one (a 5xx) fails the job at once. Once it is over, what the email said (a sign-in or confirmation
     link among it) is dropped from the job's row; whom it went to, and its subject, stay."""
     try:
-        with open_sender() as sender:
+        with kept_open('sender', open_sender) as sender:  # one connection for a worker's emails, back to back
             sender.send(Email(recipient, subject, text, html, message_id, headers))
     except PermanentFailure as refused:
         raise GiveUp(f'PermanentFailure: {refused}') from refused

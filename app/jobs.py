@@ -17,11 +17,14 @@ own database writes are committed together with its 'done' state, or not at all.
 Workers are threads inside the web process (JOB_WORKER=thread: nothing else to run), or `flask
 worker`; each also ticks the app's clock (its in-app schedules) every few seconds. With JOB_BACKEND=rq, a worker hands each job it claims to RQ instead of running it, and
 `flask rq-worker` runs it; the claim passes to the RQ worker only if it is still the one handed over,
-so a job that reached RQ twice (re-handed after its lease ran out) still runs once."""
+so a job that reached RQ twice (re-handed after its lease ran out) still runs once. A task may keep what
+it opens (send_email's SMTP connection) for the next jobs its worker runs (kept_open)."""
+import contextlib
 import functools
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -30,15 +33,16 @@ import sqlalchemy as sa
 from flask import current_app, has_app_context
 from flask_sqlalchemy.session import Session
 
-from app.database import insert_ignoring_conflicts, utcnow
+from app.database import built_once, insert_ignoring_conflicts, utcnow
 from app.extensions import db
-from app.leases import Heartbeat, claim, db_later, new_owner, renew
+from app.leases import Claim, Heartbeat, db_later, new_owner, renew
 from app.models import Job, JobStatus
 from app.ratelimit import redis_client
 
 log = logging.getLogger(__name__)
 
 QUEUES = ('mail', 'bulk')  # quick transactional mail never waits behind an hour-long broadcast
+_JOBS = Job.__table__  # the runner's statements are on the table, not the ORM's class: see built_once
 
 
 class GiveUp(Exception):
@@ -73,11 +77,15 @@ class Task:
         return f'<Task {self.name} ({self.fn.__module__})>'
 
     def apply(self, run_after=None, unique_key=None, **payload):
-        """Queue a run with `payload` as part of the caller's transaction.  :return: the Job."""
-        job = Job(**self._row(payload, run_after), unique_key=unique_key)
-        db.session.add(job)
-        db.session.info['jobs_queued'] = True
-        return job
+        """Queue a run with `payload` as part of the caller's transaction.  :return: the job's id.
+
+        One INSERT, built once, rather than a Job added to the session: flushed by the ORM's unit of
+        work, the row of a sign-up's confirmation email cost more CPU than storing the sign-up itself
+        (bench/signup_profile.py)."""
+        job_id = db.session.scalar(built_once('jobs: apply', lambda: sa.insert(_JOBS).returning(_JOBS.c.id)),
+                                   {**self._row(payload, run_after), 'unique_key': unique_key})
+        _note_queued(self.queue)
+        return job_id
 
     def apply_once(self, unique_key, run_after=None, status=JobStatus.QUEUED, error=None, **payload):
         """Queue a run unless a job with `unique_key` already exists, and commit.  :return: True if
@@ -88,7 +96,7 @@ class Task:
                     attempts=0, created_at=utcnow())
             .returning(Job.id)).first() is not None
         if inserted:
-            db.session.info['jobs_queued'] = True
+            _note_queued(self.queue)
         db.session.commit()
         return inserted
 
@@ -98,6 +106,11 @@ class Task:
         json.dumps(payload)  # an argument that cannot be stored fails here, at the caller, not in a worker
         return dict(task=self.name, queue=self.queue, payload=payload, run_after=run_after or utcnow(),
                     max_attempts=self.max_attempts or current_app.config['JOB_MAX_ATTEMPTS'])
+
+
+def _note_queued(queue):
+    """Remember, until the commit, which queues got a job: only their threads are woken (_wake_worker)."""
+    db.session.info.setdefault('jobs_queued', set()).add(queue)
 
 
 def define_task(queue='mail', max_attempts=None, forget=()):
@@ -153,18 +166,107 @@ def stopping():
     return bool(running and (running.lost or running.worker_stopping.is_set()))
 
 
-def run_next(queue, worker_stopping=None):
-    """Claim the next due job of `queue` and run it here, or hand it to RQ.  :return: False if none was due."""
+class _Kept(dict):
+    """What the jobs a thread runs keep open with kept_open(): {key: (context manager, what it gave)}."""
+
+    def close(self):
+        while self:
+            manager, _ = self.popitem()[1]
+            with contextlib.suppress(Exception):  # closing a connection that is gone already
+                manager.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def kept_between_jobs():
+    """Inside the block, what the jobs this thread runs keep open with kept_open() stays open from one
+    job to the next, until `close()` on what the block gets, or the block's end."""
+    kept = _local.kept = _Kept()
+    try:
+        yield kept
+    finally:
+        _local.kept = None
+        kept.close()
+
+
+@contextlib.contextmanager
+def kept_open(key, opener):
+    """For a task: the context manager `opener()` returns (a way out for mail), entered by the first job
+    that asks and kept for the next ones (see kept_between_jobs: a worker keeps it while jobs keep coming,
+    and closes it after JOB_POLL_SECONDS without any), or entered and left here outside a worker. An SMTP
+    connection opened and closed for each sign-up's confirmation email cost the app and the server more
+    CPU than the rest of the email (bench/signups.py). A job that raises drops it, so that the next one
+    starts on a fresh one."""
+    kept = getattr(_local, 'kept', None)
+    if kept is None:
+        with opener() as resource:
+            yield resource
+        return
+    if key not in kept:
+        manager = opener()
+        kept[key] = manager, manager.__enter__()
+    try:
+        yield kept[key][1]
+    except BaseException:
+        with contextlib.suppress(Exception):
+            kept.pop(key)[0].__exit__(None, None, None)
+        raise
+
+
+def run_next(queue, worker_stopping=None, abandoned=True):
+    """Claim the next due job of `queue` and run it here, or hand it to RQ.  :return: False if none was due.
+    `abandoned`: look first for a running one whose worker died (its lease run out), then a queued one."""
     owner, config = new_owner(), current_app.config
-    ids = claim(Job, Job.queue == queue, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)), Job.run_after <= utcnow(),
-                owner=owner, seconds=config['LEASE_SECONDS'], limit=1)
-    if not ids:
+    here = config['JOB_BACKEND'] != 'rq'
+    claim = dict(owner=owner, seconds=config['LEASE_SECONDS'], job_queue=queue, due_by=utcnow(),
+                 **({'started': utcnow()} if here else {}))
+    rows = _claim(JobStatus.RUNNING, here, claim) if abandoned else []
+    rows = rows or _claim(JobStatus.QUEUED, here, claim)
+    if not rows:
         return False
-    if config['JOB_BACKEND'] == 'rq':
-        rq_queue().enqueue_call(run_handed_over, args=(ids[0], owner), timeout=config['RQ_JOB_TIMEOUT'])
+    if here:
+        _run(*rows[0], owner=owner, worker_stopping=worker_stopping or threading.Event())
     else:
-        execute(ids[0], owner, worker_stopping or threading.Event())
+        rq_queue().enqueue_call(run_handed_over, args=(rows[0].id, owner), timeout=config['RQ_JOB_TIMEOUT'])
     return True
+
+
+def _claim(status, starting, params):
+    return built_once(('jobs: claim', status, starting), _claiming(status, starting))(**params)
+
+
+def _claiming(status, starting):
+    """The claim of a due job in `status`: queued, or running with its lease run out (its worker died).
+    One status at a time, in the order of the index on (queue, status, run_after), so that the database
+    stops at the first free row: with both statuses at once, SQLite sorted every waiting job for each
+    claim, 4.6 ms a claim with 20,000 waiting (a burst of sign-ups, an import's confirmation emails).
+
+    `starting`: the claiming thread runs the job, so the claim starts it too (see _start), in the same
+    statement and commit: one of the three a confirmation email cost the database (bench/signups.py)."""
+    c = _JOBS.c
+    start = dict(values=_started(), returning=_RUN_COLUMNS) if starting else {}
+    return lambda: Claim(Job, c.queue == sa.bindparam('job_queue'), c.status == status,
+                         c.run_after <= sa.bindparam('due_by', type_=sa.DateTime), order_by=c.run_after, limit=1,
+                         **start)
+
+
+_RUN_COLUMNS = (_JOBS.c.task, _JOBS.c.payload, _JOBS.c.attempts, _JOBS.c.max_attempts)
+
+
+def _started():
+    """A job starting: running, its attempt counted (a worker that dies mid-job has used it up)."""
+    c = _JOBS.c
+    return dict(status=JobStatus.RUNNING, attempts=c.attempts + 1,
+                started_at=sa.bindparam('started', type_=sa.DateTime), finished_at=None, progress_done=None,
+                progress_total=None)
+
+
+def _start():
+    """The claim passes to `new_owner` and the job starts; its row comes back with it."""
+    c = _JOBS.c
+    return (sa.update(_JOBS).where(c.id == sa.bindparam('job_id'), c.claimed_by == sa.bindparam('holder'))
+            .values(claimed_by=sa.bindparam('new_owner'), lease_until=db_later(sa.bindparam('lease', type_=sa.Float)),
+                    **_started())
+            .returning(*_RUN_COLUMNS))
 
 
 def rq_queue():
@@ -180,19 +282,20 @@ def run_handed_over(job_id, owner):
 
 
 def execute(job_id, claimed_by, worker_stopping):
-    """Run job `job_id`, which `claimed_by` holds, in this thread, and record what became of it."""
-    lease = current_app.config['LEASE_SECONDS']
+    """Start job `job_id`, which `claimed_by` holds, and run it in this thread (see _run)."""
     owner = new_owner()
-    started = db.session.execute(
-        sa.update(Job).where(Job.id == job_id, Job.claimed_by == claimed_by)
-        .values(claimed_by=owner, lease_until=db_later(lease), status=JobStatus.RUNNING, attempts=Job.attempts + 1,
-                started_at=utcnow(), finished_at=None, progress_done=None, progress_total=None)
-        .execution_options(synchronize_session=False)).rowcount
+    job = db.session.execute(built_once('jobs: start', _start), {
+        'job_id': job_id, 'holder': claimed_by, 'new_owner': owner,
+        'lease': float(current_app.config['LEASE_SECONDS']), 'started': utcnow()}).first()
     db.session.commit()
-    if not started:
+    if job is None:
         return  # handed to RQ, then re-handed after its lease ran out: the newer hand-over runs it
-    job = db.session.get(Job, job_id)
-    name, payload, attempt, max_attempts = job.task, job.payload, job.attempts, job.max_attempts
+    _run(job_id, *job, owner=owner, worker_stopping=worker_stopping)
+
+
+def _run(job_id, name, payload, attempt, max_attempts, owner, worker_stopping):
+    """Run job `job_id`, started under `owner`'s lease, in this thread, and record what became of it."""
+    lease = current_app.config['LEASE_SECONDS']
     running, task = _Running(job_id, owner, worker_stopping), current_app.extensions['tasks'].get(name)
     if attempt > max_attempts:
         return _record(running, status=JobStatus.FAILED, finished_at=utcnow(), error=(
@@ -211,12 +314,12 @@ def execute(job_id, claimed_by, worker_stopping):
     except Interrupted:
         db.session.rollback()
         log.info('job %d: %s interrupted; queued again', job_id, name)
-        outcome = dict(status=JobStatus.QUEUED, attempts=Job.attempts - 1)
+        outcome = dict(status=JobStatus.QUEUED, give_back_attempt=True)
     except Reschedule as later:
         db.session.rollback()
         log.info('job %d: %s comes back at %s UTC', job_id, name, later.at)
-        outcome = dict(status=JobStatus.QUEUED, attempts=Job.attempts - 1, run_after=later.at, result=_jsonable(later.result),
-                       error=None)
+        outcome = dict(status=JobStatus.QUEUED, give_back_attempt=True, run_after=later.at,
+                       result=_jsonable(later.result), error=None)
     except Exception as exc:
         db.session.rollback()
         error = str(exc) if isinstance(exc, GiveUp) else f'{type(exc).__name__}: {exc}'
@@ -241,20 +344,32 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def _record(running, **values):
+def _record(running, give_back_attempt=False, **values):
     """Write the job's outcome (with the task's own writes, if it left any uncommitted), unless
-    another worker has taken the job over: then both are dropped, since that worker runs it now."""
-    held = db.session.execute(
-        sa.update(Job).where(Job.id == running.job_id, Job.claimed_by == running.owner)
-        .values(claimed_by=None, lease_until=None, progress_done=running.done, progress_total=running.total,
-                **values)
-        .execution_options(synchronize_session=False)).rowcount
+    another worker has taken the job over: then both are dropped, since that worker runs it now.
+    `give_back_attempt`: this attempt does not count (the worker stopping, a task coming back later)."""
+    names = tuple(sorted(values))
+    statement = built_once(('jobs: record', names, give_back_attempt),
+                           lambda: _record_outcome(names, give_back_attempt))
+    held = db.session.execute(statement, {
+        'job_id': running.job_id, 'holder': running.owner, 'done': running.done, 'total': running.total,
+        **{f'new_{name}': values[name] for name in names}}).rowcount
     if held:
         db.session.commit()
     else:
         db.session.rollback()
         log.warning('job %d: its lease ran out and another worker took it over; this outcome is dropped',
                     running.job_id)
+
+
+def _record_outcome(names, give_back_attempt):
+    """The UPDATE that records an outcome setting the columns `names` (bind parameters `new_<name>`)."""
+    c = _JOBS.c
+    given_back = {'attempts': c.attempts - 1} if give_back_attempt else {}
+    return (sa.update(_JOBS).where(c.id == sa.bindparam('job_id'), c.claimed_by == sa.bindparam('holder'))
+            .values(claimed_by=None, lease_until=None, progress_done=sa.bindparam('done'),
+                    progress_total=sa.bindparam('total'), **given_back,
+                    **{name: sa.bindparam(f'new_{name}', type_=c[name].type) for name in names}))
 
 
 def _keep_lease(running, lease):
@@ -289,9 +404,12 @@ class Worker:
         thread.start()
         self.threads.append(thread)
 
-    def wake(self):
-        for wake in self.wakes:
-            wake.set()
+    def wake(self, queues=None):
+        """Wake the threads of `queues` (all by default). Only those: a thread woken for nothing still
+        claims, and every sign-up's commit cost the bulk queue's thread a claim that found nothing."""
+        for queue, wake in zip(self.queues, self.wakes, strict=True):
+            if queues is None or queue in queues:
+                wake.set()
 
     def stop(self, timeout=None):
         """Stop taking jobs; a running task is asked to stop at its next safe point (stopping())."""
@@ -302,24 +420,37 @@ class Worker:
             thread.join(timeout)
 
     def _serve(self, queue, wake):
-        self._loop(wake, lambda: run_next(queue, self.stopping))
+        looked = [float('-inf')]
+
+        def abandoned():
+            """Abandoned jobs are looked for once a poll (they wait out a lease anyway), not at every claim:
+            woken by each sign-up's commit, the thread otherwise paid a second claim, empty, for each."""
+            if time.monotonic() - looked[0] < self.app.config['JOB_POLL_SECONDS']:
+                return False
+            looked[0] = time.monotonic()
+            return True
+
+        self._loop(wake, lambda: run_next(queue, self.stopping, abandoned()))
 
     def _clock(self):
         self._loop(self.clock_wake, tick, repeat=False)
 
     def _loop(self, wake, step, repeat=True):
-        """Call `step` until it returns falsy, then wait for a wake-up or JOB_POLL_SECONDS."""
-        while not self.stopping.is_set():
-            with self.app.app_context():
-                try:
-                    while step() and repeat and not self.stopping.is_set():
-                        pass
-                except Exception:  # a database outage must not kill the worker: log it and try again later
-                    db.session.rollback()
-                    log.exception('%s: failed; trying again in %ss', threading.current_thread().name,
-                                  self.app.config['JOB_POLL_SECONDS'])
-            wake.wait(self.app.config['JOB_POLL_SECONDS'])
-            wake.clear()
+        """Call `step` until it returns falsy, then wait for a wake-up or JOB_POLL_SECONDS. What jobs keep
+        open (kept_open) stays open while wake-ups keep coming, and is closed after a quiet poll."""
+        with kept_between_jobs() as kept:
+            while not self.stopping.is_set():
+                with self.app.app_context():
+                    try:
+                        while step() and repeat and not self.stopping.is_set():
+                            pass
+                    except Exception:  # a database outage must not kill the worker: log it and try again later
+                        db.session.rollback()
+                        log.exception('%s: failed; trying again in %ss', threading.current_thread().name,
+                                      self.app.config['JOB_POLL_SECONDS'])
+                if not wake.wait(self.app.config['JOB_POLL_SECONDS']):
+                    kept.close()
+                wake.clear()
 
 
 def tick():
@@ -338,9 +469,10 @@ def run_due(queues=QUEUES):
     :return: how many jobs ran."""
     tick()
     ran = 0
-    for queue in queues:
-        while run_next(queue):
-            ran += 1
+    with kept_between_jobs():
+        for queue in queues:
+            while run_next(queue):
+                ran += 1
     return ran
 
 
@@ -371,6 +503,6 @@ def init_app(app, tasks, clock=()):
 @sa.event.listens_for(Session, 'after_commit')
 def _wake_worker(session):
     """A job applied in this process starts at once, not at the next poll."""
-    if session.info.pop('jobs_queued', False) and has_app_context():
+    if (queues := session.info.pop('jobs_queued', None)) and has_app_context():
         if worker := current_app.extensions.get('jobs'):
-            worker.wake()
+            worker.wake(queues)

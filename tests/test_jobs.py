@@ -14,6 +14,7 @@ from app.drip import send_stage
 from app.email import Email, queue_email
 from app.extensions import db
 from app.jobs import Interrupted, Worker, define_task, report_progress, run_next, stopping
+from app.leases import Heartbeat
 from app.models import Client, Job
 from config import Config
 from tests.support.jobs import jobs, make_jobs_due_now, queue_emails, run_due_jobs
@@ -125,6 +126,43 @@ def test_a_job_is_not_run_before_its_time(app):
     assert run_due_jobs(app) == 0
     make_jobs_due_now(app)
     assert run_due_jobs(app) == 1
+
+
+def test_jobs_run_in_the_order_they_fell_due(app):
+    with app.app_context():
+        later = add.apply(a=1, b=1)
+        earlier = add.apply(run_after=utcnow() - timedelta(minutes=1), a=2, b=2)  # a retry's back-off run out
+        db.session.commit()
+
+    assert run_due_jobs(app) == 2
+
+    started = {job.id: job.started_at for job in jobs(app)}
+    assert started[earlier] < started[later]
+
+
+def test_a_job_wakes_only_the_thread_of_its_own_queue(app):
+    worker = app.extensions['jobs'] = Worker(app)  # not started: its wake-ups are only looked at
+    try:
+        with app.app_context():
+            add.apply(a=1, b=1)
+            db.session.commit()
+    finally:
+        app.extensions['jobs'] = None
+
+    assert {queue: wake.is_set() for queue, wake in zip(worker.queues, worker.wakes)} == {'mail': True, 'bulk': False}
+
+
+def test_heartbeats_one_after_another_share_a_thread_and_none_beats_after_its_block(app):
+    beats = []
+    with app.app_context():
+        for _ in range(3):
+            with Heartbeat(lambda: beats.append(threading.current_thread()), every=0.01, name='test-heartbeat'):
+                time.sleep(0.05)
+            after_block = len(beats)
+            time.sleep(0.05)
+            assert len(beats) == after_block, 'a beat came after its block was left'
+
+    assert len(beats) >= 3 and len(set(beats)) == 1 and threading.current_thread() not in beats
 
 
 def test_a_long_job_keeps_its_lease_and_shows_its_progress_while_it_runs(app):

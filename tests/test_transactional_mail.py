@@ -56,6 +56,14 @@ def test_an_email_exists_only_if_its_transaction_commits(app, smtp):
     assert email_jobs(app) == {} and deliver(app) == 0
 
 
+def test_a_worker_sends_the_emails_it_finds_one_after_another_over_one_connection(app, smtp):
+    queue_emails(app, 'a@example.com', 'b@example.com', 'c@example.com')
+
+    assert deliver(app) == 3
+
+    assert smtp.recipients() == ['a@example.com', 'b@example.com', 'c@example.com'] and smtp.connections == 1
+
+
 def test_a_permanent_failure_is_kept_as_failed_and_the_rest_go_out(app, smtp):
     smtp.refuse_for_good['gone@example.com'] = '550 5.1.1 No such user'
     queue_emails(app, 'a@example.com', 'gone@example.com', 'b@example.com')

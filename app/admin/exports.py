@@ -13,9 +13,9 @@ from app.models import Job
 def export_list():
     """GET lists the exports; POST starts one (CSRF-checked like every form)."""
     if request.method == 'POST':
-        job = exports.export_subscribers.apply(admin=current_user.email)
+        job_id = exports.export_subscribers.apply(admin=current_user.email)
         db.session.commit()
-        flash(f'The export is job {job.id}: it is emailed to {current_user.email} when done, and downloadable here.')
+        flash(f'The export is job {job_id}: it is emailed to {current_user.email} when done, and downloadable here.')
         return redirect(url_for('admin.export_list'))
     jobs = db.session.scalars(sa.select(Job).where(Job.task == 'export_subscribers').order_by(Job.id.desc())
                               .limit(20)).all()

@@ -4,7 +4,7 @@ import sqlalchemy as sa
 from flask import abort, current_app, render_template, request
 from sqlalchemy.exc import IntegrityError
 
-from app.database import utcnow
+from app.database import built_once, upsert, utcnow
 from app.extensions import csrf, db
 from app.limits import per_address, per_client
 from app.links import ExpiredLink, InvalidLink, load_block_token, load_confirm_token, load_unsubscribe_token
@@ -12,7 +12,7 @@ from app.mailing import address_digest
 from app.main.blueprint import bp
 from app.main.email import queue_confirmation_email, queue_new_subscriber_notice
 from app.main.forms import SubscribeForm, UnsubscribeForm
-from app.models import Client, SuppressionReason
+from app.models import Client, Suppression, SuppressionReason
 from app.suppression import is_suppressed, suppress
 
 
@@ -37,6 +37,10 @@ def subscribe(address):
     """New and unconfirmed addresses get a (fresh) confirmation email; so does someone who left and
     wants back in, but at most one every CONFIRM_RESEND_SECONDS. An active subscriber gets nothing: no
     mail for a stranger to trigger at will."""
+    if (client_id := _insert_if_new(address)) is not None:  # most sign-ups: one statement, no ORM
+        queue_confirmation_email(Client(id=client_id, email=address))  # what the email needs of the row
+        db.session.commit()
+        return
     client = db.session.scalar(sa.select(Client).where(Client.email == address))
     if client is None and is_suppressed(address):
         return  # its owner asked never to hear from us, or it bounced: no confirmation to a stranger
@@ -55,6 +59,25 @@ def subscribe(address):
         return
     queue_confirmation_email(client)
     db.session.commit()
+
+
+def _insert_if_new(address):
+    """Store `address` as a new subscriber, unless it is known or suppressed.  :return: its id, or None
+    (then nothing was written). One statement, built once: looking the address up, then on the suppression
+    list, then inserting it through the ORM took more than a quarter of a sign-up request's CPU
+    (bench/signup_profile.py). Anything else (a known address, a suppressed one) goes the long way."""
+    return db.session.scalar(built_once('sign-up: new address', _new_address), {
+        'address': address, 'lowered': address.lower(), 'now': utcnow()})
+
+
+def _new_address():
+    clients, suppressions = Client.__table__, Suppression.__table__
+    now = sa.bindparam('now', type_=sa.DateTime)
+    unknown = sa.select(sa.bindparam('address', type_=sa.String), sa.true(), sa.literal(0), now, now).where(
+        ~sa.exists().where(suppressions.c.email == sa.bindparam('lowered', type_=sa.String)))
+    columns = ['email', 'active', 'num_newsletter', 'created_at', 'confirmation_sent_at']
+    return (upsert(clients).from_select(columns, unknown).on_conflict_do_nothing(index_elements=['email'])
+            .returning(clients.c.id))
 
 
 def _may_send_confirmation(client):

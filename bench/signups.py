@@ -1,0 +1,243 @@
+"""Sign-ups under load: the app under gunicorn against a bare Flask endpoint under the same settings, in one
+run, each driven by wrk from a process of its own on loopback; then a check that every sign-up accepted
+was stored and got exactly one confirmation email.
+
+    .venv/bin/python bench/signups.py --database sqlite
+    .venv/bin/python bench/signups.py --database postgresql --connections 100 --seconds 30
+
+Both servers run `gunicorn --workers N` (sync workers) on 127.0.0.1. The app runs as deployed: real
+SMTP (bench/sink.py, in its own process, counting what each address receives), background jobs run by
+the web processes' own threads (JOB_WORKER=thread, the default), a fresh SQLite file or a PostgreSQL
+schema of its own. Two settings differ from a deployment's defaults: the abuse limits are off
+(RATELIMIT_ENABLED=0: every client here comes from 127.0.0.1), and so is the DNS look-up of each new
+address's domain (EMAIL_CHECK_DELIVERABILITY=0: this machine has no DNS, and the look-up's time is the
+resolver's, not the app's).
+
+Every request wrk sends is a sign-up: a POST of the form with an address of its own, a session cookie and
+the CSRF token that came with it. The sessions are fetched before the run, one GET of the form for each
+of the `--connections` browsers, as each would have loaded the page once; the POST still goes through
+the whole CSRF check. The bare endpoint gets GET requests, half of its time before the app's run and half
+after, so that both sides feel the same drift of this shared machine.
+
+Figures printed: requests per second, p50 and p99 latency, errors (socket errors, time-outs, and any answer
+that is not the sign-up's page), the app's ratio to the bare endpoint, confirmation emails delivered by the
+end of the load and how long the rest took (so, sign-ups per second with their emails delivered: the run's
+sign-ups over the load's time and the drain's), and the CPU the web processes and the SMTP server spent
+per sign-up, its email included. Then the check: sign-ups accepted but not stored (lost), stored without an
+email, emails twice, emails to an address not stored, jobs not done; and the issue's targets, met or not.
+It exits with status 1 when any error, or any count of the check but `stored`, is not zero."""
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.drip import FreshDatabase, free_port, run_flask  # noqa: E402
+from bench.sink import Sink  # noqa: E402
+
+TICKS = os.sysconf('SC_CLK_TCK')
+
+
+class Gunicorn:
+    """`gunicorn --workers N --bind 127.0.0.1:PORT module:app`, answering once entered, stopped with SIGTERM."""
+
+    def __init__(self, app, workers, env, folder, name):
+        self.port, self.log = free_port(), Path(folder) / f'{name}.log'
+        self.command = [sys.executable, '-m', 'gunicorn', '--workers', str(workers), '--bind',
+                        f'127.0.0.1:{self.port}', app]
+        self.env = env
+
+    def __enter__(self):
+        self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL,
+                                        stderr=self.log.open('w'))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f'http://127.0.0.1:{self.port}/', timeout=5).read()
+                return self
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f'{" ".join(self.command)} did not start:\n{self.log.read_text()}') from None
+                time.sleep(0.2)
+
+    def __exit__(self, *exc_info):
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def cpu_seconds(self):
+        """User and system time of the master and its workers so far."""
+        master = self.process.pid
+        children = Path(f'/proc/{master}/task/{master}/children').read_text().split()
+        return sum(_cpu_seconds(pid) for pid in [master, *map(int, children)])
+
+    def errors_logged(self):
+        """Tracebacks, errors and warnings in its log (a job retried, a worker restarted) so far."""
+        return len(re.findall(r'^Traceback|\] (ERROR|WARNING)|\[(ERROR|WARNING|CRITICAL)\]', self.log.read_text(),
+                              re.MULTILINE))
+
+
+def _cpu_seconds(pid):
+    try:
+        fields = Path(f'/proc/{pid}/stat').read_text().rpartition(')')[2].split()
+    except FileNotFoundError:  # a worker that has just been replaced
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
+def browser_sessions(port, count, folder):
+    """`count` browsers that have each loaded the form: a file of "cookie<TAB>token" lines for signups.lua."""
+    lines = []
+    for _ in range(count):
+        with urllib.request.urlopen(f'http://127.0.0.1:{port}/', timeout=30) as answer:
+            cookie = answer.headers['Set-Cookie'].split(';', 1)[0]
+            token = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', answer.read().decode()).group(1)
+        lines.append(f'{cookie}\t{token}\n')
+    path = Path(folder) / 'sessions.txt'
+    path.write_text(''.join(lines))
+    return path
+
+
+def run_wrk(port, seconds, args, mode, folder, *script_args):
+    """One wrk run with bench/signups.lua.  :return: its figures (see done() there), with the accepted
+    addresses in 'addresses'."""
+    accepted = Path(folder) / 'accepted.txt'
+    result = subprocess.run(
+        ['wrk', '--threads', str(args.threads), '--connections', str(args.connections), '--duration', f'{seconds}s',
+         '--timeout', '10s', '--script', str(ROOT / 'bench' / 'signups.lua'), f'http://127.0.0.1:{port}/', '--',
+         mode, *map(str, script_args)],
+        env={**os.environ, 'SIGNUPS_ACCEPTED_FILE': str(accepted)}, capture_output=True, text=True, check=True)
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures['addresses'] = accepted.read_text().split()
+    figures['errors'] = sum(figures[kind] for kind in ('connect', 'read', 'write', 'timeout', 'refused'))
+    return figures
+
+
+def count_clients(engine):
+    with engine.connect() as conn:
+        return conn.scalar(sa.text("SELECT count(*) FROM clients"))
+
+
+def emails_due(engine):
+    with engine.connect() as conn:
+        return conn.scalar(sa.text("SELECT count(*) FROM jobs WHERE task = 'send_email' "
+                                   "AND status IN ('queued', 'running')"))
+
+
+def wait_for_mail(engine, timeout):
+    """Until no confirmation email is waiting to go out.  :return: the seconds it took."""
+    started = time.monotonic()
+    while emails_due(engine) and time.monotonic() - started < timeout:
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def check(engine, sink, accepted):
+    """Sign-ups against the database against the SMTP server.  :return: the counts, all zero when right."""
+    with engine.connect() as conn:
+        stored = set(conn.scalars(sa.text("SELECT email FROM clients WHERE email LIKE 'load-%'")))
+        failed = conn.scalar(sa.text("SELECT count(*) FROM jobs WHERE task = 'send_email' AND status <> 'done'"))
+    received, _, _ = sink.counts()
+    received = Counter(received)
+    return {
+        'stored': len(stored),
+        'lost': len(set(accepted) - stored),
+        'without an email': sum(1 for address in stored if not received[address]),
+        'emails twice': sum(count - 1 for address, count in received.items() if count > 1),
+        'emails to nobody stored': sum(count for address, count in received.items() if address not in stored),
+        'jobs not done': failed,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--database', choices=['sqlite', 'postgresql'], default='sqlite')
+    parser.add_argument('--workers', type=int, default=4, help='gunicorn workers, for the app and the bare endpoint')
+    parser.add_argument('--connections', type=int, default=100, help="wrk's concurrent clients")
+    parser.add_argument('--threads', type=int, default=2, help="wrk's threads")
+    parser.add_argument('--seconds', type=int, default=30,
+                        help="the app's run; the bare endpoint's too, in two halves (at least 2)")
+    parser.add_argument('--warm-up', type=int, default=3, help='seconds of load on each server before measuring')
+    args = parser.parse_args()
+    if not shutil.which('wrk'):
+        raise SystemExit('wrk is not installed, and this benchmark drives the load with it: apt-get install wrk')
+    load_before = ' '.join(f'{load:.2f}' for load in os.getloadavg())
+
+    with tempfile.TemporaryDirectory() as folder, FreshDatabase(args.database, folder) as database, \
+            Sink(free_port()) as sink:
+        env = {**os.environ, 'FLASK_SKIP_DOTENV': '1', 'INSTANCE_PATH': folder, 'DATABASE_URL': database.url,
+               'SECRET_KEY': 'bench-secret-key-0123456789', 'BASE_URL': 'https://news.example.com',
+               'MAIL_SERVER': '127.0.0.1', 'MAIL_PORT': str(sink.port),
+               'MAIL_DEFAULT_SENDER': 'The Newsletter <news@example.com>',
+               'RATELIMIT_ENABLED': '0', 'EMAIL_CHECK_DELIVERABILITY': '0', 'JOB_WORKER': 'thread'}
+        run_flask(env, 'db', 'upgrade')
+        engine = sa.create_engine(database.url)
+        with Gunicorn('bench.bare_flask:app', args.workers, env, folder, 'bare') as bare, \
+                Gunicorn('main:app', args.workers, env, folder, 'app') as app:
+            sessions = browser_sessions(app.port, args.connections, folder)
+            run_wrk(bare.port, args.warm_up, args, 'bare', folder)
+            warm = run_wrk(app.port, args.warm_up, args, 'signup', folder, sessions, 'warm')
+            wait_for_mail(engine, 120)
+
+            bare_runs = [run_wrk(bare.port, args.seconds // 2, args, 'bare', folder)]
+            stored_before, delivered_before = count_clients(engine), sink.progress()[0]
+            cpu, sink_cpu = app.cpu_seconds(), _cpu_seconds(sink.process.pid)
+            run = run_wrk(app.port, args.seconds, args, 'signup', folder, sessions, 'run')
+            delivered_by_end = sink.progress()[0] - delivered_before
+            drained = wait_for_mail(engine, 300)
+            cpu, sink_cpu = app.cpu_seconds() - cpu, _cpu_seconds(sink.process.pid) - sink_cpu
+            bare_runs.append(run_wrk(bare.port, args.seconds - args.seconds // 2, args, 'bare', folder))
+            stored_in_run = count_clients(engine) - stored_before
+            errors_logged = app.errors_logged()
+            results = check(engine, sink, warm['addresses'] + run['addresses'])
+        engine.dispose()
+
+    bare_rate = sum(r['requests'] for r in bare_runs) / sum(r['seconds'] for r in bare_runs)
+    rate = len(run['addresses']) / run['seconds']
+    with_mail = stored_in_run / (run['seconds'] + drained)
+    load_after = ' '.join(f'{load:.2f}' for load in os.getloadavg())
+    print(f'sign-ups under load, {args.database}, gunicorn --workers {args.workers} (sync), wrk {args.threads} '
+          f'threads x {args.connections} connections, {args.seconds} s; load average before {load_before}, '
+          f'after {load_after}')
+    for name, figures in (('bare (before)', bare_runs[0]), ('bare (after)', bare_runs[1])):
+        print(f'  {name:14} {figures["requests"] / figures["seconds"]:8.1f} req/s       p50 {figures["p50_ms"]:7.1f} '
+              f'ms  p99 {figures["p99_ms"]:7.1f} ms  errors {figures["errors"]}')
+    print(f'  {"app":14} {rate:8.1f} sign-ups/s  p50 {run["p50_ms"]:7.1f} ms  p99 {run["p99_ms"]:7.1f} ms  '
+          f'errors {run["errors"]}  (max {run["max_ms"]:.0f} ms; {len(run["addresses"])} accepted of '
+          f'{run["requests"]} answered; server errors and warnings logged {errors_logged})')
+    print(f'  ratio:         {rate / bare_rate:.3f} of the bare endpoint ({bare_rate:.1f} req/s)')
+    print(f'  mail:          {delivered_by_end} of the run\'s {stored_in_run} sign-ups emailed by the end of the '
+          f'load, the rest {drained:.1f} s after: {with_mail:.1f} sign-ups/s with their emails delivered; web '
+          f'processes {cpu / stored_in_run * 1000:.2f} ms CPU a sign-up (request and email), SMTP sink '
+          f'{sink_cpu / stored_in_run * 1000:.2f} ms')
+    print('  check:         ' + ', '.join(f'{name} {count}' for name, count in results.items())
+          + f' (stored includes {len(warm["addresses"])} warm-up sign-ups, and any answered after wrk stopped)')
+    bad = {name: count for name, count in results.items() if name != 'stored' and count}
+    targets = {'p99 < 200 ms': (run['p99_ms'] < 200, f'{run["p99_ms"]:.0f} ms'),
+               '>= 500 sign-ups/s with their emails': (with_mail >= 500, f'{with_mail:.0f}/s'),
+               '>= 0.15 of the bare endpoint': (rate / bare_rate >= 0.15, f'{rate / bare_rate:.3f}'),
+               'no errors': (not run['errors'] and not errors_logged, run['errors'] + errors_logged),
+               'nothing lost': (not bad, sum(bad.values()))}
+    print('  targets:       ' + '; '.join(f'{name}: {"met" if met else "not met"} ({value})'
+                                          for name, (met, value) in targets.items()))
+    if run['errors'] or bad or errors_logged:
+        raise SystemExit(f'FAILED: errors {run["errors"]}, server errors logged {errors_logged}, {bad}')
+
+if __name__ == '__main__':
+    main()
