@@ -241,6 +241,7 @@ class MailingSend:
                                 on_wait or (lambda held, seconds: None))
         self.record_every, self.retries = max(config['SEND_RECORD_EVERY'], 1), config['MAIL_RETRIES']
         self.unknown_in_a_row, self.pace = 0, None  # seconds a message takes on the wire, lately
+        self.in_flight, self.outcomes, self.releases = {}, [], []  # {future: Outgoing}; answers not yet recorded
 
     def run(self):
         check_templates(self.mailing)
@@ -273,7 +274,14 @@ class MailingSend:
                     if self.report.aborted or self.report.stopped:
                         self.log.release([outgoing.delivery_id for outgoing in self._take(upcoming)])
                         break
-                    batch = self._take(upcoming) or self._take(self._claim_on(claims, wait=True))
+                    batch = self._take(upcoming)
+                    if not batch:  # what is on the wire is recorded before waiting for other runs, if need be
+                        self._finish()
+                        batch = self._take(self._claim_on(claims, wait=True))
+                reported = self.report.done
+                self._finish()
+                if self.report.done != reported:  # answers that came in after the last batch was reported
+                    self.on_batch(self.report)
         except sa.exc.SQLAlchemyError as exc:
             # What this run holds stays claimed until its lease runs out: then the next run makes what it
             # was sending 'unknown' and sends the rest, exactly as if this run had been killed.
@@ -305,34 +313,46 @@ class MailingSend:
 
     def _send(self, batch):
         """Send a claimed batch (in the order of its delivery ids): declare up to record_every of it as
-        going out, in one commit with the outcomes that came in since the last, send those, and so on;
-        keep the pool's connections busy; release what is left unsent when the run must stop."""
-        waiting, declared, in_flight = deque(batch), deque(), {}
-        outcomes, releases = [], []
-        while waiting or declared or in_flight:
-            if not declared and waiting and not self.report.aborted:
-                size = max(self._group_size(), self.pool.capacity - len(in_flight))
+        going out, in one commit with the outcomes that came in since the last, hand those to the pool,
+        and so on, keeping its connections busy; then record what has come in. It returns once the whole
+        batch is handed over, its last messages maybe still on the wire, so that the next batch follows
+        them on the same connections without a pause at the seam (_finish waits for them). What is left
+        unsent when the run must stop is released."""
+        waiting, declared = deque(batch), deque()
+        while (waiting or declared) and not self.report.aborted:
+            if not declared:
+                size = max(self._group_size(), self.pool.capacity - len(self.in_flight))
                 group = [waiting.popleft() for _ in range(min(size, len(waiting)))]
-                if self._checkpoint(outcomes, releases, sending=[outgoing.delivery_id for outgoing in group]):
-                    declared.extend(group)
-                else:
+                if not self._checkpoint(sending=[outgoing.delivery_id for outgoing in group]):
                     waiting.extendleft(reversed(group))
-                outcomes, releases = [], []
-            while declared and len(in_flight) < self.pool.capacity and not self.report.aborted:
+                    break
+                declared.extend(group)
+            while declared and len(self.in_flight) < self.pool.capacity and not self.report.aborted:
                 outgoing = declared.popleft()
                 successor = (declared[0] if declared else waiting[0] if waiting else None) if self.pool.inline else None
-                in_flight[self.pool.submit(self._send_one, outgoing, successor)] = outgoing
-            if not in_flight:
-                break
-            done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in done:
-                del in_flight[future]
-                outcome, stop, seconds = future.result()
-                self._keep_pace(seconds)
-                (releases if outcome.status is None else outcomes).append(outcome)
-                self._judge(outcome, stop)
-        releases += [outgoing.outcome(None) for outgoing in (*declared, *waiting)]
-        self._checkpoint(outcomes, releases)
+                self.in_flight[self.pool.submit(self._send_one, outgoing, successor)] = outgoing
+            if len(self.in_flight) >= self.pool.capacity:
+                self._collect()
+        self.releases += [outgoing.outcome(None) for outgoing in (*declared, *waiting)]
+        self._collect(wait=False)
+        self._checkpoint()
+
+    def _collect(self, wait=True):
+        """Take in every answer that has come for the messages in flight, waiting for one if told."""
+        done, _ = concurrent.futures.wait(self.in_flight, timeout=None if wait else 0,
+                                          return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in done:
+            del self.in_flight[future]
+            outcome, stop, seconds = future.result()
+            self._keep_pace(seconds)
+            (self.releases if outcome.status is None else self.outcomes).append(outcome)
+            self._judge(outcome, stop)
+
+    def _finish(self):
+        """Wait for every message still in flight, and record what came in and what was released."""
+        while self.in_flight:
+            self._collect()
+        self._checkpoint()
 
     def _group_size(self):
         """How many messages to declare as going out in one commit: as many as the way out takes in
@@ -350,9 +370,10 @@ class MailingSend:
         seconds = min(seconds, GROUP_SECONDS)
         self.pace = seconds if self.pace is None else 0.9 * self.pace + 0.1 * seconds
 
-    def _checkpoint(self, outcomes, releases, sending=()):
-        """SendLog.checkpoint, and the report kept from what it recorded.  :return: whether the run still
-        holds its claims, and so may send `sending`."""
+    def _checkpoint(self, sending=()):
+        """SendLog.checkpoint of the outcomes and releases that came in since the last, and the report kept
+        from what it recorded.  :return: whether the run still holds its claims, and so may send `sending`."""
+        outcomes, releases, self.outcomes, self.releases = self.outcomes, self.releases, [], []
         recorded, held = self.log.checkpoint(outcomes, sending, [outcome.delivery_id for outcome in releases])
         if not held:
             self.report.aborted = ('stopped: another run took this one over (it was stalled for longer than '
