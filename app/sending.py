@@ -347,6 +347,9 @@ class MailingSend:
             self._keep_pace(seconds)
             (self.releases if outcome.status is None else self.outcomes).append(outcome)
             self._judge(outcome, stop)
+        if self.report.aborted:  # what waits in a connection's queue has not started: left due, not sent
+            for future in [future for future in self.in_flight if future.cancel()]:
+                self.releases.append(self.in_flight.pop(future).outcome(None))
 
     def _finish(self):
         """Wait for every message still in flight, and record what came in and what was released."""
@@ -374,6 +377,9 @@ class MailingSend:
         """SendLog.checkpoint of the outcomes and releases that came in since the last, and the report kept
         from what it recorded.  :return: whether the run still holds its claims, and so may send `sending`."""
         outcomes, releases, self.outcomes, self.releases = self.outcomes, self.releases, [], []
+        # What earlier groups still have on the wire is declared again with the new group: the run's row
+        # keeps one range, and a kill must leave those unknown too, never due to be sent again.
+        sending = [*(outgoing.delivery_id for outgoing in self.in_flight.values()), *sending]
         recorded, held = self.log.checkpoint(outcomes, sending, [outcome.delivery_id for outcome in releases])
         if not held:
             self.report.aborted = ('stopped: another run took this one over (it was stalled for longer than '

@@ -205,11 +205,14 @@ class SenderPool:
         return future
 
     def run(self, future, fn, item, successor):
-        """`fn` on this thread's sender, its result or exception handed over through `future`."""
+        """`fn` on this thread's sender, its result or exception handed over through `future`: whatever
+        is raised, or the caller would wait for it for ever."""
         try:
             future.set_result(fn(self._sender(), item, successor))
-        except Exception as exc:
+        except BaseException as exc:
             future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
 
     def _sender(self):
         sender = getattr(self.local, 'sender', None)
@@ -252,10 +255,12 @@ class _Lane(threading.Thread):
         with self.app.app_context():
             while (task := self._next()) is not None:
                 future, fn, item, successor = task
-                if future.set_running_or_notify_cancel():
-                    self.pool.run(future, fn, item, successor)
-                with self.ready:
-                    self.load -= 1
+                try:
+                    if future.set_running_or_notify_cancel():
+                        self.pool.run(future, fn, item, successor)
+                finally:
+                    with self.ready:
+                        self.load -= 1
 
     def _next(self):
         """:return: (future, fn, item, the item after it or None), or None once closed and empty."""
@@ -291,7 +296,9 @@ class _Paced:
             self.limiter.acquire()
         except Exception as exc:  # its Redis down or silent: the infrastructure, not this subscriber
             raise TransportFailure(f'the rate limiter is unavailable: {exc!r}') from exc
-        return self.sender.send(email, meanwhile, then)
+        # No envelope announced ahead: it would hold the server in DATA mode for this wait, long enough for
+        # some servers to hang up silently, and the message would go out into a closed connection (unknown).
+        return self.sender.send(email, meanwhile)
 
     def close(self):
         self.sender.close()

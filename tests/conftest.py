@@ -285,6 +285,7 @@ def promise_kept(app, smtp):
                 sa.select(Client.email, Delivery.status).join(Client, Client.id == Delivery.client_id)
                 .where(Delivery.mailing == mailing_key)).all())
             account = ledger(mailing_named(mailing_key))
+        assert not smtp.misdirected, f'data in another message\'s envelope (recipients, To): {smtp.misdirected}'
         with smtp.lock:
             received = Counter(m['To'] for m in smtp.messages if m['Message-ID'].startswith(prefix))
         allowed = {'sent': {1}, 'unknown': {0, 1}, 'failed': {0}}

@@ -29,6 +29,7 @@ class MailSink:
     def __init__(self, tls_context=None, implicit_tls=False, pipelining=False):
         self.pipelining = pipelining  # advertise PIPELINING (RFC 2920): aiosmtpd takes grouped commands as they come
         self.messages = []
+        self.misdirected = []  # (envelope recipients, To) of each message whose envelope was not its own
         self.lock = threading.Lock()
         self.refuse_for_good = {}  # address -> SMTP reply, at RCPT
         self.refuse_for_now = {}  # address -> how many more times to answer 451 at RCPT (greylisting)
@@ -81,6 +82,8 @@ class MailSink:
         message = message_from_bytes(envelope.content, policy=policy.default)
         with self.lock:
             self.messages.append(message)
+            if list(envelope.rcpt_tos) != [message['To']]:
+                self.misdirected.append((list(envelope.rcpt_tos), message['To']))
         if action == self.DROP:
             server.transport.close()
         elif action == self.SILENT:
