@@ -1,7 +1,7 @@
 """The three ways out (SMTP in app/smtp.py, the SendGrid Web API, .eml files in a folder) behind one
-`send(email)` (app/sender.py), each raising the failures of app/failures.py by the same rule: nothing can have arrived until the message's
-end has left us (the final dot, the whole API request, the file's rename); from then on, a missing
-answer is OutcomeUnknown, never a failure to retry.
+`send(email)` (app/sender.py), each raising the failures of app/failures.py by the same rule: nothing can
+have arrived until the message's end has left us (the final dot, the whole API request, the file's
+rename); from then on, a missing answer is OutcomeUnknown, never a failure to retry.
 
 Which way out is used is decided once, by mail_transport(), and a deployment cannot fall into the folder
 by accident: once the settings look like a deployment, the folder must be chosen by name."""
@@ -35,7 +35,6 @@ from app.smtp import SmtpSender
 log = logging.getLogger(__name__)
 
 TRANSPORTS = ('smtp', 'sendgrid', 'folder')
-
 
 
 def init_app(app):

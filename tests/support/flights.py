@@ -11,7 +11,7 @@ import select
 import socket
 import threading
 
-from tests.support.smtp import free_port
+from tests.support.smtp import accept_until, free_port
 
 
 class FlightServer:
@@ -44,15 +44,12 @@ class FlightServer:
         thread.start()
 
     def _accept(self):
-        self.listener.settimeout(0.1)
-        while not self.stopped.is_set():
-            try:
-                connection, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            flights = []
-            self.conversations.append(flights)
-            self._spawn(self._converse, connection, flights)
+        accept_until(self.listener, self.stopped, self._take)
+
+    def _take(self, connection):
+        flights = []
+        self.conversations.append(flights)
+        self._spawn(self._converse, connection, flights)
 
     def _converse(self, connection, flights):
         with connection:

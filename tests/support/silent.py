@@ -3,7 +3,7 @@ Redis that hangs instead of refusing, which only a time-out of the client's own 
 import socket
 import threading
 
-from tests.support.smtp import free_port
+from tests.support.smtp import accept_until, free_port
 
 
 class SilentServer:
@@ -18,13 +18,7 @@ class SilentServer:
         return self
 
     def _accept(self):
-        self.listener.settimeout(0.1)
-        while not self.stopped.is_set():
-            try:
-                connection, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            self.accepted.append(connection)  # held open, unanswered, until stop()
+        accept_until(self.listener, self.stopped, self.accepted.append)  # each held open, unanswered, until stop()
 
     def stop(self):
         self.stopped.set()

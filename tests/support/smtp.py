@@ -21,6 +21,18 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def accept_until(listener, stopped, take):
+    """Hand each connection `listener` accepts to `take(connection)`, until the event `stopped` is set:
+    the accept loop of the small socket servers that misbehave precisely."""
+    listener.settimeout(0.1)
+    while not stopped.is_set():
+        try:
+            connection, _ = listener.accept()
+        except TimeoutError:
+            continue
+        take(connection)
+
+
 class MailSink:
     # What to do once a message's data is in, for `after_dot`: take it and hang up without a word; take
     # it and never answer; or refuse it for now (451). A number: take it, answer 250 that many seconds later.
