@@ -244,3 +244,36 @@ def test_the_content_security_policy_holds_and_the_live_progress_runs_under_it(a
     # The watch itself works: a script the policy forbids (inline) is reported.
     browser.driver.execute_script("document.head.appendChild(document.createElement('script')).textContent = '1'")
     assert [message for _, message in browser.csp_violations()], 'an inline script should have been refused'
+
+
+def test_an_operator_imports_a_list_sends_week1_now_watching_both_reach_100_and_reads_a_timeline(admin_pages,
+                                                                                                 admin_browser, app):
+    """The operator's round, as the admin side's issue names it: the import's report (uploaded by
+    `admin_pages`) started and followed to the end, 'Send week1 now' followed to 100 % on the dashboard,
+    then the new subscriber's timeline."""
+    browser = admin_browser
+    report = admin_pages[-1][0]
+    browser.open(report)
+    browser.submit(f'form[action^="{report}"] button', 'import started')
+
+    def followed_to_the_end(job_task):
+        with app.app_context():
+            job_id = db.session.scalar(sa.select(sa.func.max(Job.id)).where(Job.task == job_task))
+        status = browser.find(f'#job-{job_id} .status')
+        run_due_jobs(app)
+        WebDriverWait(browser.driver, 10).until(lambda _: status.text == 'done', f'{job_task} never shown done')
+        browser.seen(f'{job_task} done')
+        return browser.find(f'#job-{job_id} .progress').text
+
+    assert followed_to_the_end('import_subscribers').endswith('(100 %)')
+    with app.app_context():
+        db.session.execute(sa.update(Client).where(Client.email == 'new.reader@example.com')
+                           .values(email_confirmed_at=utcnow()))  # as if they followed their confirmation link
+        db.session.commit()
+    browser.open('/admin/')
+    browser.submit('form[action="/admin/stages/week1/send"] button', 'week1 send started')
+    assert followed_to_the_end('send_stage').endswith('(100 %)')
+
+    newcomer = subscriber(app, 'new.reader@example.com')
+    browser.open(f'/admin/subscribers/{newcomer.id}')
+    assert browser.heading() == 'new.reader@example.com' and 'week1' in browser.text() and 'sent' in browser.text()
