@@ -1,6 +1,7 @@
 """The drip send at scale, measured in one run against the transport's own limit.
 
     .venv/bin/python bench/drip.py --subscribers 100000 --database sqlite
+    .venv/bin/python bench/drip.py --subscribers 100000 --database sqlite --no-pipelining
     .venv/bin/python bench/drip.py --subscribers 100000 --database postgresql --connections 8 --delay 0.02
     .venv/bin/python bench/drip.py --subscribers 600 --round-trip 50
     .venv/bin/python bench/drip.py --subscribers 1600 --round-trip 50 --connections 8 --raw-connections 1
@@ -247,13 +248,15 @@ def main():
                         help='send week2 with "Delay: DAYS days", to subscribers who got week1 DAYS+1 days ago')
     parser.add_argument('--rq-workers', type=int, default=0,
                         help='send through RQ: queue that many jobs and run that many `flask rq-worker` processes')
+    parser.add_argument('--no-pipelining', action='store_true',
+                        help='the server does not advertise PIPELINING: the app sends as raw smtplib does')
     parser.add_argument('--skip-limit', action='store_true', help='do not measure the transport limit')
     parser.add_argument('--slices', type=int, default=40, help='how many slices the limit is measured in')
     args = parser.parse_args()
     n = args.subscribers
 
     with tempfile.TemporaryDirectory() as folder, FreshDatabase(args.database, folder) as database, \
-            Sink(free_port(), args.delay) as sink, reached_through(sink.port, args.round_trip) as port:
+            Sink(free_port(), args.delay, not args.no_pipelining) as sink, reached_through(sink.port, args.round_trip) as port:
         env = {**os.environ, 'FLASK_SKIP_DOTENV': '1', 'INSTANCE_PATH': folder, 'DATABASE_URL': database.url,
                'SECRET_KEY': 'bench-secret-key-0123456789', 'BASE_URL': 'https://news.example.com', 'MAIL_SERVER': '127.0.0.1',
                'MAIL_PORT': str(port), 'MAIL_DEFAULT_SENDER': 'The Newsletter <news@example.com>',
@@ -291,8 +294,9 @@ def main():
         rate = f', rate limit {args.rate_limit:g}/s' if args.rate_limit else ''
         trip = '' if args.round_trip is None else f', {args.round_trip:g} ms round trip (bench/latency_proxy.py)'
         delayed = '' if args.stage_delay is None else f', week2 with Delay: {args.stage_delay} days'
+        classic = ', server without PIPELINING' if args.no_pipelining else ''
         print(f'drip send, {n} subscribers, {args.database}, {how}{args.connections} connection(s), '
-              f'server delay {args.delay * 1000:g} ms{rate}{trip}{delayed}')
+              f'server delay {args.delay * 1000:g} ms{rate}{trip}{delayed}{classic}')
         print(f'  app:    {seconds:8.2f} s  {n / seconds:9.1f} msg/s  peak RSS {rss:6.1f} MB  '
               f'{statements} SQL statements  duplicates {duplicates}  losses {losses}')
         paced = (n - 1) / (last - first - (limit.paused_between(first, last) if limit else 0.0))

@@ -3,9 +3,9 @@ with an optional per-message delay to imitate a remote server. Messages to LIMIT
 the transport-limit run's (bench/drip.py) and are counted apart, so that the app's duplicates, losses
 and first-to-last rate stay exact while both share the server.
 
-It advertises PIPELINING (RFC 2920) in its EHLO answer, which aiosmtpd does not by default: its reader
-already takes commands that arrive together one after another, and a client that pipelines only does
-so with a server that says it may."""
+It advertises PIPELINING (RFC 2920) in its EHLO answer unless told not to, which aiosmtpd does not by
+default: its reader already takes commands that arrive together one after another, and a client that
+pipelines only does so with a server that says it may."""
 import asyncio
 import multiprocessing
 import threading
@@ -18,13 +18,14 @@ LIMIT_PREFIX = 'limit'
 
 
 class _Counting:
-    def __init__(self, delay):
-        self.delay, self.received, self.limit_received, self.lock = delay, Counter(), 0, threading.Lock()
+    def __init__(self, delay, pipelining):
+        self.delay, self.pipelining, self.received, self.limit_received = delay, pipelining, Counter(), 0
+        self.lock = threading.Lock()
         self.first = self.last = None
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         session.host_name = hostname  # this hook's job once it is defined
-        if '250-PIPELINING' not in responses:
+        if self.pipelining and '250-PIPELINING' not in responses:
             responses.insert(-1, '250-PIPELINING')  # before the last line, '250 HELP'
         return responses
 
@@ -41,8 +42,8 @@ class _Counting:
         return '250 OK'
 
 
-def _serve(port, delay, commands, replies):
-    handler = _Counting(delay)
+def _serve(port, delay, pipelining, commands, replies):
+    handler = _Counting(delay, pipelining)
     controller = Controller(handler, hostname='127.0.0.1', port=port)
     controller.start()
     replies.put('ready')
@@ -64,11 +65,11 @@ class Sink:
     messages, in monotonic seconds; `reset()` also starts counting afresh; `progress()` returns
     (the app's messages, the limit run's messages) received so far."""
 
-    def __init__(self, port, delay=0.0):
+    def __init__(self, port, delay=0.0, pipelining=True):
         self.port = port
         self.commands, self.replies = multiprocessing.Queue(), multiprocessing.Queue()
-        self.process = multiprocessing.Process(target=_serve, args=(port, delay, self.commands, self.replies),
-                                               daemon=True)
+        self.process = multiprocessing.Process(target=_serve, args=(port, delay, pipelining, self.commands,
+                                                                    self.replies), daemon=True)
 
     def __enter__(self):
         self.process.start()
