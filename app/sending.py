@@ -258,6 +258,7 @@ class MailingSend:
         # Left open, even a read's transaction holds back PostgreSQL's clean-up of the rows this run
         # changes, and each of its statements then walks more dead row versions than the last.
         db.session.commit()
+        database_failed = False
         try:
             with Heartbeat(self.log.renew, self.log.lease / 3, name='send-heartbeat'), \
                     ThreadPoolExecutor(1, thread_name_prefix='claims') as claims:
@@ -285,12 +286,12 @@ class MailingSend:
         except sa.exc.SQLAlchemyError as exc:
             # What this run holds stays claimed until its lease runs out: then the next run makes what it
             # was sending 'unknown' and sends the rest, exactly as if this run had been killed.
-            self.report.aborted = f'stopped: the database failed: {exc}'
+            self.report.aborted, database_failed = f'stopped: the database failed: {exc}', True
         finally:
             self.log.close()
         with contextlib.suppress(sa.exc.SQLAlchemyError):
             self.report.retry_at = next_retry(self.mailing)
-            self.log.finish(self.report)
+            self.log.finish(self.report, abandoned=database_failed)
             suppress_refused([email for email, _ in self.report.failed])
         return self.report
 

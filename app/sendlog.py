@@ -244,12 +244,17 @@ class SendLog:
         for statement in self.release_statements:
             connection.execute(statement, {'ids': list(ids)})
 
-    def finish(self, report):
-        """The run's row, as the run ended: kept for admins, and its lease given up."""
+    def finish(self, report, abandoned=False):
+        """The run's row, as the run ended: kept for admins, and its lease given up. `abandoned`: the run
+        stopped on a database error, maybe holding claims and outcomes it could not record; then its lease
+        and its sending range stay, so that once the lease runs out the next run takes it over exactly as
+        it would a killed one. Given up, they would leave those claims to nobody."""
+        ended = {} if abandoned else {'finished_at': db_now(), 'lease_until': None, 'sending_from': None,
+                                      'sending_to': None}
         db.session.execute(sa.update(SendRun).where(SendRun.id == self.run_id).values(
-            finished_at=db_now(), lease_until=None, sending_from=None, sending_to=None, sent=report.sent,
-            failed=len(report.failed), unknown=len(report.unknown), deferred=len(report.deferred),
-            skipped=report.skipped, stopped=report.aborted or ('asked to stop' if report.stopped else None)))
+            **ended, sent=report.sent, failed=len(report.failed), unknown=len(report.unknown),
+            deferred=len(report.deferred), skipped=report.skipped,
+            stopped=report.aborted or ('asked to stop' if report.stopped else None)))
         db.session.commit()
 
     def _connection(self):
@@ -321,7 +326,8 @@ class SendLog:
         dead = db.session.execute(
             sa.update(runs).where(runs.c.mailing == self.mailing.key, runs.c.finished_at.is_(None),
                                   runs.c.taken_over_at.is_(None), runs.c.lease_until < db_now())
-            .values(taken_over_at=db_now(), stopped=f'taken over by run {self.run_id}')
+            .values(taken_over_at=db_now(),
+                    stopped=sa.func.coalesce(runs.c.stopped + '; ', '') + f'taken over by run {self.run_id}')
             .returning(runs.c.owner, runs.c.sending_from, runs.c.sending_to)).all()
         unknown, claimed = [], []
         for owner, sending_from, sending_to in dead:

@@ -1,7 +1,8 @@
 """The send's promise (never twice, never skipped, and it says which) under the faults real mail servers
 and infrastructure have: an answer lost after the final dot, greylisting, a transaction that outlasts
-the lease, the rate limiter's Redis gone, several connections at once, an untrusted certificate, a
-silent server, a process missing its mail settings, and every way of starting a send."""
+the lease, the database dropping a run's connection, the rate limiter's Redis gone, several connections
+at once, an untrusted certificate, a silent server, a process missing its mail settings, and every way
+of starting a send."""
 import dataclasses
 import socket
 import ssl
@@ -229,6 +230,40 @@ def test_a_run_stuck_in_one_transaction_for_longer_than_its_lease_keeps_its_clai
     assert [code for code, _, _ in results] == [0, 0], results
     assert promise_kept('week1', emails) == {'sent': emails}
     assert set(stages().values()) == {1}
+
+
+# 3b. The database drops the run's connection part-way.
+
+@pytest.mark.parametrize('database_url', ['postgresql'], indirect=True)  # a server that can drop one connection
+def test_a_run_whose_database_connection_drops_leaves_its_claims_to_the_next_run(
+        app, smtp, subscribers, settings, postgresql_server, flask_command, promise_kept, ledger_of, stages):
+    emails = subscribers(40)
+    smtp.delay = 0.05
+    name = f'send-{time.time_ns()}'  # the doomed run's connections, as pg_stat_activity lists them
+    doomed = flask_command('send-newsletter-email', 'week1', LEASE_SECONDS='2',
+                           DATABASE_URL=f"{settings['SQLALCHEMY_DATABASE_URI']}&application_name={name}")
+
+    assert smtp.wait_for(12) >= 12
+    with postgresql_server.begin() as connection:  # a proxy's idle timeout, a failover: the checkpoint's line goes
+        dropped = connection.execute(sa.text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :name "
+            "AND query LIKE 'WITH recorded AS%'"), {'name': name}).scalars().all()  # the checkpoint's statement
+    code, out, err = finish(doomed)
+    assert dropped == [True] and code == 1 and 'the database failed' in out, (dropped, out, err)
+    left = ledger_of()
+    assert any(status == 'claimed' for status, _, _ in left.values()), 'it stopped holding claims'
+
+    time.sleep(2)  # its lease runs out, as a killed run's would
+    code, out, err = finish(flask_command('send-newsletter-email', 'week1'))
+
+    by_status = promise_kept('week1', emails)
+    assert code == (1 if by_status.get('unknown') else 0), (out, err)  # an unknown one is for an admin to look at
+    assert set(by_status) <= {'sent', 'unknown'}, f'left behind, never to be sent: {by_status.get("claimed")}'
+    assert len(by_status.get('unknown', [])) <= 10 + 1, 'only what the dropped run was sending is unknown'
+    assert {email for email, stage in stages().items() if stage == 1} == set(by_status['sent'])
+    with app.app_context():
+        first = db.session.scalar(sa.select(SendRun.stopped).order_by(SendRun.id).limit(1))
+    assert 'the database failed' in first and 'taken over by run' in first, 'the admin sees why, and what came of it'
 
 
 # 4. The rate limiter's Redis is gone.
