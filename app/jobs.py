@@ -231,7 +231,7 @@ def run_next(queue, worker_stopping=None, abandoned=True):
 
 
 def _claim(status, starting, params):
-    return built_once(('jobs: claim', status, starting), _claiming(status, starting))(**params)
+    return built_once(('jobs: claim', status, starting), functools.partial(_claiming, status, starting))(**params)
 
 
 def _claiming(status, starting):
@@ -244,9 +244,8 @@ def _claiming(status, starting):
     statement and commit: one of the three a confirmation email cost the database (bench/signups.py)."""
     c = _JOBS.c
     start = dict(values=_started(), returning=_RUN_COLUMNS) if starting else {}
-    return lambda: Claim(Job, c.queue == sa.bindparam('job_queue'), c.status == status,
-                         c.run_after <= sa.bindparam('due_by', type_=sa.DateTime), order_by=c.run_after, limit=1,
-                         **start)
+    return Claim(Job, c.queue == sa.bindparam('job_queue'), c.status == status,
+                 c.run_after <= sa.bindparam('due_by', type_=sa.DateTime), order_by=c.run_after, limit=1, **start)
 
 
 _RUN_COLUMNS = (_JOBS.c.task, _JOBS.c.payload, _JOBS.c.attempts, _JOBS.c.max_attempts)
