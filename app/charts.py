@@ -37,7 +37,8 @@ def daily(days, series, title, width=640, height=160):
         if i % 7 == 0:
             drawn.append(f'<text x="{i * slot:.1f}" y="{height - 2}">{escape(day)[5:]}</text>')
     legend = ' '.join(f'<tspan fill="{SERIES_COLOURS[j]}">■ {escape(name)}</tspan>' for j, name in enumerate(series))
-    return Markup(f'<svg role="img" aria-label="{escape(title)}" width="100%" viewBox="0 0 {width} {height + 16}" '
+    return Markup(f'<svg role="img" aria-label="{escape(title)}" width="{width}" height="{height + 16}" '
+                  f'viewBox="0 0 {width} {height + 16}" '
                   f'font-size="11"><title>{escape(title)}</title><text x="0" y="10">{legend}</text>'
                   f'<g transform="translate(0 16)">{"".join(drawn)}</g></svg>')
 

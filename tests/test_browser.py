@@ -204,6 +204,19 @@ def test_no_admin_page_scrolls_sideways_even_with_a_very_long_address(admin_page
 
 
 @pytest.mark.parametrize('width', [PHONE, DESKTOP])
+def test_the_dashboard_charts_labels_stay_readable(admin_pages, admin_browser, width):
+    """A chart shrunk to a phone's width shrank its labels with it, to about 6 px: on a phone a chart keeps
+    a readable size and scrolls inside its own box, as wide tables do."""
+    browser = admin_browser.at_width(width)
+    browser.open('/admin/')
+    heights = browser.driver.execute_script(
+        "return Array.from(document.querySelectorAll('figure svg text'), t => t.getBoundingClientRect().height)")
+
+    assert heights and min(heights) >= 9, f'label heights in px at {width} px: {sorted(heights)[:5]}'
+    assert too_wide(browser) is None, f'wider than a {width} px window (screenshot in {browser.artifacts})'
+
+
+@pytest.mark.parametrize('width', [PHONE, DESKTOP])
 def test_a_stage_preview_fits_the_window(admin_browser, long_subscriber, width):
     browser = admin_browser.at_width(width)
     browser.open(f'/admin/stages/week1/preview?subscriber={long_subscriber}')
