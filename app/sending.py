@@ -273,6 +273,7 @@ class MailingSend:
                     self.report.held = self.mailing.not_now()
                     self.report.stopped = not self.report.aborted and (self.should_stop() or bool(self.report.held))
                     if self.report.aborted or self.report.stopped:
+                        self._cancel_queued()
                         self.log.release([outgoing.delivery_id for outgoing in self._take(upcoming)])
                         break
                     batch = self._take(upcoming)
@@ -348,9 +349,13 @@ class MailingSend:
             self._keep_pace(seconds)
             (self.releases if outcome.status is None else self.outcomes).append(outcome)
             self._judge(outcome, stop)
-        if self.report.aborted:  # what waits in a connection's queue has not started: left due, not sent
-            for future in [future for future in self.in_flight if future.cancel()]:
-                self.releases.append(self.in_flight.pop(future).outcome(None))
+        if self.report.aborted:
+            self._cancel_queued()
+
+    def _cancel_queued(self):
+        """What waits in a connection's queue has not started: when the run stops, it is left due, not sent."""
+        for future in [future for future in self.in_flight if future.cancel()]:
+            self.releases.append(self.in_flight.pop(future).outcome(None))
 
     def _finish(self):
         """Wait for every message still in flight, and record what came in and what was released."""

@@ -10,7 +10,9 @@ from collections import Counter
 
 import pytest
 
+from app.drip import DripStage
 from app.email import Email
+from app.sending import send
 from app.smtp import SmtpSender
 from tests.support.flights import FlightServer
 from tests.support.smtp import MailSink
@@ -32,6 +34,14 @@ def pipelining(smtp):
     """The suite's aiosmtpd server, offering PIPELINING."""
     smtp.pipelining = True
     return smtp
+
+
+@pytest.fixture
+def deep_queues(pipelining, app):
+    """Three connections to a server offering PIPELINING: nine messages in flight, of which each
+    connection has one on the wire and two waiting in its queue."""
+    app.config.update(MAIL_CONCURRENCY=3)
+    return pipelining
 
 
 def test_each_envelope_goes_in_one_flight_and_the_next_rides_behind_the_dot(flights, app, runner, subscribers):
@@ -176,3 +186,35 @@ def test_a_run_killed_while_an_earlier_group_is_still_on_the_wire_sends_it_no_se
 
     outcome = promise_kept('week1', emails)
     assert slow in outcome["unknown"] and len(smtp.received_by(slow)) == 1
+
+
+def test_a_run_asked_to_stop_leaves_what_waits_in_the_connections_queues_due(deep_queues, app, subscribers,
+                                                                              promise_kept):
+    app.config.update(SEND_BATCH_SIZE=12)
+    emails = subscribers(24)
+    deep_queues.delay = 0.3  # the first batch is all handed over while most of it still waits
+
+    with app.app_context():
+        report = send(DripStage('week1'), 'admin', should_stop=lambda: True)  # asked after the first batch
+
+    by_status = promise_kept('week1', emails)  # and the ones left due received nothing
+    assert report.stopped and set(by_status) == {'sent', None}, by_status.keys()
+    assert report.sent == len(by_status['sent']) == len(deep_queues.messages)
+    waited = [email for email in emails[:12] if email in by_status[None]]
+    assert waited, 'the first batch went out whole: what waited in the queues was sent after the stop'
+
+
+def test_three_unknowns_in_a_row_leave_what_waits_in_the_connections_queues_due_not_unknown(
+        deep_queues, app, subscribers, promise_kept):
+    app.config.update(SEND_BATCH_SIZE=20, MAIL_DATA_TIMEOUT=1)
+    emails = subscribers(12)
+    for address in emails[3:]:  # once the connections are open, every message is taken and never answered
+        deep_queues.after_dot[address] = MailSink.SILENT
+
+    with app.app_context():
+        report = send(DripStage('week1'), 'admin')
+
+    by_status = promise_kept('week1', emails)  # and the ones left due received nothing
+    assert 'in a row got no answer' in report.aborted
+    assert by_status['sent'] == emails[:3] and by_status.get(None), by_status
+    assert len(by_status['unknown']) < 9, 'all nine in flight went out: the queued ones after the stop'
