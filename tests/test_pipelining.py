@@ -3,6 +3,7 @@ the next message's envelope rides behind the previous one's final dot, and the l
 per message: a refused recipient fails or defers that message alone; if the line drops, the message
 whose dot went out unanswered is unknown and the one whose envelope only went out is sent again. A
 server that does not offer it is spoken to one command at a time, as before."""
+import math
 import signal
 import subprocess
 import time
@@ -218,3 +219,45 @@ def test_three_unknowns_in_a_row_leave_what_waits_in_the_connections_queues_due_
     assert 'in a row got no answer' in report.aborted
     assert by_status['sent'] == emails[:3] and by_status.get(None), by_status
     assert len(by_status['unknown']) < 9, 'all nine in flight went out: the queued ones after the stop'
+
+
+class Halt(BaseException):
+    """Not an Exception: what a sender might raise like KeyboardInterrupt or SystemExit."""
+
+
+@pytest.mark.timeout(60)
+# Handed to its future, it is raised again on the lane's thread, which ends with it (SenderPool.run).
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnhandledThreadExceptionWarning')
+def test_a_lane_whose_send_raises_a_base_exception_hands_it_to_the_run_which_does_not_wait_for_ever(
+        deep_queues, app, subscribers, monkeypatch):
+    real_send = SmtpSender.send
+
+    def send_halting_at_reader5(self, email, meanwhile=None, then=None):
+        if email.recipient == 'reader5@example.com':
+            raise Halt
+        return real_send(self, email, meanwhile, then)
+
+    monkeypatch.setattr(SmtpSender, 'send', send_halting_at_reader5)
+    subscribers(20)  # reader5 is on a lane with more waiting behind it
+
+    with app.app_context(), pytest.raises(Halt):
+        send(DripStage('week1'), 'admin')
+
+
+@pytest.mark.parametrize('connections', [1, 2])
+def test_mail_max_emails_reconnects_over_pipelining_and_sends_everyone_once(pipelining, app, runner, subscribers,
+                                                                           promise_kept, connections):
+    app.config.update(MAIL_CONCURRENCY=connections)
+    app.extensions['mail'].max_emails = 3  # MAIL_MAX_EMAILS
+    emails = subscribers(20)
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert result.exit_code == 0, result.output
+    assert promise_kept('week1', emails) == {'sent': emails}
+    taken = list(pipelining.taken.values())  # messages per connection
+    assert pipelining.connections == len(taken) and max(taken) == 3, taken
+    # Three a connection, but each lane's last, which takes what is left of the lane's share.
+    assert sum(1 for count in taken if count < 3) <= connections, taken
+    assert len(taken) in range(math.ceil(20 / 3), math.ceil(20 / 3) + connections), taken
+    assert pipelining.quits == pipelining.connections, 'a connection closed with an envelope announced on it'

@@ -49,6 +49,8 @@ class MailSink:
         self.after_dot = {}  # address -> [what to do once its data is in, one per attempt; the last stays]
         self.delay = 0.0  # seconds to take over each message
         self.connections = 0
+        self.quits = 0  # connections the client ended with QUIT, not by hanging up
+        self.taken = {}  # per connection (its aiosmtpd session) that took any, how many messages it took
         self.port = free_port()
         self.tls_context, self.implicit_tls = tls_context, implicit_tls
         self.controller = None
@@ -73,6 +75,11 @@ class MailSink:
             responses.insert(-1, '250-PIPELINING')  # before the last line, '250 HELP'
         return responses
 
+    async def handle_QUIT(self, server, session, envelope):
+        with self.lock:
+            self.quits += 1
+        return '221 Bye'
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         with self.lock:
             if address in self.refuse_for_good:
@@ -94,6 +101,7 @@ class MailSink:
         message = message_from_bytes(envelope.content, policy=policy.default)
         with self.lock:
             self.messages.append(message)
+            self.taken[session] = self.taken.get(session, 0) + 1
             if list(envelope.rcpt_tos) != [message['To']]:
                 self.misdirected.append((list(envelope.rcpt_tos), message['To']))
         if action == self.DROP:
