@@ -4,6 +4,8 @@ moments against a server that, per recipient, hangs up or falls silent after the
 refuses, answers later than the lease, or hangs up before the data. Then the server is fixed and the
 mailings are run to the end. Afterwards every subscriber has exactly one message per mailing, but those
 recorded unknown (at most one) or failed (none); nobody is left out; and every mailing's counts balance.
+It runs over one connection, and over three to a server offering PIPELINING (MAIL_CONCURRENCY=3), where
+each connection holds several messages at once.
 
 Seeded: CHAOS_SEED=<n> replays a run's choices (the processes' own timing still varies)."""
 import os
@@ -105,8 +107,15 @@ class Chaos:
                 process.wait()
 
 
+@pytest.mark.parametrize('database_url, connections, pipelining', [
+    pytest.param('sqlite', 1, False, id='sqlite'),
+    pytest.param('postgresql', 1, False, id='postgresql'),
+    # Pipelining's own risks: several messages in flight per connection, envelopes announced ahead of a dot.
+    pytest.param('sqlite', 3, True, id='sqlite-3-pipelining'),
+], indirect=['database_url'])
 def test_nothing_twice_nobody_left_out_and_every_ledger_balances_whatever_dies(
-        app, smtp, subscribers, flask_command, promise_kept, seed):
+        app, smtp, settings, subscribers, flask_command, promise_kept, seed, connections, pipelining):
+    settings['MAIL_CONCURRENCY'], smtp.pipelining = connections, pipelining  # for the `flask` processes
     rng = random.Random(seed)
     emails = subscribers(SUBSCRIBERS)
     smtp.delay = 0.005
