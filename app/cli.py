@@ -221,7 +221,10 @@ def worker(queues, once):
         signal.signal(signum, lambda *_: stop.set())
     current_app.extensions['jobs'] = running.start()
     click.echo(f'jobs worker: serving {", ".join(queues)} (Ctrl+C to stop)', err=True)
-    stop.wait()
+    # Woken now and then: a signal taken by another thread (as a SIGTERM right after a SIGCONT can be) only
+    # marks itself for the main thread, which runs the handler when it next wakes, never in an endless wait.
+    while not stop.wait(1):
+        pass
     click.echo('jobs worker: stopping after the jobs in progress reach a safe point', err=True)
     running.stop()
 
