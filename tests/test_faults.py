@@ -160,6 +160,18 @@ def test_a_broadcast_job_stopped_by_lost_answers_waits_for_an_admin_instead_of_r
     assert (job.status, job.attempts) == ('failed', 1) and '3 messages in a row got no answer' in job.error
     assert sorted(status for status, _, _ in ledger_of(f'broadcast{broadcast_id}').values()) == ['unknown'] * 3
 
+    smtp.after_dot.clear()  # the admin has looked at the relay, and pauses and resumes the broadcast
+    with app.app_context():
+        broadcasts.pause(broadcast_id)
+        broadcasts.resume(broadcast_id)
+    run_due_jobs(app)
+
+    with app.app_context():
+        assert db.session.get(Broadcast, broadcast_id).status == 'sent'
+    assert {email: status for email, (status, _, _) in ledger_of(f'broadcast{broadcast_id}').items()} == {
+        **{email: 'unknown' for email in emails[:3]}, **{email: 'sent' for email in emails[3:]}}
+    assert sorted(smtp.recipients()) == sorted(emails), 'the unknown ones are not sent again'
+
 
 # 2. Greylisting that outlasts a run's retries.
 
