@@ -43,15 +43,22 @@ def sendgrid_events():
         abort(400, 'Expected a JSON array of events.')
     acted = 0
     for event in events:
-        reason, email, event_id = SUPPRESSING.get(event.get('event')), event.get('email'), event.get('sg_event_id')
-        if not (reason and isinstance(email, str) and isinstance(event_id, str)) or not _first_time(event_id, event):
+        reason, email, event_id = SUPPRESSING.get(event.get('event')), _text(event.get('email')), \
+            _text(event.get('sg_event_id'))
+        if not (reason and email and event_id) or not _first_time(event_id, event):
             continue
         if event.get('event') == 'bounce' and event.get('type') == 'blocked':
             continue  # refused for now (a block), not an address that does not exist
-        suppress(email, reason, f"SendGrid {event['event']}: {event.get('reason') or ''}".strip())
+        detail = f"SendGrid {event['event']}: {event.get('reason') or ''}".replace('\x00', '').strip()
+        suppress(email, reason, detail)
         acted += 1
     db.session.commit()
     return {'received': len(events), 'suppressed': acted}
+
+
+def _text(value):
+    """`value` if it is a string a database can store (PostgreSQL refuses NUL in text), else None."""
+    return value if isinstance(value, str) and value and '\x00' not in value else None
 
 
 def _verify(request):
