@@ -5,10 +5,14 @@ does: scripts, framing by other sites, guessing content types, leaking its links
 
 And the key every link and session is signed with: a deployment must set its own SECRET_KEY (a key
 generated into the instance folder would differ between machines, and a known one lets anyone forge an
-admin session); SECRET_KEY_FALLBACKS keeps links signed with an earlier key working while it is rotated."""
+admin session); SECRET_KEY_FALLBACKS keeps links signed with an earlier key working while it is rotated.
+
+And one rule for every query string: no NUL character, which no address or search needs and which
+PostgreSQL's text refuses (a search holding one was a 500 there). Forms check their own fields
+(app/admin/forms.py): read here, a form would be parsed before a view could raise its body limit."""
 from datetime import timedelta
 
-from flask import request
+from flask import abort, request
 
 from app.transports import looks_deployed
 
@@ -47,6 +51,11 @@ def init_app(app):
     def _body_limit():
         if setting := LARGER_BODIES.get(request.endpoint):
             request.max_content_length = config[setting]
+
+    @app.before_request
+    def _no_nul():
+        if any('\x00' in value for _, value in request.args.items(multi=True)):
+            abort(400, 'A NUL character is not accepted.')
 
     @app.after_request
     def _security_headers(response):

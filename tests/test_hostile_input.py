@@ -94,6 +94,8 @@ def broadcast_form(admin):
        send_at=st.one_of(st.text(max_size=30), st.just('2031-01-01T09:00')),
        zone=st.one_of(st.text(max_size=40), st.sampled_from(['UTC', 'Europe/Paris'])),
        button=st.sampled_from(['preview', 'schedule']))
+@example(subject='Sale\x00', text='Hello\x00', html='<p>\x00</p>', send_at='2031-01-01T09:00', zone='UTC',
+         button='schedule')  # a NUL, which PostgreSQL's text refuses
 def test_the_broadcast_form_takes_anything_and_stores_only_what_can_be_sent(app, broadcast_form, subject, text, html,
                                                                              send_at, zone, button):
     admin, token = broadcast_form
@@ -109,6 +111,26 @@ def test_the_broadcast_form_takes_anything_and_stores_only_what_can_be_sent(app,
     with app.app_context():
         subjects = db.session.scalars(sa.select(Broadcast.subject)).all()
     assert not any('\r' in stored or '\n' in stored for stored in subjects)
+
+
+@pytest.mark.parametrize('path', ['/admin/subscribers?q=a%00b', '/admin/stages/week1/preview?subscriber=%00',
+                                  '/admin/mailings/week1?state=failed%00'])
+def test_a_nul_in_a_query_is_refused_with_a_clear_error(admin, path):
+    response = admin.get(path)
+
+    assert response.status_code == 400 and b'A NUL character is not accepted.' in response.data
+
+
+def test_a_broadcast_holding_a_nul_is_refused_and_nothing_is_stored(app, broadcast_form):
+    admin, token = broadcast_form
+    before = counts(app)
+
+    response = admin.post('/admin/broadcasts/new', data={
+        'subject': 'Sale', 'text': 'Hello\x00', 'html': '<p>Hello</p>', 'send_at': '2031-01-01T09:00',
+        'timezone': 'UTC', 'schedule': 'schedule', 'csrf_token': token})
+
+    assert response.status_code == 400 and b'A NUL character is not accepted.' in response.data
+    assert counts(app) == before
 
 
 @pytest.fixture(scope='module')

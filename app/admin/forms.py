@@ -3,7 +3,7 @@ from zoneinfo import available_timezones
 from flask_wtf import FlaskForm
 from flask_wtf.file import FileField, FileRequired
 from wtforms import BooleanField, DateTimeLocalField, SelectField, StringField, SubmitField, TextAreaField
-from wtforms.validators import DataRequired, Email, Length
+from wtforms.validators import DataRequired, Email, Length, ValidationError
 
 from app.main.forms import single_line
 
@@ -13,10 +13,16 @@ class LoginForm(FlaskForm):
     submit = SubmitField('Email me a sign-in link')
 
 
+def no_nul(form, field):
+    """No email needs a NUL, and PostgreSQL's text refuses one (it was a 500 there)."""
+    if '\x00' in (field.data or ''):
+        raise ValidationError('A NUL character is not accepted.')
+
+
 class BroadcastForm(FlaskForm):
-    subject = StringField('Subject', validators=[DataRequired(), Length(max=255)])
-    text = TextAreaField('Text version', validators=[DataRequired()])
-    html = TextAreaField('HTML version', validators=[DataRequired()])
+    subject = StringField('Subject', validators=[DataRequired(), no_nul, Length(max=255)])
+    text = TextAreaField('Text version', validators=[DataRequired(), no_nul])
+    html = TextAreaField('HTML version', validators=[DataRequired(), no_nul])
     send_at = DateTimeLocalField('Send at', format='%Y-%m-%dT%H:%M', validators=[DataRequired()])
     timezone = SelectField('Time zone', choices=sorted(available_timezones()), default='UTC')
     preview = SubmitField('Preview')
