@@ -419,14 +419,15 @@ class Worker:
             thread.join(timeout)
 
     def _serve(self, queue, wake):
-        looked = [float('-inf')]
+        looked = float('-inf')
 
         def abandoned():
             """Abandoned jobs are looked for once a poll (they wait out a lease anyway), not at every claim:
             woken by each sign-up's commit, the thread otherwise paid a second claim, empty, for each."""
-            if time.monotonic() - looked[0] < self.app.config['JOB_POLL_SECONDS']:
+            nonlocal looked
+            if time.monotonic() - looked < self.app.config['JOB_POLL_SECONDS']:
                 return False
-            looked[0] = time.monotonic()
+            looked = time.monotonic()
             return True
 
         self._loop(wake, lambda: run_next(queue, self.stopping, abandoned()))
