@@ -118,6 +118,8 @@ class Config:
     # 'database': workers run jobs themselves; 'rq': they hand them to `flask rq-worker` (needs REDIS_URL).
     JOB_BACKEND = os.environ.get('JOB_BACKEND') or 'database'
     JOB_POLL_SECONDS = env_float('JOB_POLL_SECONDS', 5)
+    # Quick mail (confirmations, sign-in links) is claimed this many jobs at a time.
+    JOB_MAIL_BATCH = env_int('JOB_MAIL_BATCH', 10)
     # A failing job is retried after JOB_RETRY_BACKOFF seconds, doubling up to JOB_MAX_BACKOFF.
     JOB_MAX_ATTEMPTS = env_int('JOB_MAX_ATTEMPTS', 15)
     JOB_RETRY_BACKOFF = env_float('JOB_RETRY_BACKOFF', 2)

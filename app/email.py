@@ -15,7 +15,7 @@ from email.utils import formataddr, formatdate, parseaddr
 from flask import current_app
 
 from app.failures import PermanentFailure
-from app.jobs import GiveUp, define_task, kept_open
+from app.jobs import GiveUp, define_task, kept_open, upcoming
 from app.transports import open_sender
 
 
@@ -70,10 +70,12 @@ def queue_email(email):
 def send_email(recipient, subject, text, html, message_id, headers):
     """A temporary failure (the server is down, a 4xx) is retried by the job's back-off; a permanent
     one (a 5xx) fails the job at once. Once it is over, what the email said (a sign-in or confirmation
-    link among it) is dropped from the job's row; whom it went to, and its subject, stay."""
+    link among it) is dropped from the job's row; whom it went to, and its subject, stay. When the
+    worker has claimed the next email already, its envelope goes out behind this one's end (pipelining)."""
+    following = upcoming(send_email) or {}
     try:
         with kept_open('sender', open_sender) as sender:  # one connection for a worker's emails, back to back
-            sender.send(Email(recipient, subject, text, html, message_id, headers))
+            sender.send(Email(recipient, subject, text, html, message_id, headers), then=following.get('recipient'))
     except PermanentFailure as refused:
         raise GiveUp(f'PermanentFailure: {refused}') from refused
 

@@ -8,7 +8,7 @@ exactly when the change that asked for it is committed. The row is also the job'
 state (JobStatus has every move), progress, result or error, and timings, for admins to see.
 
 Workers claim due jobs under a lease (app/leases.py), so a job runs in one worker at a time however
-many run, on PostgreSQL or SQLite. While a job runs, a heartbeat thread renews its lease and writes its
+many run, on PostgreSQL or SQLite. Quick mail is claimed JOB_MAIL_BATCH jobs at a time (see _run_claimed). While a job runs, a heartbeat thread renews its lease and writes its
 progress; if the worker dies the lease runs out and another worker takes the job over. A job that
 raises is retried with back-off (JOB_RETRY_BACKOFF, doubling) up to its max_attempts, then kept as
 failed with its error; one that raises GiveUp fails at once. The runner knows nothing of what tasks do. A job's
@@ -153,6 +153,14 @@ class _Running:
 _local = threading.local()
 
 
+def upcoming(task):
+    """The payload of the job this thread runs next, if it has claimed it already and it is one of `task`'s:
+    a hint for a task that can start on it early (send_email: its envelope goes out with this message's
+    end). Only a hint: that job may yet be given back (see _run_claimed)."""
+    row = getattr(_local, 'upcoming', None)
+    return row.payload if row is not None and row.task == task.name else None
+
+
 def report_progress(done, total=None):
     """Called by a running task; the heartbeat stores it. Does nothing outside a job."""
     if running := getattr(_local, 'running', None):
@@ -213,28 +221,53 @@ def kept_open(key, opener):
 
 
 def run_next(queue, worker_stopping=None, abandoned=True):
-    """Claim the next due job of `queue` and run it here, or hand it to RQ.  :return: False if none was due.
-    `abandoned`: look first for a running one whose worker died (its lease run out), then a queued one."""
+    """Claim the next due jobs of `queue` and run them here, or hand one to RQ.  :return: how many ran or
+    were handed over, 0 if none was due. `abandoned`: look first for running ones whose worker died (their
+    lease run out), then queued ones."""
     owner, config = new_owner(), current_app.config
     here = config['JOB_BACKEND'] != 'rq'
+    limit = config['JOB_MAIL_BATCH'] if here and queue == 'mail' else 1
+    claimed_at = time.monotonic()  # before the claim: the leases it takes start a little later
     claim = dict(owner=owner, seconds=config['LEASE_SECONDS'], job_queue=queue, due_by=utcnow(),
                  **({'started': utcnow()} if here else {}))
-    rows = _claim(JobStatus.RUNNING, here, claim) if abandoned else []
-    rows = rows or _claim(JobStatus.QUEUED, here, claim)
-    if not rows:
-        return False
-    if here:
-        _run(*rows[0], owner=owner, worker_stopping=worker_stopping or threading.Event())
-    else:
+    rows = _claim(JobStatus.RUNNING, here, limit, claim) if abandoned else []
+    rows = rows or _claim(JobStatus.QUEUED, here, limit, claim)
+    if rows and not here:
         rq_queue().enqueue_call(run_handed_over, args=(rows[0].id, owner), timeout=config['RQ_JOB_TIMEOUT'])
-    return True
+        return 1
+    return _run_claimed(rows, owner, worker_stopping or threading.Event(), claimed_at)
 
 
-def _claim(status, starting, params):
-    return built_once(('jobs: claim', status, starting), functools.partial(_claiming, status, starting))(**params)
+def _run_claimed(rows, owner, worker_stopping, claimed_at):
+    """Run the jobs claimed together, one after another.  :return: how many ran.
+
+    A confirmation email's claim was a third of what the job runner spent on it, and on PostgreSQL four
+    round trips of its seven (bench/signups.py): mail jobs are short, so they are claimed in batches.
+    Each job of a batch had its attempt counted and its lease taken with the claim, and its heartbeat
+    starts only with its turn: so a job whose turn comes once a third of the lease has gone, when its
+    lease could run out before its first beat, is given back uncounted, as are those left when the worker
+    stops. A worker killed mid-batch has used up an attempt of each job it had not started yet."""
+    lease, rows = current_app.config['LEASE_SECONDS'], sorted(rows, key=lambda row: row.run_after)
+    for ran, row in enumerate(rows):
+        if ran and (worker_stopping.is_set() or time.monotonic() - claimed_at > lease / 3):
+            for left in rows[ran:]:
+                _record(_Running(left.id, owner, worker_stopping), give_back_attempt=True, status=JobStatus.QUEUED)
+            return ran
+        _local.upcoming = rows[ran + 1] if ran + 1 < len(rows) else None
+        try:
+            _run(row.id, row.task, row.payload, row.attempts, row.max_attempts, owner=owner,
+                 worker_stopping=worker_stopping)
+        finally:
+            _local.upcoming = None
+    return len(rows)
 
 
-def _claiming(status, starting):
+def _claim(status, starting, limit, params):
+    return built_once(('jobs: claim', status, starting, limit),
+                      functools.partial(_claiming, status, starting, limit))(**params)
+
+
+def _claiming(status, starting, limit):
     """The claim of a due job in `status`: queued, or running with its lease run out (its worker died).
     One status at a time, in the order of the index on (queue, status, run_after), so that the database
     stops at the first free row: with both statuses at once, SQLite sorted every waiting job for each
@@ -243,9 +276,9 @@ def _claiming(status, starting):
     `starting`: the claiming thread runs the job, so the claim starts it too (see _start), in the same
     statement and commit: one of the three a confirmation email cost the database (bench/signups.py)."""
     c = _JOBS.c
-    start = dict(values=_started(), returning=_RUN_COLUMNS) if starting else {}
+    start = dict(values=_started(), returning=(*_RUN_COLUMNS, c.run_after)) if starting else {}
     return Claim(Job, c.queue == sa.bindparam('job_queue'), c.status == status,
-                 c.run_after <= sa.bindparam('due_by', type_=sa.DateTime), order_by=c.run_after, limit=1, **start)
+                 c.run_after <= sa.bindparam('due_by', type_=sa.DateTime), order_by=c.run_after, limit=limit, **start)
 
 
 _RUN_COLUMNS = (_JOBS.c.task, _JOBS.c.payload, _JOBS.c.attempts, _JOBS.c.max_attempts)
@@ -304,6 +337,7 @@ def _run(job_id, name, payload, attempt, max_attempts, owner, worker_stopping):
                        error=f'no task named {name!r} in this app')
 
     log.info('job %d: %s started (attempt %d of %d)', job_id, name, attempt, max_attempts)
+    started = utcnow()  # the claim's time was written, and a batch's later jobs start after it
     heartbeat = Heartbeat(functools.partial(_keep_lease, running, lease),
                           every=min(lease / 3, current_app.config['JOB_PROGRESS_SECONDS']), name=f'job-{job_id}-heartbeat')
     _local.running = running
@@ -336,7 +370,7 @@ def _run(job_id, name, payload, attempt, max_attempts, owner, worker_stopping):
         _local.running = None
     if outcome['status'] in (JobStatus.DONE, JobStatus.FAILED) and task.forget:
         outcome['payload'] = {key: value for key, value in payload.items() if key not in task.forget}
-    _record(running, **outcome)
+    _record(running, started_at=started, **outcome)
 
 
 def _jsonable(value):
@@ -350,13 +384,20 @@ def _record(running, give_back_attempt=False, **values):
     names = tuple(sorted(values))
     statement = built_once(('jobs: record', names, give_back_attempt),
                            lambda: _record_outcome(names, give_back_attempt))
-    held = db.session.execute(statement, {
-        'job_id': running.job_id, 'holder': running.owner, 'done': running.done, 'total': running.total,
-        **{f'new_{name}': values[name] for name in names}}).rowcount
-    if held:
-        db.session.commit()
+    params = {'job_id': running.job_id, 'holder': running.owner, 'done': running.done, 'total': running.total,
+              **{f'new_{name}': values[name] for name in names}}
+    if db.session().in_transaction():
+        held = db.session.execute(statement, params).rowcount
+        if held:
+            db.session.commit()
+        else:
+            db.session.rollback()
     else:
-        db.session.rollback()
+        # The task left nothing to commit with its outcome (sending an email writes nothing): the UPDATE
+        # alone, in autocommit, is one round trip to PostgreSQL where BEGIN, UPDATE and COMMIT were three.
+        with db.engine.connect().execution_options(isolation_level='AUTOCOMMIT') as alone:
+            held = alone.execute(statement, params).rowcount
+    if not held:
         log.warning('job %d: its lease ran out and another worker took it over; this outcome is dropped',
                     running.job_id)
 
@@ -471,8 +512,8 @@ def run_due(queues=QUEUES):
     ran = 0
     with kept_between_jobs():
         for queue in queues:
-            while run_next(queue):
-                ran += 1
+            while ran_now := run_next(queue):
+                ran += ran_now
     return ran
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from datetime import timedelta
 
 import pytest
@@ -42,6 +43,18 @@ def subscribe_then(email, fail):
         raise RuntimeError('failed after writing')
 
 
+ran = []  # the tag of each run of `noted`, in order
+halt = threading.Event()  # what `noted` sets, when asked to, as a worker's shutdown would
+
+
+@define_task()
+def noted(tag, seconds=0, stop_the_worker=False):
+    ran.append(tag)
+    if stop_the_worker:
+        halt.set()
+    time.sleep(seconds)
+
+
 @define_task(queue='bulk')
 def slow_counter(steps, step_seconds):
     for step in range(steps):
@@ -55,7 +68,9 @@ def slow_counter(steps, step_seconds):
 @pytest.fixture
 def app(app):
     """The app, with this module's tasks registered beside its own, as the factory registers those."""
-    app.extensions['tasks'].add(add, flaky, subscribe_then, slow_counter)
+    app.extensions['tasks'].add(add, flaky, subscribe_then, noted, slow_counter)
+    ran.clear()
+    halt.clear()
     return app
 
 
@@ -142,6 +157,63 @@ def test_jobs_run_in_the_order_they_fell_due(app):
 
     started = {job.id: job.started_at for job in jobs(app)}
     assert started[earlier] < started[later]
+
+
+def test_quick_mail_is_claimed_in_batches_and_each_job_of_one_keeps_its_own_outcome(app):
+    app.config.update(JOB_MAIL_BATCH=3)
+    with app.app_context():
+        add.apply(a=1, b=1)
+        flaky.apply(message='refused for now')
+        add.apply(a=2, b=2)
+        add.apply(a=3, b=3)
+        db.session.commit()
+
+    with app.app_context():
+        assert run_next('mail') == 3
+
+    first, failed, third, fourth = jobs(app)
+    assert [(job.status, job.attempts) for job in jobs(app)] == [('done', 1), ('queued', 1), ('done', 1), ('queued', 0)]
+    assert failed.error == 'ValueError: refused for now' and third.result == {'sum': 4}
+    assert first.started_at <= first.finished_at <= third.started_at, 'each started with its own turn'
+    assert all(job.claimed_by is None for job in (first, failed, third, fourth))
+
+
+def test_a_worker_asked_to_stop_mid_batch_gives_back_the_jobs_it_had_not_started_uncounted(app):
+    with app.app_context():
+        noted.apply(tag='first', stop_the_worker=True)
+        for tag in ('second', 'third'):
+            noted.apply(tag=tag)
+        db.session.commit()
+
+        assert run_next('mail', worker_stopping=halt) == 1
+
+    assert ran == ['first']
+    assert [(job.status, job.attempts, job.claimed_by) for job in jobs(app)] == [
+        ('done', 1, None), ('queued', 0, None), ('queued', 0, None)]
+    halt.clear()
+    assert run_due_jobs(app) == 2 and ran == ['first', 'second', 'third']
+
+
+def test_a_batched_job_whose_turn_comes_late_is_given_back_not_run_beside_the_worker_that_took_it_over(app):
+    """The second job's lease (0.6 s) runs out while the first job runs (1 s): another worker takes it
+    over as abandoned. When the first worker gets to it, it must leave it to that one."""
+    app.config.update(LEASE_SECONDS=0.6, JOB_PROGRESS_SECONDS=0.1)
+    with app.app_context():
+        noted.apply(tag='long', seconds=1.0)
+        noted.apply(tag='next')
+        db.session.commit()
+    first_worker = threading.Thread(target=run_due_jobs, args=(app,))
+    first_worker.start()
+    while ran != ['long']:
+        time.sleep(0.01)
+    time.sleep(0.7)
+
+    with app.app_context():
+        assert run_next('mail') == 1, "the next job's lease ran out: taken over"
+    first_worker.join()
+
+    assert ran == ['long', 'next'], 'the next job ran once'
+    assert [(job.status, job.attempts) for job in jobs(app)] == [('done', 1), ('done', 2)]
 
 
 def test_a_job_wakes_only_the_thread_of_its_own_queue(app):
@@ -279,6 +351,29 @@ def test_a_worker_stops_on_sigterm_whichever_of_its_threads_takes_it(app, flask_
         worker.communicate()
         pytest.fail('the worker went on after SIGTERM')
     assert worker.returncode == 0
+
+
+def test_a_worker_killed_mid_batch_leaves_the_emails_it_had_not_started_to_the_next_worker(app, smtp, flask_command):
+    recipients = [f'reader{n}@example.com' for n in range(12)]
+    queue_emails(app, *recipients)
+    smtp.delay = 0.2
+
+    doomed = flask_command('worker', '--queue', 'mail', LEASE_SECONDS='2', JOB_POLL_SECONDS='0.1',
+                           JOB_MAIL_BATCH='6')
+    assert smtp.wait_for(2, timeout=30) >= 2
+    doomed.send_signal(signal.SIGKILL)
+    doomed.communicate()
+    with app.app_context():
+        held = db.session.scalar(sa.select(sa.func.max(Job.lease_until)))
+    while utcnow() <= held:
+        time.sleep(0.1)
+
+    out, err = flask_command('worker', '--once').communicate(timeout=120)
+
+    received = Counter(smtp.recipients())
+    assert set(received) == set(recipients), (out, err)
+    assert sum(received.values()) - len(recipients) <= 1, f'only the email on the wire may go twice: {received}'
+    assert all(job.status == 'done' for job in jobs(app)), err
 
 
 def test_with_the_rq_backend_a_job_handed_to_rq_twice_still_runs_once(settings, redis_url, redis_client, request,

@@ -16,6 +16,7 @@ from app.email import Email
 from app.sending import send
 from app.smtp import SmtpSender
 from tests.support.flights import FlightServer
+from tests.support.jobs import jobs, queue_emails, run_due_jobs
 from tests.support.smtp import MailSink
 
 ENVELOPE = ['MAIL', 'RCPT', 'DATA']
@@ -55,6 +56,18 @@ def test_each_envelope_goes_in_one_flight_and_the_next_rides_behind_the_dot(flig
     [conversation] = server.conversations
     assert conversation == [['EHLO'], ENVELOPE, *[['DOT', *ENVELOPE]] * 4, ['DOT'], ['QUIT']]
     assert server.recipients() == emails
+
+
+def test_confirmation_emails_claimed_together_ride_behind_each_others_dots(flights, app):
+    recipients = [f'reader{n}@example.com' for n in range(3)]
+    queue_emails(app, *recipients)
+
+    assert run_due_jobs(app) == 3
+
+    [conversation] = flights.conversations
+    assert conversation == [['EHLO'], ENVELOPE, ['DOT', *ENVELOPE], ['DOT', *ENVELOPE], ['DOT'], ['QUIT']]
+    assert flights.recipients() == recipients
+    assert {job.status for job in jobs(app)} == {'done'}
 
 
 def test_a_server_that_does_not_offer_pipelining_gets_one_command_at_a_time(flights, app, runner, subscribers):
