@@ -19,13 +19,14 @@ worker`; each also ticks the app's clock (its in-app schedules) every few second
 `flask rq-worker` runs it; the claim passes to the RQ worker only if it is still the one handed over,
 so a job that reached RQ twice (re-handed after its lease ran out) still runs once. A task may keep what
 it opens (send_email's SMTP connection) for the next jobs its worker runs (kept_open)."""
+import atexit
 import contextlib
 import functools
 import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import rq
@@ -41,7 +42,8 @@ from app.ratelimit import redis_client
 
 log = logging.getLogger(__name__)
 
-QUEUES = ('mail', 'bulk')  # quick transactional mail never waits behind an hour-long broadcast
+QUEUES = ('mail', 'bulk')
+EXIT_WAIT_SECONDS = 5  # for each job thread, as a web process exits: well within gunicorn's 30 s graceful timeout  # quick transactional mail never waits behind an hour-long broadcast
 _JOBS = Job.__table__  # the runner's statements are on the table, not the ORM's class: see built_once
 
 
@@ -145,6 +147,7 @@ class _Running:
     job_id: int
     owner: str
     worker_stopping: threading.Event
+    waiting: list = field(default_factory=list)  # ids of its batch's jobs claimed behind it, not started yet
     done: int | None = None
     total: int | None = None
     lost: bool = False
@@ -243,23 +246,43 @@ def _run_claimed(rows, owner, worker_stopping, claimed_at):
 
     A confirmation email's claim was a third of what the job runner spent on it, and on PostgreSQL four
     round trips of its seven (bench/signups.py): mail jobs are short, so they are claimed in batches.
-    Each job of a batch had its attempt counted and its lease taken with the claim, and its heartbeat
-    starts only with its turn: so a job whose turn comes once a third of the lease has gone, when its
-    lease could run out before its first beat, is given back uncounted, as are those left when the worker
-    stops. A worker killed mid-batch has used up an attempt of each job it had not started yet."""
+    Each job of a batch had its attempt counted and its lease taken with the claim, and only the running
+    one has a heartbeat. So, before any lease behind it can run out, the rest of the batch goes back to
+    the queue, uncounted, for any worker to take:
+    - when a job runs long enough for its heartbeat to beat (a slow server: the others need not wait on it);
+    - when a job's turn comes once a third of the lease has gone (many short jobs);
+    - when the worker is told to stop (`flask worker` on SIGTERM; a web process as it exits).
+    A worker killed mid-batch, or stopped by a database error, leaves the rest to run out their leases:
+    another worker takes them over then, and each has used up an attempt."""
     lease, rows = current_app.config['LEASE_SECONDS'], sorted(rows, key=lambda row: row.run_after)
     for ran, row in enumerate(rows):
+        waiting = [left.id for left in rows[ran + 1:]]
         if ran and (worker_stopping.is_set() or time.monotonic() - claimed_at > lease / 3):
-            for left in rows[ran:]:
-                _record(_Running(left.id, owner, worker_stopping), give_back_attempt=True, status=JobStatus.QUEUED)
+            _give_back(owner, [row.id, *waiting])
             return ran
-        _local.upcoming = rows[ran + 1] if ran + 1 < len(rows) else None
+        _local.upcoming = rows[ran + 1] if waiting else None
         try:
             _run(row.id, row.task, row.payload, row.attempts, row.max_attempts, owner=owner,
-                 worker_stopping=worker_stopping)
+                 worker_stopping=worker_stopping, waiting=waiting)
         finally:
             _local.upcoming = None
+        if ran + 1 < len(rows) and not waiting:
+            return ran + 1  # its heartbeat gave the rest back
     return len(rows)
+
+
+def _give_back(owner, job_ids):
+    """Jobs `owner` claimed and has not started go back to the queue, their attempt not counted."""
+    db.session.execute(built_once('jobs: give back', _giving_back), {'holder': owner, 'job_ids': job_ids})
+    db.session.commit()
+
+
+def _giving_back():
+    c = _JOBS.c
+    return (sa.update(_JOBS)
+            .where(c.id.in_(sa.bindparam('job_ids', expanding=True)), c.claimed_by == sa.bindparam('holder'))
+            .values(status=JobStatus.QUEUED, attempts=c.attempts - 1, claimed_by=None, lease_until=None,
+                    started_at=None))
 
 
 def _claim(status, starting, limit, params):
@@ -325,10 +348,12 @@ def execute(job_id, claimed_by, worker_stopping):
     _run(job_id, *job, owner=owner, worker_stopping=worker_stopping)
 
 
-def _run(job_id, name, payload, attempt, max_attempts, owner, worker_stopping):
-    """Run job `job_id`, started under `owner`'s lease, in this thread, and record what became of it."""
+def _run(job_id, name, payload, attempt, max_attempts, owner, worker_stopping, waiting=None):
+    """Run job `job_id`, started under `owner`'s lease, in this thread, and record what became of it.
+    `waiting`: its batch's jobs claimed behind it (see _run_claimed); emptied if its heartbeat gives them back."""
     lease = current_app.config['LEASE_SECONDS']
-    running, task = _Running(job_id, owner, worker_stopping), current_app.extensions['tasks'].get(name)
+    running = _Running(job_id, owner, worker_stopping, [] if waiting is None else waiting)
+    task = current_app.extensions['tasks'].get(name)
     if attempt > max_attempts:
         return _record(running, status=JobStatus.FAILED, finished_at=utcnow(), error=(
             f'gave up: the worker running it stopped {attempt - 1} time(s) mid-job (killed, or out of memory)'))
@@ -413,12 +438,16 @@ def _record_outcome(names, give_back_attempt):
 
 
 def _keep_lease(running, lease):
-    """The heartbeat's beat: renew the lease and store progress; a lease lost means stop."""
+    """The heartbeat's beat: renew the lease and store progress; a lease lost means stop. A job that
+    lasts until a beat is a slow one: the jobs of its batch waiting behind it go back to the queue."""
     if not renew(Job, Job.id == running.job_id, owner=running.owner, seconds=lease,
                  progress_done=running.done, progress_total=running.total):
         running.lost = True
         log.warning('job %d: lost its lease to another worker; stopping it', running.job_id)
         return False
+    if running.waiting:
+        _give_back(running.owner, running.waiting)
+        running.waiting.clear()
     return True
 
 
@@ -524,6 +553,8 @@ def init_app(app, tasks, clock=()):
     app.extensions['jobs_clock'] = tuple(clock)
     if app.config['JOB_BACKEND'] not in ('database', 'rq'):
         raise ValueError(f'JOB_BACKEND must be "database" or "rq", not {app.config["JOB_BACKEND"]!r}')
+    if app.config['JOB_MAIL_BATCH'] < 1:
+        raise ValueError(f'JOB_MAIL_BATCH must be at least 1, not {app.config["JOB_MAIL_BATCH"]}')
     if app.config['JOB_BACKEND'] == 'rq' and not app.config['REDIS_URL']:
         raise ValueError('JOB_BACKEND=rq needs REDIS_URL (the Redis that `flask rq-worker` uses)')
     app.extensions['jobs'] = None
@@ -539,6 +570,10 @@ def init_app(app, tasks, clock=()):
             with lock:
                 if app.extensions['jobs'] is None:
                     app.extensions['jobs'] = Worker(app).start()
+                    # As the process exits (gunicorn restarting its workers on a deploy), the jobs it has
+                    # claimed and not started go back to the queue at once, uncounted, not when their
+                    # leases run out; a running task stops at its next safe point.
+                    atexit.register(app.extensions['jobs'].stop, EXIT_WAIT_SECONDS)
 
 
 @sa.event.listens_for(Session, 'after_commit')

@@ -80,21 +80,23 @@ def main():
         send_emails(False)
         requests = profiled(sign_up, args.top, 'sign-up requests')
         # The emails of both halves of the sign-ups wait: send half of them timed alone, half profiled.
-        emails = profiled(lambda profiling: _send_some(app, args.signups), args.top, 'confirmation emails')
+        sent = []
+        emails = profiled(lambda profiling: sent.append(_send_some(app, args.signups)), args.top, 'confirmation emails')
         received, _, _ = sink.counts()
         print(f'\n{args.database}: a sign-up request {requests / args.signups * 1000:.2f} ms CPU, its email '
-              f'{emails / args.signups * 1000:.2f} ms CPU (in this process; {len(received)} emails at the server)')
+              f'{emails / sent[0] * 1000:.2f} ms CPU (in this process; {len(received)} emails at the server)')
 
 
 def _send_some(app, count):
-    """`count` of the emails waiting (or up to a batch more), as a worker sends them back to back."""
+    """`count` of the emails waiting, as a worker sends them back to back: up to a batch more (the worker
+    claims JOB_MAIL_BATCH at a time), or fewer if fewer wait.  :return: how many it sent."""
     from app.jobs import kept_between_jobs, run_next
     with app.app_context(), kept_between_jobs():
         ran = 0
-        while ran < count:
-            ran_now = run_next('mail', abandoned=False)  # a worker under load looks for abandoned jobs once a poll
-            assert ran_now, 'fewer emails waiting than sign-ups'
+        # A worker under load looks for abandoned jobs once a poll, not at each claim.
+        while ran < count and (ran_now := run_next('mail', abandoned=False)):
             ran += ran_now
+    return ran
 
 
 if __name__ == '__main__':

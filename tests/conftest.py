@@ -233,8 +233,8 @@ def subscribers(app):
 @pytest.fixture
 def flask_command(settings):
     """Run `flask ...` as a real process, configured from the environment as cron would run it (from the
-    settings as they are when it starts)."""
-    def start(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **extra_env):
+    settings as they are when it starts); with `program` (e.g. gunicorn's command), that instead."""
+    def start(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, program=None, **extra_env):
         env = {key: value for key, value in os.environ.items()
                if not key.startswith(('MAIL_', 'SEND', 'DATABASE', 'REDIS', 'RQ_'))}
         passed = ('SECRET_KEY', 'BASE_URL', 'MAIL_SERVER', 'MAIL_PORT', 'MAIL_DEFAULT_SENDER', 'MAIL_RETRY_BACKOFF',
@@ -246,7 +246,8 @@ def flask_command(settings):
             'DATABASE_URL': settings['SQLALCHEMY_DATABASE_URI'], 'JOB_WORKER': 'off',
             'EMAIL_CHECK_DELIVERABILITY': 'false', 'MAIL_CONCURRENCY': str(settings.get('MAIL_CONCURRENCY', 1)),
         })
-        return subprocess.Popen([sys.executable, '-m', 'flask', '--app', 'main', *args], cwd=ROOT,
+        program = program or [sys.executable, '-m', 'flask', '--app', 'main']
+        return subprocess.Popen([*program, *args], cwd=ROOT,
                                 env={**env, **extra_env}, stdout=stdout, stderr=stderr, text=True)
     return start
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from datetime import timedelta
 
@@ -23,6 +24,7 @@ from app.leases import Heartbeat
 from app.models import Client, Job
 from config import Config
 from tests.support.jobs import jobs, make_jobs_due_now, queue_emails, run_due_jobs
+from tests.support.smtp import free_port
 
 
 @define_task()
@@ -194,9 +196,9 @@ def test_a_worker_asked_to_stop_mid_batch_gives_back_the_jobs_it_had_not_started
     assert run_due_jobs(app) == 2 and ran == ['first', 'second', 'third']
 
 
-def test_a_batched_job_whose_turn_comes_late_is_given_back_not_run_beside_the_worker_that_took_it_over(app):
-    """The second job's lease (0.6 s) runs out while the first job runs (1 s): another worker takes it
-    over as abandoned. When the first worker gets to it, it must leave it to that one."""
+def test_a_slow_job_gives_the_rest_of_its_batch_back_for_another_worker_to_run_uncounted(app):
+    """The first job runs past its heartbeat's first beat (0.1 s) to 1 s; the second job's lease (0.6 s)
+    would run out behind it. Another worker trying at 0.7 s must find it queued, not abandoned."""
     app.config.update(LEASE_SECONDS=0.6, JOB_PROGRESS_SECONDS=0.1)
     with app.app_context():
         noted.apply(tag='long', seconds=1.0)
@@ -209,11 +211,27 @@ def test_a_batched_job_whose_turn_comes_late_is_given_back_not_run_beside_the_wo
     time.sleep(0.7)
 
     with app.app_context():
-        assert run_next('mail') == 1, "the next job's lease ran out: taken over"
+        assert run_next('mail', abandoned=False) == 1, 'the next job was given back to the queue'
     first_worker.join()
 
     assert ran == ['long', 'next'], 'the next job ran once'
-    assert [(job.status, job.attempts) for job in jobs(app)] == [('done', 1), ('done', 2)]
+    assert [(job.status, job.attempts) for job in jobs(app)] == [('done', 1), ('done', 1)]
+
+
+def test_a_batch_whose_next_turn_comes_after_a_third_of_its_lease_gives_the_rest_back(app):
+    """Jobs too short for a heartbeat's beat (1 s), but three of them take longer than a third of the
+    lease (3 s): the fourth, whose lease has not been renewed since the claim, goes back to the queue."""
+    app.config.update(LEASE_SECONDS=3, JOB_PROGRESS_SECONDS=10)
+    with app.app_context():
+        for tag in 'abc':
+            noted.apply(tag=tag, seconds=0.4)
+        noted.apply(tag='d')
+        db.session.commit()
+
+        assert run_next('mail') == 3
+
+    assert [(job.status, job.attempts, job.claimed_by) for job in jobs(app)] == [
+        ('done', 1, None), ('done', 1, None), ('done', 1, None), ('queued', 0, None)]
 
 
 def test_a_job_wakes_only_the_thread_of_its_own_queue(app):
@@ -376,6 +394,31 @@ def test_a_worker_killed_mid_batch_leaves_the_emails_it_had_not_started_to_the_n
     assert all(job.status == 'done' for job in jobs(app)), err
 
 
+def test_a_web_process_that_exits_gives_back_the_mail_it_had_claimed_and_not_started(app, smtp, flask_command):
+    queue_emails(app, *[f'reader{n}@example.com' for n in range(12)])
+    smtp.delay = 0.5
+    port = free_port()
+    web = flask_command('--workers', '1', '--bind', f'127.0.0.1:{port}', 'main:app',
+                        program=[sys.executable, '-m', 'gunicorn'], JOB_WORKER='thread', JOB_MAIL_BATCH='6')
+    deadline = time.monotonic() + 60
+    while True:  # its first request starts its job threads
+        try:
+            urllib.request.urlopen(f'http://127.0.0.1:{port}/', timeout=5).read()
+            break
+        except OSError:
+            assert web.poll() is None and time.monotonic() < deadline, web.communicate()
+            time.sleep(0.2)
+    assert smtp.wait_for(1, timeout=30) >= 1
+
+    web.send_signal(signal.SIGTERM)  # gunicorn's graceful shutdown, as on a deploy
+    out, err = web.communicate(timeout=60)
+
+    outcomes = Counter((job.status, job.attempts, job.claimed_by) for job in jobs(app))
+    sent = len(smtp.recipients())
+    assert outcomes == {('done', 1, None): sent, ('queued', 0, None): 12 - sent}, err
+    assert sent < 6, 'it stopped mid-batch'
+
+
 def test_with_the_rq_backend_a_job_handed_to_rq_twice_still_runs_once(settings, redis_url, redis_client, request,
                                                                      smtp, flask_command):
     settings.update(JOB_BACKEND='rq', REDIS_URL=redis_url, RQ_QUEUE=f'jobs-test-{time.time_ns()}')
@@ -401,6 +444,13 @@ def test_with_the_rq_backend_a_job_handed_to_rq_twice_still_runs_once(settings, 
 def test_the_rq_backend_without_redis_stops_the_app_at_start_up(settings):
     settings.update(JOB_BACKEND='rq', REDIS_URL=None)
     with pytest.raises(ValueError, match='JOB_BACKEND=rq needs REDIS_URL'):
+        create_app(type('TestConfig', (Config,), settings))
+
+
+@pytest.mark.parametrize('batch', [0, -1])
+def test_a_mail_batch_of_less_than_one_job_stops_the_app_at_start_up(settings, batch):
+    settings.update(JOB_MAIL_BATCH=batch)  # 0 would claim nothing, and mail would never go out
+    with pytest.raises(ValueError, match='JOB_MAIL_BATCH must be at least 1'):
         create_app(type('TestConfig', (Config,), settings))
 
 
