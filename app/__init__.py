@@ -15,6 +15,7 @@ def create_app(config_class=Config):
     from app.errors import bp as errors_bp
     from app.extensions import csrf, db, login, mail, migrate
     from app.main import bp as main_bp
+    from app.main import email as main_email
 
     app = Flask(__name__, instance_relative_config=True, instance_path=config_class.INSTANCE_PATH)
     app.config.from_object(config_class)
@@ -32,8 +33,9 @@ def create_app(config_class=Config):
     csrf.init_app(app)
     login.init_app(app)
     drip.init_app(app)
-    jobs.init_app(app, tasks=(email.send_email, drip.send_stage, broadcasts.send_broadcast, retention.clean_up,
-                             exports.export_subscribers, imports.import_subscribers),
+    jobs.init_app(app, tasks=(email.send_email, main_email.send_confirmation, drip.send_stage,
+                              broadcasts.send_broadcast, retention.clean_up, exports.export_subscribers,
+                              imports.import_subscribers),
                   clock=(schedules.fire_due_schedules, retention.queue_clean_up))
     schedules.init_app(app)
     webhooks.init_app(app)

@@ -70,12 +70,18 @@ def queue_email(email):
 def send_email(recipient, subject, text, html, message_id, headers):
     """A temporary failure (the server is down, a 4xx) is retried by the job's back-off; a permanent
     one (a 5xx) fails the job at once. Once it is over, what the email said (a sign-in or confirmation
-    link among it) is dropped from the job's row; whom it went to, and its subject, stay. When the
-    worker has claimed the next email already, its envelope goes out behind this one's end (pipelining)."""
-    following = upcoming(send_email) or {}
+    link among it) is dropped from the job's row; whom it went to, and its subject, stay."""
+    deliver(Email(recipient, subject, text, html, message_id, headers))
+
+
+def deliver(email):
+    """Send `email` from a mail job (send_email, or a task that builds its email as it runs). When the
+    worker has claimed the next mail job already, its envelope goes out behind this one's end (pipelining):
+    every mail job names its recipient `recipient`.  :raise GiveUp: for a permanent refusal."""
+    following = upcoming() or {}
     try:
         with kept_open('sender', open_sender) as sender:  # one connection for a worker's emails, back to back
-            sender.send(Email(recipient, subject, text, html, message_id, headers), then=following.get('recipient'))
+            sender.send(email, then=following.get('recipient'))
     except PermanentFailure as refused:
         raise GiveUp(f'PermanentFailure: {refused}') from refused
 

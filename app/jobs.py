@@ -156,12 +156,12 @@ class _Running:
 _local = threading.local()
 
 
-def upcoming(task):
-    """The payload of the job this thread runs next, if it has claimed it already and it is one of `task`'s:
-    a hint for a task that can start on it early (send_email: its envelope goes out with this message's
-    end). Only a hint: that job may yet be given back (see _run_claimed)."""
+def upcoming():
+    """The payload of the job this thread runs next, if it has claimed it already: a hint for a task that
+    can start on it early (an email: the next one's envelope goes out with this one's end). Only a hint:
+    that job may yet be given back (see _run_claimed)."""
     row = getattr(_local, 'upcoming', None)
-    return row.payload if row is not None and row.task == task.name else None
+    return row.payload if row is not None else None
 
 
 def report_progress(done, total=None):

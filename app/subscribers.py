@@ -167,12 +167,12 @@ def recent_runs(limit=20):
 
 def erase(client):
     """The subscriber, and their address and personal data everywhere the app keeps it: their row and
-    their send log (deliveries), the emails queued or sent to them (job rows), their address in any job's
+    their send log (deliveries), the emails queued or sent to them (mail job rows), their address in any job's
     error, their `.eml` files in the mail folder, and their suppression-list entry. What stays is
     anonymous: each send run's counts. :return: what was erased, in words."""
     email = client.email
     deliveries = db.session.scalar(sa.select(sa.func.count(Delivery.id)).where(Delivery.client_id == client.id))
-    jobs = db.session.execute(sa.delete(Job).where(Job.task == 'send_email', Job.payload['recipient'].as_string() == email)
+    jobs = db.session.execute(sa.delete(Job).where(Job.queue == 'mail', Job.payload['recipient'].as_string() == email)
                               .execution_options(synchronize_session=False)).rowcount
     db.session.execute(sa.update(Job).where(Job.error.contains(email, autoescape=True))
                        .values(error=sa.func.replace(Job.error, email, '[erased]')).execution_options(synchronize_session=False))

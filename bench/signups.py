@@ -23,8 +23,9 @@ Figures printed: requests per second, p50 and p99 latency, errors (socket errors
 that is not the sign-up's page), the app's ratio to the bare endpoint, confirmation emails delivered by the
 end of the load and how long the rest took (so, sign-ups per second with their emails delivered: the run's
 sign-ups over the load's time and the drain's), and the CPU the web processes and the SMTP server spent
-per sign-up, its email included. Then the check: sign-ups accepted but not stored (lost), stored without an
-email, emails twice, emails to an address not stored, jobs not done; and the issue's targets, met or not.
+per sign-up, its email included (and PostgreSQL's processes, on that database). Then the check: sign-ups
+accepted but not stored (lost), stored without an email, emails twice, emails to an address not stored,
+jobs not done; and the issue's targets, met or not.
 It exits with status 1 when any error, or any count of the check but `stored`, is not zero."""
 import argparse
 import json
@@ -101,6 +102,19 @@ def _cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
 
 
+def postgresql_cpu_seconds():
+    """User and system time of every PostgreSQL process on this machine so far (the server is local, and
+    nothing else uses it during a run): its share of each sign-up, which the web processes' CPU leaves out."""
+    total = 0.0
+    for folder in Path('/proc').glob('[0-9]*'):
+        try:
+            if (folder / 'comm').read_text().strip() == 'postgres':
+                total += _cpu_seconds(int(folder.name))
+        except (OSError, ValueError):  # a process that ended meanwhile
+            pass
+    return total
+
+
 def browser_sessions(port, count, folder):
     """`count` browsers that have each loaded the form: a file of "cookie<TAB>token" lines for signups.lua."""
     lines = []
@@ -136,7 +150,7 @@ def count_clients(engine):
 
 def emails_due(engine):
     with engine.connect() as conn:
-        return conn.scalar(sa.text("SELECT count(*) FROM jobs WHERE task = 'send_email' "
+        return conn.scalar(sa.text("SELECT count(*) FROM jobs WHERE queue = 'mail' "
                                    "AND status IN ('queued', 'running')"))
 
 
@@ -152,7 +166,7 @@ def check(engine, sink, accepted):
     """Sign-ups against the database against the SMTP server.  :return: the counts, all zero when right."""
     with engine.connect() as conn:
         stored = set(conn.scalars(sa.text("SELECT email FROM clients WHERE email LIKE 'load-%'")))
-        failed = conn.scalar(sa.text("SELECT count(*) FROM jobs WHERE task = 'send_email' AND status <> 'done'"))
+        failed = conn.scalar(sa.text("SELECT count(*) FROM jobs WHERE queue = 'mail' AND status <> 'done'"))
     received, _, _ = sink.counts()
     received = Counter(received)
     return {
@@ -197,11 +211,12 @@ def main():
 
             bare_runs = [run_wrk(bare.port, args.seconds // 2, args, 'bare', folder)]
             stored_before, delivered_before = count_clients(engine), sink.progress()[0]
-            cpu, sink_cpu = app.cpu_seconds(), _cpu_seconds(sink.process.pid)
+            cpu, sink_cpu, database_cpu = app.cpu_seconds(), _cpu_seconds(sink.process.pid), postgresql_cpu_seconds()
             run = run_wrk(app.port, args.seconds, args, 'signup', folder, sessions, 'run')
             delivered_by_end = sink.progress()[0] - delivered_before
             drained = wait_for_mail(engine, 300)
             cpu, sink_cpu = app.cpu_seconds() - cpu, _cpu_seconds(sink.process.pid) - sink_cpu
+            database_cpu = postgresql_cpu_seconds() - database_cpu
             bare_runs.append(run_wrk(bare.port, args.seconds - args.seconds // 2, args, 'bare', folder))
             stored_in_run = count_clients(engine) - stored_before
             errors_logged = app.errors_logged()
@@ -225,7 +240,8 @@ def main():
     print(f'  mail:          {delivered_by_end} of the run\'s {stored_in_run} sign-ups emailed by the end of the '
           f'load, the rest {drained:.1f} s after: {with_mail:.1f} sign-ups/s with their emails delivered; web '
           f'processes {cpu / stored_in_run * 1000:.2f} ms CPU a sign-up (request and email), SMTP sink '
-          f'{sink_cpu / stored_in_run * 1000:.2f} ms')
+          f'{sink_cpu / stored_in_run * 1000:.2f} ms'
+          + (f', PostgreSQL {database_cpu / stored_in_run * 1000:.2f} ms' if args.database == 'postgresql' else ''))
     print('  check:         ' + ', '.join(f'{name} {count}' for name, count in results.items())
           + f' (stored includes {len(warm["addresses"])} warm-up sign-ups, and any answered after wrk stopped)')
     bad = {name: count for name, count in results.items() if name != 'stored' and count}

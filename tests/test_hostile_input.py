@@ -35,7 +35,7 @@ def counts(app):
 
 def assert_no_header_injection(app):
     with app.app_context():
-        for job in db.session.scalars(sa.select(Job).where(Job.task == 'send_email')):
+        for job in db.session.scalars(sa.select(Job).where(Job.queue == 'mail')):
             fields = [job.payload.get('recipient', ''), job.payload.get('subject', ''),
                       *job.payload.get('headers', {}).values()]
             assert not any('\r' in field or '\n' in field for field in fields), job.payload

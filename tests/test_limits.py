@@ -30,7 +30,7 @@ def post(client, url, email, address='10.0.0.1', **fields):
 
 def confirmation_emails(app):
     with app.app_context():
-        return [job.payload['recipient'] for job in db.session.scalars(sa.select(Job).where(Job.task == 'send_email'))]
+        return [job.payload['recipient'] for job in db.session.scalars(sa.select(Job).where(Job.task == 'send_confirmation'))]
 
 
 def test_one_address_gets_at_most_one_confirmation_in_the_interval_whatever_the_requests(limited):

@@ -23,6 +23,20 @@ def confirm_link(message):
     return re.search(r'http://newsletter.test(/confirm/\S+)', message.get_body(('plain',)).get_content()).group(1)
 
 
+def test_a_confirmation_link_is_made_as_its_email_goes_out_and_never_stored(app, client, smtp):
+    sign_up(client, 'jane@example.com')
+    [job] = rows(app, Job)
+    assert job.task == 'send_confirmation' and set(job.payload) == {'recipient', 'client_id', 'message_id'}
+
+    assert run_due_jobs(app) == 1
+
+    [confirmation] = smtp.messages
+    token = confirm_link(confirmation).rsplit('/', 1)[1]
+    assert all(token not in str(job.payload) for job in rows(app, Job))
+    assert confirmation['Message-ID'] == job.payload['message_id'], 'the one made with the sign-up, whatever the tries'
+    assert 'You are subscribed' in client.get(confirm_link(confirmation)).get_data(as_text=True)
+
+
 def test_sign_up_page_has_a_csrf_protected_form(client):
     page = client.get('/').get_data(as_text=True)
     assert '<form method="post"' in page and 'name="csrf_token"' in page and 'name="email"' in page

@@ -1,8 +1,8 @@
 """Transactional mail (a sign-up's confirmation, an admin's sign-in link, the admins' notices): each email
-is a `send_email` job queued in the transaction of the request that wants it, so it exists only if that
-transaction commits and the request never waits on SMTP. Any number of workers deliver each email once
-(a worker killed mid-send may repeat only the one it had in flight); a temporary failure is retried with
-growing back-off, and a permanent one is kept as failed for the admins to see."""
+is a job (`send_confirmation`, `send_email`) queued in the transaction of the request that wants it, so
+it exists only if that transaction commits and the request never waits on SMTP. Any number of workers
+deliver each email once (a worker killed mid-send may repeat only the one it had in flight); a temporary
+failure is retried with growing back-off, and a permanent one is kept as failed for the admins to see."""
 import signal
 import time
 from collections import Counter
@@ -20,7 +20,7 @@ from tests.support.jobs import make_jobs_due_now, queue_emails
 
 
 def email_jobs(app):
-    """The `send_email` jobs, by recipient."""
+    """The mail jobs, by recipient."""
     with app.app_context():
         return {row.payload['recipient']: row for row in db.session.scalars(sa.select(Job))}
 
