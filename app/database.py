@@ -65,6 +65,13 @@ def built_once(name, build):
     return statement
 
 
+def alone():
+    """A connection of the pool's in autocommit, for one statement outside any transaction: one round trip
+    to PostgreSQL, where the session's BEGIN, statement and COMMIT are three. For a job's own reads and
+    its outcome, which nothing else needs to be atomic with (app/jobs.py)."""
+    return db.engine.connect().execution_options(isolation_level='AUTOCOMMIT')
+
+
 def utcnow():
     """Naive UTC everywhere: SQLite keeps no time zone, and mixing aware and naive values breaks comparisons."""
     return datetime.now(timezone.utc).replace(tzinfo=None)

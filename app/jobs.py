@@ -34,7 +34,7 @@ import sqlalchemy as sa
 from flask import current_app, has_app_context
 from flask_sqlalchemy.session import Session
 
-from app.database import built_once, insert_ignoring_conflicts, utcnow
+from app.database import alone, built_once, insert_ignoring_conflicts, utcnow
 from app.extensions import db
 from app.leases import Claim, Heartbeat, db_later, new_owner, renew
 from app.models import Job, JobStatus
@@ -42,8 +42,8 @@ from app.ratelimit import redis_client
 
 log = logging.getLogger(__name__)
 
-QUEUES = ('mail', 'bulk')
-EXIT_WAIT_SECONDS = 5  # for each job thread, as a web process exits: well within gunicorn's 30 s graceful timeout  # quick transactional mail never waits behind an hour-long broadcast
+QUEUES = ('mail', 'bulk')  # quick transactional mail never waits behind an hour-long broadcast
+EXIT_WAIT_SECONDS = 5  # for each job thread, as a web process exits: well within gunicorn's 30 s graceful timeout
 _JOBS = Job.__table__  # the runner's statements are on the table, not the ORM's class: see built_once
 
 
@@ -418,10 +418,8 @@ def _record(running, give_back_attempt=False, **values):
         else:
             db.session.rollback()
     else:
-        # The task left nothing to commit with its outcome (sending an email writes nothing): the UPDATE
-        # alone, in autocommit, is one round trip to PostgreSQL where BEGIN, UPDATE and COMMIT were three.
-        with db.engine.connect().execution_options(isolation_level='AUTOCOMMIT') as alone:
-            held = alone.execute(statement, params).rowcount
+        with alone() as connection:  # the task left nothing to commit with it (sending an email writes nothing)
+            held = connection.execute(statement, params).rowcount
     if not held:
         log.warning('job %d: its lease ran out and another worker took it over; this outcome is dropped',
                     running.job_id)
@@ -572,7 +570,8 @@ def init_app(app, tasks, clock=()):
                     app.extensions['jobs'] = Worker(app).start()
                     # As the process exits (gunicorn restarting its workers on a deploy), the jobs it has
                     # claimed and not started go back to the queue at once, uncounted, not when their
-                    # leases run out; a running task stops at its next safe point.
+                    # leases run out, and a drip or broadcast stops at its next safe point. An email still
+                    # on the wire after the wait is cut off, and left to its lease as before.
                     atexit.register(app.extensions['jobs'].stop, EXIT_WAIT_SECONDS)
 
 

@@ -7,7 +7,9 @@ import sqlalchemy as sa
 
 from app.database import utcnow
 from app.extensions import db
-from app.models import Client, Job
+from app.models import Client, Job, SuppressionReason
+from app.subscribers import deactivate
+from app.suppression import suppress
 from tests.support.forms import csrf_token, sign_up
 from tests.support.jobs import run_due_jobs
 
@@ -26,7 +28,7 @@ def confirm_link(message):
 def test_a_confirmation_link_is_made_as_its_email_goes_out_and_never_stored(app, client, smtp):
     sign_up(client, 'jane@example.com')
     [job] = rows(app, Job)
-    assert job.task == 'send_confirmation' and set(job.payload) == {'recipient', 'client_id', 'message_id'}
+    assert job.task == 'send_confirmation' and set(job.payload) == {'recipient', 'client_id', 'asked_at', 'message_id'}
 
     assert run_due_jobs(app) == 1
 
@@ -35,6 +37,33 @@ def test_a_confirmation_link_is_made_as_its_email_goes_out_and_never_stored(app,
     assert all(token not in str(job.payload) for job in rows(app, Job))
     assert confirmation['Message-ID'] == job.payload['message_id'], 'the one made with the sign-up, whatever the tries'
     assert 'You are subscribed' in client.get(confirm_link(confirmation)).get_data(as_text=True)
+
+
+@pytest.mark.parametrize('meanwhile, why', [('blocked', 'the address is on the suppression list'),
+                                             ('unsubscribed', 'unsubscribed after it was asked for'),
+                                             ('confirmed', 'already confirmed')])
+def test_a_confirmation_still_waiting_to_go_out_is_not_sent_once_its_address_has_left_or_confirmed(
+        app, client, smtp, meanwhile, why):
+    """Its link, made as it goes out, would be newer than the leaving, and the confirmation page refuses
+    only older ones: sent, it would let a link scanner subscribe again someone who had just blocked us."""
+    sign_up(client, 'jane@example.com')
+    run_due_jobs(app)
+    sign_up(client, 'jane@example.com')  # a second one, still waiting (its server refusing for now, say)
+    with app.app_context():
+        jane = db.session.scalar(sa.select(Client))
+        if meanwhile == 'blocked':
+            suppress(jane.email, SuppressionReason.BLOCKED, 'the block link in the first email')
+        elif meanwhile == 'unsubscribed':
+            deactivate(jane)
+        else:
+            jane.email_confirmed_at = utcnow()
+        db.session.commit()
+
+    assert run_due_jobs(app) == 1
+
+    assert len(smtp.messages) == 1, 'only the first went out'
+    second = rows(app, Job)[-1]
+    assert (second.status, second.result) == ('done', {'not sent': why})
 
 
 def test_sign_up_page_has_a_csrf_protected_form(client):
