@@ -69,8 +69,8 @@ def queue_email(email):
 @define_task(queue='mail', forget=('text', 'html', 'headers'))
 def send_email(recipient, subject, text, html, message_id, headers):
     """A temporary failure (the server is down, a 4xx) is retried by the job's back-off; a permanent
-    one (a 5xx) fails the job at once. Once it is over, what the email said (a sign-in or confirmation
-    link among it) is dropped from the job's row; whom it went to, and its subject, stay."""
+    one (a 5xx) fails the job at once. Once it is over, what the email said (a sign-in link among it) is
+    dropped from the job's row; whom it went to, and its subject, stay."""
     deliver(Email(recipient, subject, text, html, message_id, headers))
 
 

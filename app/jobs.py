@@ -8,11 +8,12 @@ exactly when the change that asked for it is committed. The row is also the job'
 state (JobStatus has every move), progress, result or error, and timings, for admins to see.
 
 Workers claim due jobs under a lease (app/leases.py), so a job runs in one worker at a time however
-many run, on PostgreSQL or SQLite. Quick mail is claimed JOB_MAIL_BATCH jobs at a time (see _run_claimed). While a job runs, a heartbeat thread renews its lease and writes its
-progress; if the worker dies the lease runs out and another worker takes the job over. A job that
-raises is retried with back-off (JOB_RETRY_BACKOFF, doubling) up to its max_attempts, then kept as
-failed with its error; one that raises GiveUp fails at once. The runner knows nothing of what tasks do. A job's
-own database writes are committed together with its 'done' state, or not at all.
+many run, on PostgreSQL or SQLite; quick mail is claimed JOB_MAIL_BATCH jobs at a time (_run_claimed).
+While a job runs, a heartbeat thread renews its lease and writes its progress; if the worker dies the
+lease runs out and another worker takes the job over. A job that raises is retried with back-off
+(JOB_RETRY_BACKOFF, doubling) up to its max_attempts, then kept as failed with its error; one that raises
+GiveUp fails at once. The runner knows nothing of what tasks do. A job's own database writes are
+committed together with its 'done' state, or not at all.
 
 Workers are threads inside the web process (JOB_WORKER=thread: nothing else to run), or `flask
 worker`; each also ticks the app's clock (its in-app schedules) every few seconds. With JOB_BACKEND=rq, a worker hands each job it claims to RQ instead of running it, and

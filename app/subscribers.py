@@ -167,8 +167,8 @@ def recent_runs(limit=20):
 
 def erase(client):
     """The subscriber, and their address and personal data everywhere the app keeps it: their row and
-    their send log (deliveries), the emails queued or sent to them (mail job rows), their address in any job's
-    error, their `.eml` files in the mail folder, and their suppression-list entry. What stays is
+    their send log (deliveries), the emails queued or sent to them (mail job rows), their address in any
+    job's error, their `.eml` files in the mail folder, and their suppression-list entry. What stays is
     anonymous: each send run's counts. :return: what was erased, in words."""
     email = client.email
     deliveries = db.session.scalar(sa.select(sa.func.count(Delivery.id)).where(Delivery.client_id == client.id))

@@ -9,7 +9,8 @@ from app.database import alone, built_once, utcnow
 from app.email import deliver, greeting_name, make_message_id, queue_email, render_email
 from app.jobs import define_task
 from app.links import block_url, confirm_token, public_url, unsubscribe_url
-from app.models import Client, Suppression
+from app.models import Client
+from app.suppression import not_suppressed
 
 
 def queue_confirmation_email(client):
@@ -45,8 +46,7 @@ def _not_wanted(client_id, recipient, asked_at):
     """:return: why the confirmation asked for at `asked_at` must not go out now, or None. One statement,
     read outside a transaction, so that the job's outcome is still recorded on its own (app/jobs.py)."""
     with alone() as connection:
-        row = connection.execute(built_once('confirmation: still wanted', _standing),
-                                 {'client_id': client_id, 'lowered': recipient.lower()}).first()
+        row = connection.execute(built_once('confirmation: still wanted', _standing), {'client_id': client_id}).first()
     if row is None or row.email != recipient:
         return 'the sign-up is gone'
     if row.suppressed:
@@ -59,11 +59,9 @@ def _not_wanted(client_id, recipient, asked_at):
 
 
 def _standing():
-    clients = Client.__table__
-    suppressed = sa.exists().where(Suppression.__table__.c.email == sa.bindparam('lowered', type_=sa.String))
-    return (sa.select(clients.c.email, clients.c.active, clients.c.email_confirmed_at, clients.c.unsubscribed_at,
-                      suppressed.label('suppressed'))
-            .where(clients.c.id == sa.bindparam('client_id', type_=sa.Integer)))
+    return (sa.select(Client.email, Client.active, Client.email_confirmed_at, Client.unsubscribed_at,
+                      (~not_suppressed()).label('suppressed'))
+            .where(Client.id == sa.bindparam('client_id', type_=sa.Integer)))
 
 
 def queue_new_subscriber_notice(client):
