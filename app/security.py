@@ -25,7 +25,10 @@ HEADERS = {
     'Content-Security-Policy': CONTENT_SECURITY_POLICY,
     'X-Frame-Options': 'DENY',
     'X-Content-Type-Options': 'nosniff',
-    'Referrer-Policy': 'no-referrer',  # confirmation, unsubscribe and sign-in links carry their token
+    # Confirmation, unsubscribe and sign-in links carry their token: no other site is told the page's
+    # address. The app's own pages are, and must be: over https, Flask-WTF refuses a form whose Referer is
+    # not this site (WTF_CSRF_SSL_STRICT), so no-referrer failed every form over https.
+    'Referrer-Policy': 'same-origin',
 }
 # Keys no deployment may sign with: the empty one, and those that examples and tutorials print.
 KNOWN_KEYS = {'', 'change-me', 'changeme', 'secret', 'dev', 'development', 'you-will-never-guess', 'test'}

@@ -210,7 +210,7 @@ def test_every_page_forbids_scripts_framing_sniffing_and_referrers(client, url):
     assert "default-src 'none'" in policy and "script-src 'self';" in policy and 'unsafe-inline' not in policy.split(
         'style-src')[0], "scripts only from the app's own files, never inline"
     assert "frame-ancestors 'none'" in policy and headers['X-Frame-Options'] == 'DENY'
-    assert headers['X-Content-Type-Options'] == 'nosniff' and headers['Referrer-Policy'] == 'no-referrer'
+    assert headers['X-Content-Type-Options'] == 'nosniff' and headers['Referrer-Policy'] == 'same-origin'
     assert 'Strict-Transport-Security' not in headers, 'not over plain http'
 
 

@@ -2,7 +2,7 @@
 pages, the admin's pages at a phone's width and a desktop's, and the Content-Security-Policy as a browser
 enforces it (the admin pages' live-progress script runs under it; nothing is refused on any page).
 
-The app runs as a real HTTP server on a free port (werkzeug, a thread per request), its BASE_URL that
+The app runs as a real HTTPS server on a free port (werkzeug, a thread per request), its BASE_URL that
 server's address so that the links in the emails the MailSink receives lead the browser back to it. Like
 every database test, each runs on SQLite and on PostgreSQL. Chromium and chromedriver are Debian's
 (`chromium`, `chromium-driver`): the `chromium` fixture installs them with apt when they are missing and
@@ -60,7 +60,7 @@ def chromium():
 def settings(settings):
     """The suite's settings, with BASE_URL the live server's address (a free port): the links in the
     emails lead the browser to it."""
-    settings['BASE_URL'] = f'http://127.0.0.1:{free_port()}'
+    settings['BASE_URL'] = f'https://127.0.0.1:{free_port()}'
     return settings
 
 

@@ -1,16 +1,19 @@
 """A real headless Chromium for the end-to-end tests (tests/test_browser.py): finding it, or installing it
-with apt as the suite installs what else it needs; serving the app over real HTTP for it; and a browser that
+with apt as the suite installs what else it needs; serving the app over real HTTPS for it, as deployed (a
+certificate of a test CA, trustme's); and a browser that
 keeps a screenshot of every page it shows and what each page reported (Content-Security-Policy violations,
 script errors), and measures whether a page scrolls sideways."""
 import base64
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+import trustme
 from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
@@ -50,13 +53,17 @@ def install_chromium():
 
 @contextmanager
 def serving(app, port):
-    """The app on a real HTTP server at 127.0.0.1:`port`, each request on a thread of its own, as long as
-    the block lasts."""
-    server = make_server('127.0.0.1', port, app, threaded=True)
+    """The app on a real HTTPS server at 127.0.0.1:`port`, each request on a thread of its own, as long as
+    the block lasts. HTTPS, because that is how the app is deployed and a browser holds an https page to
+    more rules (Secure cookies; the referrer check of its forms' CSRF protection, which a Referrer-Policy
+    of no-referrer failed on every form while the browser tests ran over http)."""
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    trustme.CA().issue_cert('127.0.0.1').configure_cert(tls)
+    server = make_server('127.0.0.1', port, app, threaded=True, ssl_context=tls)
     thread = threading.Thread(target=server.serve_forever, name=f'live-server-{port}', daemon=True)
     thread.start()
     try:
-        yield f'http://127.0.0.1:{port}'
+        yield f'https://127.0.0.1:{port}'
     finally:
         server.shutdown()
         server.server_close()
@@ -65,11 +72,12 @@ def serving(app, port):
 
 def start_chromium(chromium, chromedriver):
     """A headless Chromium driven through the given chromedriver (never one Selenium Manager fetches),
-    keeping its console for `get_log('browser')`."""
+    keeping its console for `get_log('browser')`, and trusting any certificate (the live server's CA is
+    made anew for each test)."""
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for argument in ('--headless=new', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run',
-                     '--disable-extensions', '--window-size=1280,900'):
+                     '--disable-extensions', '--window-size=1280,900', '--ignore-certificate-errors'):
         options.add_argument(argument)
     if os.geteuid() == 0:
         options.add_argument('--no-sandbox')  # Chromium's sandbox refuses to start as root
