@@ -89,6 +89,9 @@ class Config:
     # complaints reported there suppress the address. Unset, /webhooks/sendgrid refuses every request.
     SENDGRID_WEBHOOK_PUBLIC_KEY = os.environ.get('SENDGRID_WEBHOOK_PUBLIC_KEY')
     WEBHOOK_MAX_AGE = env_int('WEBHOOK_MAX_AGE', 600)  # seconds a signed request stays good
+    # SendGrid posts its events in batches of up to 768 KB (its Event Webhook's documentation): refused, a
+    # batch is retried for a while and then dropped, with the bounces in it.
+    WEBHOOK_MAX_BYTES = env_int('WEBHOOK_MAX_BYTES', 2 * 1024 * 1024)
     # An address our relay refuses for good as a bad address (5xx, status 5.1.x) in this many mailings is
     # suppressed (0: never).
     SUPPRESS_AFTER_FAILURES = env_int('SUPPRESS_AFTER_FAILURES', 3)

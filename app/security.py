@@ -34,8 +34,8 @@ HEADERS = {
 KNOWN_KEYS = {'', 'change-me', 'changeme', 'secret', 'dev', 'development', 'you-will-never-guess', 'test'}
 SHORTEST_KEY = 16
 # A request body is refused above MAX_CONTENT_LENGTH before anything reads it, but at these endpoints above
-# the setting named: a broadcast's HTML may be long.
-LARGER_BODIES = {'admin.new_broadcast': 'BROADCAST_MAX_BYTES'}
+# the setting named: a broadcast's HTML may be long, and so may SendGrid's batch of events.
+LARGER_BODIES = {'admin.new_broadcast': 'BROADCAST_MAX_BYTES', 'webhooks.sendgrid_events': 'WEBHOOK_MAX_BYTES'}
 
 
 def init_app(app):

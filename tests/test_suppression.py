@@ -131,7 +131,8 @@ def test_bounces_drops_complaints_and_unsubscribes_reported_by_sendgrid_suppress
         assert [c.email for c in db.session.scalars(sa.select(Client).where(Client.active))] == emails[4:]
 
 
-@pytest.mark.parametrize('tamper', ['wrong key', 'bad signature', 'not base64', 'stale', 'from the future', 'no headers'])
+@pytest.mark.parametrize('tamper', ['wrong key', 'bad signature', 'not base64', 'stale', 'from the future', 'no headers',
+                                    'a timestamp of digits int() refuses'])
 def test_a_webhook_request_that_sendgrid_did_not_sign_now_is_refused_and_changes_nothing(webhook, app, subscribers,
                                                                                           tamper):
     [email] = subscribers(1)
@@ -144,10 +145,31 @@ def test_a_webhook_request_that_sendgrid_did_not_sign_now_is_refused_and_changes
             'bad signature': {'signature': base64.b64encode(b'x' * 70).decode()},
             'not base64': {'signature': '%%%not base64%%%'},
             'stale': {'timestamp': int(time.time()) - 3600},
-            'from the future': {'timestamp': int(time.time()) + 3600}}[tamper])
+            'from the future': {'timestamp': int(time.time()) + 3600},
+            'a timestamp of digits int() refuses': {'timestamp': '\u00b2'}}[tamper])  # '²'.isdigit() is True
 
     assert response.status_code == 403
     assert suppressed(app) == {}
+
+
+def test_a_batch_as_large_as_sendgrid_posts_is_taken_whole(webhook, app):
+    """SendGrid posts its events in batches of up to 768 KB, far above the 64 KiB a form may send: refused,
+    a batch is retried for a while and then dropped, and its bounces are never suppressed."""
+    reason = '550 5.1.1 The email account that you tried to reach does not exist. Please try double-checking it.'
+    events = [event('bounce', f'gone{n}@example.com', f'bounce-{n:020d}', reason=reason, status='5.1.1',
+                    sg_message_id=f'14c5d75ce93.dfd.64b469.filter0001.16648.5515E0B88.{n}') for n in range(1500)]
+    assert len(json.dumps(events)) > 3 * app.config['MAX_CONTENT_LENGTH']
+
+    response = webhook(events)
+
+    assert response.status_code == 200 and response.get_json() == {'received': 1500, 'suppressed': 1500}
+    assert len(suppressed(app)) == 1500
+
+
+def test_a_webhook_body_above_its_own_limit_is_refused_before_anything_is_read(webhook, app):
+    app.config['WEBHOOK_MAX_BYTES'] = 10_000
+    response = webhook([event('bounce', f'gone{n}@example.com', f'e{n}') for n in range(200)])
+    assert response.status_code == 413 and suppressed(app) == {}
 
 
 def test_without_a_verification_key_every_webhook_request_is_refused(app, subscribers):
