@@ -68,14 +68,23 @@ def init_app(app):
 
 
 def check_secret_key(config):
-    """:raise ValueError: a deployment without a SECRET_KEY of its own."""
+    """:raise ValueError: a deployment without a SECRET_KEY of its own, or keeping a known one among its
+    SECRET_KEY_FALLBACKS (where rotating away from it puts it): every fallback still verifies links and
+    sessions, so a known one would let anyone forge a confirmation or a block."""
     if not (deployment := looks_deployed(config)):
         return
-    key = config.get('SECRET_KEY') or ''
-    if key.strip().lower() in KNOWN_KEYS or len(key) < SHORTEST_KEY:
+    if _guessable(config.get('SECRET_KEY') or ''):
         raise ValueError(f'SECRET_KEY: {deployment}, so set a secret key of its own, at least {SHORTEST_KEY} '
                          'characters (e.g. python -c "import secrets; print(secrets.token_hex(32))"), the same '
                          'for every process')
+    if any(_guessable(key or '') for key in config.get('SECRET_KEY_FALLBACKS', [])):
+        raise ValueError(f'SECRET_KEY_FALLBACKS: {deployment}, so every key there must be a secret of its own, at '
+                         f'least {SHORTEST_KEY} characters: a known or short one lets anyone forge links. Drop it '
+                         '(the links signed with it stop working)')
+
+
+def _guessable(key):
+    return key.strip().lower() in KNOWN_KEYS or len(key) < SHORTEST_KEY
 
 
 def signing_keys(config):

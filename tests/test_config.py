@@ -64,6 +64,23 @@ def test_a_deployment_without_a_secret_key_of_its_own_stops_at_start_up(tmp_path
     assert not (tmp_path / 'secret_key').exists(), 'no key of its own made up for a deployment'
 
 
+@pytest.mark.parametrize('fallback', ['change-me', '', 'too-short'])
+def test_a_deployment_keeping_a_known_key_among_its_fallbacks_stops_at_start_up(tmp_path, fallback):
+    """Where an operator rotating away from a tutorial's key puts it; and every fallback still verifies
+    links and sessions, so anyone could forge a confirmation (no double opt-in) or a block (anyone's address
+    suppressed)."""
+    class Settings(config.Config):
+        INSTANCE_PATH = str(tmp_path)
+        SQLALCHEMY_DATABASE_URI = f'sqlite:///{tmp_path}/x.db'
+        BASE_URL = 'https://news.example.com'
+        MAIL_TRANSPORT = 'folder'
+        SECRET_KEY = 'a-fresh-strong-secret-key-0123456789'
+        SECRET_KEY_FALLBACKS = ['an-older-strong-key-0123456789', fallback]
+
+    with pytest.raises(ValueError, match='SECRET_KEY_FALLBACKS: BASE_URL is https://news.example.com, so every key'):
+        create_app(Settings)
+
+
 def test_a_rotated_key_keeps_the_links_signed_with_the_one_before_working(tmp_path):
     def app_with(key, fallbacks):
         return create_app(type('Settings', (config.Config,), {
