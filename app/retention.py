@@ -1,7 +1,8 @@
 """What the app keeps, and for how long: finished jobs (their rows hold recipients and errors) are deleted
-JOB_RETENTION_DAYS after they ended, sign-ups never confirmed once their link has expired (the
-address's owner may never have asked), and exports once EXPORT_KEEP_HOURS have passed. A `clean_up` job does it, queued by the workers' clock once an
-hour (one job per hour however many workers tick). The instance folder's files (the SQLite database, the
+JOB_RETENTION_DAYS after they ended, sign-ups never confirmed once their latest link has expired (the
+address's owner may never have asked; one who asked again near the end has a new link), and exports once
+EXPORT_KEEP_HOURS have passed. A `clean_up` job does it, queued by the workers' clock once an hour (one job
+per hour however many workers tick). The instance folder's files (the SQLite database, the
 generated key, the `.eml` mail) are readable by their owner only: app/database.py, app/links.py and
 app/transports.py create them so."""
 import logging
@@ -35,7 +36,9 @@ def clean_up():
         Job.unique_key.is_(None) | ~Job.unique_key.startswith('schedule:'))  # a schedule's firing is its memory
         .execution_options(synchronize_session=False)).rowcount
     expired = db.session.execute(sa.delete(Client).where(
-        Client.email_confirmed_at.is_(None), Client.created_at < now - timedelta(seconds=config['CONFIRM_MAX_AGE']),
+        Client.email_confirmed_at.is_(None),
+        sa.func.coalesce(Client.confirmation_sent_at, Client.created_at)
+        < now - timedelta(seconds=config['CONFIRM_MAX_AGE']),
         ~sa.exists(sa.select(Delivery.id).where(Delivery.client_id == Client.id)))
         .execution_options(synchronize_session=False)).rowcount
     files = exports.delete_expired()

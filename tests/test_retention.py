@@ -42,6 +42,28 @@ def test_the_clock_queues_one_clean_up_an_hour_that_deletes_old_finished_jobs_an
         ('send_email', 'failed'), ('send_email', 'queued'), ('send_stage', 'done')], "old finished jobs gone; a schedule's firing kept"
 
 
+def test_an_unconfirmed_sign_up_is_kept_while_its_latest_confirmation_link_works(app, subscribers):
+    """Someone whose first confirmation went to the spam folder signed up again on day 7 and got a new
+    link: the clean-up counts the seven days from that one, not from the first sign-up."""
+    app.config.update(CLEAN_UP=True, CONFIRM_MAX_AGE=7 * 86400)
+    eight_days_ago = utcnow() - timedelta(days=8)
+    [email] = subscribers(1, email_confirmed_at=None, created_at=eight_days_ago,
+                          confirmation_sent_at=utcnow() - timedelta(days=1))
+
+    run_due_jobs(app)
+
+    with app.app_context():
+        assert db.session.scalar(sa.select(Client.email)) == email, 'kept while its latest link works'
+    [stale] = subscribers(1, start=1, email_confirmed_at=None, created_at=eight_days_ago,
+                          confirmation_sent_at=eight_days_ago)
+    with app.app_context():
+        db.session.execute(sa.delete(Job))  # today's clean-up again
+        db.session.commit()
+    run_due_jobs(app)
+    with app.app_context():
+        assert db.session.scalars(sa.select(Client.email)).all() == [email], f'{stale} asked only long ago: gone'
+
+
 def test_a_sign_up_with_a_delivery_is_never_deleted_as_expired(app, subscribers):
     subscribers(1, email_confirmed_at=None, created_at=utcnow() - timedelta(days=40))
     with app.app_context():

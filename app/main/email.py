@@ -27,11 +27,11 @@ def send_confirmation(recipient, client_id, asked_at, message_id):
     and other sign-ups waited for it (bench/README.md). The job's row holds no link, only whom it is for.
 
     The link is made as the email goes out, which may be hours after it was asked for (a server refusing
-    for now), so its seven days count from then. (The clean-up of unconfirmed sign-ups counts from the
-    sign-up, app/retention.py: a late email's link stops matching a little sooner.) And the confirmation
-    page refuses only links made before their address left. So the email is not sent at all if, since it
-    was asked for, its sign-up was erased, confirmed, or left (unsubscribed, blocked), or its address was
-    suppressed.  :return: why it was not sent, if it was not."""
+    for now), so its seven days count from then. (The clean-up of unconfirmed sign-ups counts from when
+    it was asked for, app/retention.py: a late email's link stops matching a little sooner.) And the
+    confirmation page refuses only links made before their address left. So the email is not sent at all
+    if, since it was asked for, its sign-up was erased, confirmed, or left (unsubscribed, blocked), or its
+    address was suppressed.  :return: why it was not sent, if it was not."""
     if why_not := _not_wanted(client_id, recipient, datetime.fromisoformat(asked_at)):
         return {'not sent': why_not}
     client = Client(id=client_id, email=recipient)  # what the links need of the row
