@@ -12,8 +12,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from app import broadcasts, create_app
+from app.database import utcnow
 from app.extensions import db
-from app.models import Client, Delivery, Suppression, WebhookEvent
+from app.models import Client, Delivery, Job, Suppression, WebhookEvent
 from app.suppression import suppress
 from config import Config
 from tests.support.forms import csrf_token, sign_up
@@ -95,6 +96,28 @@ def test_the_confirmation_emails_block_link_really_blocks_the_address(app, clien
     assert blocked.status_code == 200 and suppressed(app) == {'stranger@example.com': 'blocked'}
     assert len(smtp.messages) == 1, 'no second confirmation, whoever signs it up'
     assert client.get('/block/forged.token').status_code == 400
+
+
+@pytest.mark.parametrize('who', ['a new address', 'a former subscriber'])
+def test_the_confirm_link_in_the_same_email_does_not_subscribe_a_blocked_address(app, client, smtp, subscribers, who):
+    """A stranger signs someone up; they press "block", then a link scanner (or a slip of the finger)
+    follows the confirm link of that same email. For a former subscriber the leaving was long before the
+    link was made, so only the suppression list can refuse it."""
+    if who == 'a former subscriber':
+        subscribers(1, active=False, unsubscribed_at=utcnow() - timedelta(days=30), num_newsletter=3)
+    sign_up(client, 'reader0@example.com')
+    run_due_jobs(app)
+    body = smtp.messages[-1].get_body(('plain',)).get_content()
+    confirm, block = (re.search(rf'http://newsletter.test(/{path}/\S+)', body).group(1) for path in ('confirm', 'block'))
+    client.post(block, data={'csrf_token': csrf_token(client, block)})
+
+    answer = client.get(confirm)
+
+    assert answer.status_code == 400 and 'does not subscribe it' in answer.get_data(as_text=True)
+    with app.app_context():
+        assert not db.session.scalar(sa.select(Client.active))
+        assert db.session.scalar(sa.select(sa.func.count(Job.id)).where(Job.task == 'send_email')) == 0, \
+            'no "new subscriber" notice to the admins'
 
 
 def test_a_suppressed_address_signing_up_gets_the_usual_answer_and_no_email(app, client, smtp):

@@ -93,7 +93,8 @@ def _may_send_confirmation(client):
 
 @bp.route('/confirm/<token>')
 def confirm(token):
-    """:raise 400: for a forged, tampered or expired link (the page says which)."""
+    """:raise 400: for a forged, tampered or expired link, or one whose address has left or is suppressed
+    since (the page says which)."""
     try:
         client_id, address, made = load_confirm_token(token)
     except ExpiredLink as exc:
@@ -105,6 +106,10 @@ def confirm(token):
     if client is None or client.email != address:
         return render_template('message.html', title='Invalid link',
                                message='This confirmation link does not match any sign-up.'), 400
+    if is_suppressed(client.email):  # blocked from this very email, say: its leaving may be older than the link
+        return render_template('message.html', title='Link no longer valid',
+                               message=f'{client.email} is on our list of addresses never to be mailed (blocked, '
+                                       'or refused by its mail server), so this link does not subscribe it.'), 400
     if client.unsubscribed_at and made < client.unsubscribed_at.replace(microsecond=0):  # links count in seconds
         return render_template('message.html', title='Link no longer valid', show_form_link=True,
                                message=f'{client.email} unsubscribed after this link was sent, so it does not '
