@@ -335,21 +335,39 @@ def csv_detail(app, email):
         return db.session.scalar(sa.select(Delivery.error).join(Client).where(Client.email == email))
 
 
+def admin_urls(app, number='1'):
+    """Every admin URL and method, read from the app's url_map so that a page added later is among them,
+    with `number` for its ids (and for any other part of it).  :return: [(rule, method, url)]"""
+    return [(rule, method, re.sub(r'<(?:int:)?(\w+)>', number, re.sub(r'<any\(([^,)]+)[^>]*>', r'\1', rule.rule)))
+            for rule in app.url_map.iter_rules() if rule.endpoint.startswith('admin.')
+            for method in sorted(rule.methods - {'HEAD', 'OPTIONS'})]
+
+
 def test_every_admin_url_refuses_anonymous_visitors(app):
-    """Read from the app's url_map, so that a page added later cannot forget it."""
     anonymous = app.test_client()
     open_to_all = {'admin.login_page', 'admin.sign_in'}
     checked = 0
-    for rule in app.url_map.iter_rules():
-        if not rule.endpoint.startswith('admin.') or rule.endpoint in open_to_all:
+    for rule, method, url in admin_urls(app):
+        if rule.endpoint in open_to_all:
             continue
-        url = re.sub(r'<(?:int:)?(\w+)>', '1', re.sub(r'<any\(([^,)]+)[^>]*>', r'\1', rule.rule))
-        for method in rule.methods - {'HEAD', 'OPTIONS'}:
-            response = anonymous.open(url, method=method)
-            assert response.status_code in (302, 400) and (response.status_code == 400 or
-                                                        response.location.startswith('/admin/login')), (method, url)
-            checked += 1
+        response = anonymous.open(url, method=method)
+        assert response.status_code in (302, 400) and (response.status_code == 400 or
+                                                    response.location.startswith('/admin/login')), (method, url)
+        checked += 1
     assert checked >= 12
+
+
+@pytest.mark.parametrize('number', [str(2 ** 31), '9' * 20], ids=['past PostgreSQL', 'past SQLite'])
+def test_an_id_no_row_can_have_is_a_404_at_every_admin_url_that_takes_one(app, admin, number):
+    """Past PostgreSQL's integer (our ids' type) the database refused the query, and the page was a 500."""
+    token = csrf_token(admin, '/admin/')
+    app.config['PROPAGATE_EXCEPTIONS'] = False  # as deployed: a 500 is a page, not an exception in the test
+
+    answers = {(method, url): admin.open(url, method=method, data={'csrf_token': token}).status_code
+               for rule, method, url in admin_urls(app, number) if '<int:' in rule.rule}
+
+    assert set(answers.values()) == {404}, answers
+    assert len(answers) >= 8
 
 
 def test_the_dashboard_counts_subscribers_by_state_charts_them_and_lists_the_send_runs(app, admin, subscribers,
@@ -393,6 +411,18 @@ def test_a_stage_is_previewed_as_any_subscriber_would_get_it_and_sent_to_the_adm
         assert db.session.scalar(sa.select(Client.num_newsletter)) == 0
     assert admin.get('/admin/stages/week7/preview').status_code == 404
     assert admin.get('/admin/stages/week1/preview?subscriber=nobody@example.com').status_code == 404
+
+
+@pytest.mark.parametrize('wanted', ['\u00b2', '\u0661', str(2 ** 31), '9' * 20])
+def test_a_stage_preview_for_a_subscriber_number_that_is_no_id_is_a_404(app, admin, subscribers, wanted):
+    """'²' is a digit to str.isdigit() but not to int(), and '١' is 1 to both; past PostgreSQL's integer
+    the database refuses the query: an id is ASCII digits a row can have, or no id at all."""
+    subscribers(1)
+    app.config['PROPAGATE_EXCEPTIONS'] = False  # as deployed: a 500 is a page, not an exception in the test
+
+    answer = admin.get('/admin/stages/week1/preview', query_string={'subscriber': wanted})
+
+    assert answer.status_code == 404 and f'There is no subscriber {wanted}.' in answer.get_data(as_text=True)
 
 
 def test_a_jobs_progress_is_on_the_page_and_in_its_json_for_the_page_to_follow(app, admin, subscribers):
