@@ -77,9 +77,9 @@ def utcnow():
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-def insert_ignoring_conflicts(model, unique_columns):
-    """INSERT that leaves out rows colliding on `unique_columns`: how the database, not the code,
-    decides which of two racing processes claims something first."""
+def insert_ignoring_conflicts(model, unique_columns=None):
+    """INSERT that leaves out rows colliding on `unique_columns` (or on any unique index): how the database,
+    not the code, decides which of two racing processes claims something first."""
     return upsert(model).on_conflict_do_nothing(index_elements=unique_columns)
 
 

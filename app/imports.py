@@ -10,7 +10,7 @@ code keeps its promises:
   bytes, UTF-16, bytes neither encoding reads), absurd (a line over MAX_LINE characters, a row of more than
   MAX_COLUMNS columns) or without an address column: ImportFileError with the reason, found before
   anything is written, or half-way, when the import's transaction is rolled back.
-- **Every row as the sign-up checks an address** (normal_address, app/main/forms.py), each domain's DNS
+- **Every row as the sign-up checks an address** (normal_address, app/addresses.py), each domain's DNS
   asked once per file; a name, of at most MAX_NAME characters, and printable. A row is accepted, a
   duplicate (of a line above it, or of a subscriber, who is never changed), or rejected, with the reason.
   The dry run (check) stops there.
@@ -43,11 +43,11 @@ import sqlalchemy as sa
 from email_validator import EmailNotValidError, EmailUndeliverableError
 from flask import current_app
 
+from app.addresses import normal_address
 from app.database import among, insert_ignoring_conflicts, utcnow
 from app.extensions import db
 from app.jobs import GiveUp, Interrupted, define_task, report_progress, stopping
 from app.main.email import queue_confirmation_email
-from app.main.forms import normal_address
 from app.models import Client, Job, JobStatus
 
 MAX_LINE = 10_000  # characters
@@ -292,18 +292,19 @@ def _sorted_chunks(path, report, seen=None):
         raise ImportFileError('The file has a header row, and no rows under it.')
     for chunk in itertools.chain([first], chunks):
         earlier = {} if seen is None else seen
-        for row in chunk:
+        for row in chunk:  # one subscriber a mailbox, whatever the case of its letters (app/models.py)
             if row.outcome != Outcome.ACCEPTED:
                 continue
-            if row.address in earlier:
-                row.outcome, row.reason = Outcome.DUPLICATE, f'the same address as line {earlier[row.address]}'
+            if row.address.lower() in earlier:
+                row.outcome, row.reason = Outcome.DUPLICATE, f'the same address as line {earlier[row.address.lower()]}'
             else:
-                earlier[row.address] = row.line
-        candidates = [row.address for row in chunk if row.outcome == Outcome.ACCEPTED]
-        existing = set(db.session.scalars(sa.select(Client.email).where(among(Client.email, 'addresses')),
+                earlier[row.address.lower()] = row.line
+        candidates = [row.address.lower() for row in chunk if row.outcome == Outcome.ACCEPTED]
+        lowered = sa.func.lower(Client.email, type_=sa.String)
+        existing = set(db.session.scalars(sa.select(lowered).where(among(lowered, 'addresses')),
                                           {'addresses': candidates})) if candidates else set()
         for row in chunk:
-            if row.outcome == Outcome.ACCEPTED and row.address in existing:
+            if row.outcome == Outcome.ACCEPTED and row.address.lower() in existing:
                 row.outcome, row.reason = Outcome.DUPLICATE, 'already a subscriber'
             if row.outcome != Outcome.ACCEPTED:
                 report.add(row)
@@ -331,7 +332,7 @@ def import_file(path, consented_by=None, on_progress=report_progress):
         dict(email_confirmed_at=now, consent_recorded_by=consented_by, consent_recorded_at=now) if consented_by
         else dict(confirmation_sent_at=now)))
     # An address that someone signs up with while the import runs is theirs: left out here, not an error.
-    insert = insert_ignoring_conflicts(Client, ['email']).returning(Client.id, Client.email)
+    insert = insert_ignoring_conflicts(Client).returning(Client.id, Client.email)
     for accepted, line, lines in _sorted_chunks(path, report):
         if stopping():
             raise Interrupted('its worker is stopping; the import starts again from the top')

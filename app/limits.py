@@ -9,6 +9,7 @@ limits allow (app/main/routes.py)."""
 from flask import current_app, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from app.addresses import mailbox
 from app.extensions import limiter
 
 
@@ -26,8 +27,8 @@ def init_app(app):
 
 
 def submitted_address():
-    """The key of a limit per email address: the one the form was posted with."""
-    return 'address:' + (request.form.get('email') or '').strip().lower()
+    """The key of a limit per email address: the mailbox the form was posted with, however spelled."""
+    return 'address:' + mailbox(request.form.get('email') or '')
 
 
 def per_client(setting):

@@ -13,9 +13,14 @@ from app.extensions import db
 class Client(db.Model):
     """A subscriber. `num_newsletter` is the last drip stage received (0 when new). Someone imported from a
     file (app/imports.py) whose admin said they had consented already is confirmed without a confirmation
-    email; who said so, and when, is kept as the record of their consent."""
+    email; who said so, and when, is kept as the record of their consent.
+
+    One row a mailbox: an address is unique whatever the case of its letters. Two rows for Jane@ and jane@
+    would each get every mailing, and each its own confirmation every CONFIRM_RESEND_SECONDS. The address is
+    kept as it was first given (the suppression list keeps it in lower case)."""
     __tablename__ = 'clients'
-    __table_args__ = (sa.Index('ix_clients_drip', 'num_newsletter', 'id'),)
+    __table_args__ = (sa.Index('ix_clients_drip', 'num_newsletter', 'id'),
+                      sa.Index('ix_clients_email_lower', sa.text('lower(email)'), unique=True))
 
     id: so.Mapped[int] = so.mapped_column(primary_key=True)
     email: so.Mapped[str] = so.mapped_column(sa.String(254), unique=True)

@@ -113,7 +113,7 @@ def test_a_name_holding_the_other_delimiter_does_not_split_the_rows_wrongly(app,
 
 def test_the_dry_run_lists_duplicates_and_rejected_rows_with_their_line_and_reason_and_writes_nothing(
         app, admin, subscribers):
-    [existing] = subscribers(1)
+    existing, other = subscribers(2)
     content = '\n'.join([
         'email,name',
         'new.one@example.com,New One',  # line 2
@@ -125,15 +125,23 @@ def test_the_dry_run_lists_duplicates_and_rejected_rows_with_their_line_and_reas
         'x' * 300 + '@example.com,Long',  # 9
         'new.three@example.com,' + 'N' * 101,  # 10
         'New.Four@EXAMPLE.com,Four',  # 11
+        'NEW.FOUR@example.com,Four Again',  # 12: the same mailbox, in other letters' case
+        f'{existing.upper()},Here Again',  # 13
+        f'{other.upper()},Other',  # 14: a subscriber already, in other letters' case
     ]).encode()
     with app.app_context():
         jobs_before = db.session.scalar(sa.select(sa.func.count(Job.id)))
 
     report_url, page = report_of(admin, content)
 
-    assert counts(page) == {'accepted': 2, 'duplicate': 2, 'rejected': 5}
+    assert counts(page) == {'accepted': 2, 'duplicate': 5, 'rejected': 5}
     assert listed(page, 'duplicate') == [('3', existing, 'already a subscriber'),
-                                         ('7', 'new.one@example.com', 'the same address as line 2')]
+                                         ('7', 'new.one@example.com', 'the same address as line 2'),
+                                         ('12', 'NEW.FOUR@example.com', 'the same address as line 11'),
+                                         ('13', existing.upper().replace('EXAMPLE.COM', 'example.com'),
+                                          'the same address as line 3'),
+                                         ('14', other.upper().replace('EXAMPLE.COM', 'example.com'),
+                                          'already a subscriber')]
     assert listed(page, 'rejected') == [
         ('4', 'not-an-address', 'An email address must have an @-sign.'),
         ('5', 'new.two@example.com\nBcc: victim@example.org', 'An email address cannot contain line breaks.'),
@@ -142,7 +150,7 @@ def test_the_dry_run_lists_duplicates_and_rejected_rows_with_their_line_and_reas
         ('10', 'new.three@example.com', 'A name has at most 100 characters.'),
     ]
     assert 'Import these 2 people' in page and 'Each new subscriber gets a confirmation email' in page
-    assert set(clients(app)) == {existing}, 'a dry run writes nothing'
+    assert set(clients(app)) == {existing, other}, 'a dry run writes nothing'
     with app.app_context():
         assert db.session.scalar(sa.select(sa.func.count(Job.id))) == jobs_before
 

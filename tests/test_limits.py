@@ -41,6 +41,29 @@ def test_one_address_gets_at_most_one_confirmation_in_the_interval_whatever_the_
     assert confirmation_emails(limited) == ['stranger@example.com']
 
 
+# One mailbox, spelled as the form would store it differently (a local part in other letters' case) or the
+# same (a domain with a full-width letter, or an ideographic full stop, which the form normalises).
+SPELLINGS = ['stranger@example.com', 'Stranger@\uff45xample.com', 'sTranger@e\uff58ample.com',
+             'stRanger@ex\uff41mple.com', 'STRANGER@EXAMPLE\u3002COM']
+
+
+def test_one_mailbox_gets_at_most_one_confirmation_in_the_interval_however_its_address_is_spelled(limited):
+    limited.config['SIGNUP_LIMIT_PER_ADDRESS'] = '100/hour'  # the interval alone
+    client = limited.test_client()
+    answers = [post(client, '/', spelling, address=f'10.0.2.{n}') for n, spelling in enumerate(SPELLINGS)]
+
+    assert [answer.status_code for answer in answers] == [200] * len(SPELLINGS)
+    assert confirmation_emails(limited) == ['stranger@example.com']
+    with limited.app_context():
+        assert db.session.scalars(sa.select(Client.email)).all() == ['stranger@example.com'], 'one subscriber'
+
+
+def test_the_limit_per_address_counts_every_spelling_of_it(limited):
+    client = limited.test_client()
+    answers = [post(client, '/', spelling, address=f'10.0.3.{n}').status_code for n, spelling in enumerate(SPELLINGS)]
+    assert answers == [200, 200, 200, 429, 429]
+
+
 def test_naming_one_address_too_often_is_refused_whoever_asks(limited):
     client = limited.test_client()
     for n in range(3):

@@ -108,7 +108,8 @@ def test_the_confirm_link_in_the_same_email_does_not_subscribe_a_blocked_address
     sign_up(client, 'reader0@example.com')
     run_due_jobs(app)
     body = smtp.messages[-1].get_body(('plain',)).get_content()
-    confirm, block = (re.search(rf'http://newsletter.test(/{path}/\S+)', body).group(1) for path in ('confirm', 'block'))
+    confirm, block = (re.search(rf'http://newsletter.test(/{path}/\S+)', body).group(1)
+                      for path in ('confirm', 'block'))
     client.post(block, data={'csrf_token': csrf_token(client, block)})
 
     answer = client.get(confirm)

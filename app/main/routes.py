@@ -41,7 +41,7 @@ def subscribe(address):
         queue_confirmation_email(Client(id=client_id, email=address))  # what the email needs of the row
         db.session.commit()
         return
-    client = db.session.scalar(sa.select(Client).where(Client.email == address))
+    client = db.session.scalar(sa.select(Client).where(sa.func.lower(Client.email) == address.lower()))
     if client is None and is_suppressed(address):
         return  # its owner asked never to hear from us, or it bounced: no confirmation to a stranger
     if client is None:
@@ -76,7 +76,8 @@ def _new_address():
     unknown = sa.select(sa.bindparam('address', type_=sa.String), sa.true(), sa.literal(0), now, now).where(
         ~sa.exists().where(suppressions.c.email == sa.bindparam('lowered', type_=sa.String)))
     columns = ['email', 'active', 'num_newsletter', 'created_at', 'confirmation_sent_at']
-    return (upsert(clients).from_select(columns, unknown).on_conflict_do_nothing(index_elements=['email'])
+    return (upsert(clients).from_select(columns, unknown)
+            .on_conflict_do_nothing()  # known, in these letters or others (one subscriber a mailbox: app/models.py)
             .returning(clients.c.id))
 
 

@@ -1,0 +1,33 @@
+"""The rules for an email address, one place for every door it comes in by: the sign-up form, a file of
+them (app/imports.py), and the abuse limit that counts one per address (app/limits.py)."""
+from email_validator import EmailNotValidError, EmailSyntaxError, validate_email
+from flask import current_app
+
+MAX_EMAIL_LENGTH = 254  # RFC 5321's limit on a path, and our column's size
+
+
+def normal_address(value, check_deliverability=None):
+    """One line, at most MAX_EMAIL_LENGTH characters, and what email-validator accepts, including (outside
+    tests, or unless `check_deliverability` is False) a domain that can receive mail.  :return: the normal
+    form we store: trimmed, domain lower-cased, and in ASCII (an international domain in its xn-- form),
+    which every SMTP server and mail header takes as it is.  :raise EmailNotValidError: (a ValueError)
+    saying what is wrong; EmailUndeliverableError when it is the domain."""
+    if '\r' in value or '\n' in value:
+        raise EmailSyntaxError('An email address cannot contain line breaks.')
+    if len(value) > MAX_EMAIL_LENGTH:
+        raise EmailSyntaxError(f'An email address has at most {MAX_EMAIL_LENGTH} characters.')
+    if check_deliverability is None:
+        check_deliverability = current_app.config['EMAIL_CHECK_DELIVERABILITY']
+    return validate_email(value, allow_smtputf8=False, timeout=current_app.config['EMAIL_DNS_TIMEOUT'],
+                          check_deliverability=check_deliverability).ascii_email
+
+
+def mailbox(value):
+    """The mailbox `value` names, for counting: its normal form in lower case, as the database tells one
+    subscriber from another (app/models.py), so that no other spelling of it (Jane@, a full-width letter
+    in its domain) counts as another. An address the form will refuse counts as it was given."""
+    try:
+        value = normal_address(value.strip(' \t'), check_deliverability=False)
+    except EmailNotValidError:
+        pass
+    return value.lower()
