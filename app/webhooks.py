@@ -3,8 +3,9 @@
 A request counts only with a valid signature (ECDSA over the timestamp and the raw body, checked with the
 `sendgrid` library's own helper against SENDGRID_WEBHOOK_PUBLIC_KEY) and a fresh timestamp (a recorded
 request replayed later is refused); with no key configured, every request is refused. Events come in
-batches and may be delivered again: each is acted on once, by its sg_event_id. A bounce, a drop, a spam
-report or an unsubscribe puts the address on the suppression list (app/suppression.py), with why."""
+batches and may be delivered again: each is acted on once, by its sg_event_id. A bounce, a drop for the
+address, a spam report or an unsubscribe puts the address on the suppression list (app/suppression.py),
+with why."""
 import re
 import time
 
@@ -18,9 +19,15 @@ from app.suppression import suppress
 
 bp = Blueprint('webhooks', __name__, url_prefix='/webhooks')
 
-SUPPRESSING = {'bounce': SuppressionReason.BOUNCED, 'dropped': SuppressionReason.BOUNCED,
+SUPPRESSING = {'bounce': SuppressionReason.BOUNCED, 'dropped': None,  # by its reason: DROPPED_FOR_THE_ADDRESS
                'spamreport': SuppressionReason.COMPLAINED, 'unsubscribe': SuppressionReason.UNSUBSCRIBED,
                'group_unsubscribe': SuppressionReason.UNSUBSCRIBED}
+# A drop is SendGrid sending nothing at all. Only these reasons say it was for the address (on one of
+# SendGrid's own lists); the others are about the message ("Spam Content" from its spam checker, "Invalid
+# SMTPAPI header"), and suppressing on them would take every reader of a mailing off the list for good.
+DROPPED_FOR_THE_ADDRESS = {'bounced address': SuppressionReason.BOUNCED, 'invalid': SuppressionReason.BOUNCED,
+                           'unsubscribed address': SuppressionReason.UNSUBSCRIBED,
+                           'spam reporting address': SuppressionReason.COMPLAINED}
 DIGITS = re.compile(r'[0-9]{1,12}')  # a Unix time, as int() reads it
 
 
@@ -45,17 +52,25 @@ def sendgrid_events():
         abort(400, 'Expected a JSON array of events.')
     acted = 0
     for event in events:
-        reason, email, event_id = SUPPRESSING.get(event.get('event')), _text(event.get('email')), \
-            _text(event.get('sg_event_id'))
-        if not (reason and email and event_id) or not _first_time(event_id, event):
+        email, event_id = _text(event.get('email')), _text(event.get('sg_event_id'))
+        if not (event.get('event') in SUPPRESSING and email and event_id) or not _first_time(event_id, event):
             continue
-        if event.get('event') == 'bounce' and event.get('type') == 'blocked':
-            continue  # refused for now (a block), not an address that does not exist
+        if not (reason := _suppressing(event)):
+            continue
         detail = f"SendGrid {event['event']}: {event.get('reason') or ''}".replace('\x00', '').strip()
         suppress(email, reason, detail)
         acted += 1
     db.session.commit()
     return {'received': len(events), 'suppressed': acted}
+
+
+def _suppressing(event):
+    """:return: why `event` puts its address on the suppression list, or None."""
+    if event['event'] == 'bounce' and event.get('type') == 'blocked':
+        return None  # refused for now (a block), not an address that does not exist
+    if event['event'] == 'dropped':
+        return DROPPED_FOR_THE_ADDRESS.get(str(event.get('reason') or '').strip().lower())
+    return SUPPRESSING[event['event']]
 
 
 def _text(value):

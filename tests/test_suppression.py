@@ -137,7 +137,8 @@ def test_a_suppressed_address_signing_up_gets_the_usual_answer_and_no_email(app,
 
 def test_bounces_drops_complaints_and_unsubscribes_reported_by_sendgrid_suppress_once_each(webhook, app, subscribers):
     emails = subscribers(6)
-    events = [event('bounce', emails[0], 'e1', reason='550 no such user'), event('dropped', emails[1], 'e2'),
+    events = [event('bounce', emails[0], 'e1', reason='550 no such user'),
+              event('dropped', emails[1], 'e2', reason='Bounced Address'),
               event('spamreport', emails[2], 'e3'), event('unsubscribe', emails[3], 'e4'),
               event('delivered', emails[4], 'e5'), event('bounce', emails[5], 'e6', type='blocked')]
 
@@ -153,6 +154,22 @@ def test_bounces_drops_complaints_and_unsubscribes_reported_by_sendgrid_suppress
             'SendGrid bounce: 550 no such user'
         assert db.session.scalar(sa.select(sa.func.count(WebhookEvent.id))) == 5, 'all but the delivery, once'
         assert [c.email for c in db.session.scalars(sa.select(Client).where(Client.active))] == emails[4:]
+
+
+def test_a_drop_suppresses_only_when_sendgrid_says_it_is_the_address(webhook, app, subscribers):
+    """SendGrid drops a message, sending nothing, for the address (on one of its own lists) or for the
+    message: its spam checker on a broadcast's content, a bad header. Suppressing on the latter would take
+    every reader of that mailing off the list for good."""
+    emails = subscribers(6)
+    reasons = ['Bounced Address', 'Invalid', 'Unsubscribed Address', 'Spam Reporting Address', 'Spam Content',
+               'Invalid SMTPAPI header']
+
+    response = webhook([event('dropped', email, f'd{n}', reason=reason)
+                        for n, (email, reason) in enumerate(zip(emails, reasons))])
+
+    assert response.get_json() == {'received': 6, 'suppressed': 4}
+    assert suppressed(app) == {emails[0]: 'bounced', emails[1]: 'bounced', emails[2]: 'unsubscribed',
+                               emails[3]: 'complained'}
 
 
 @pytest.mark.parametrize('tamper', ['wrong key', 'bad signature', 'not base64', 'stale', 'from the future', 'no headers',
