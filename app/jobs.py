@@ -356,7 +356,7 @@ def _run(job_id, name, payload, attempt, max_attempts, owner, worker_stopping, w
     running = _Running(job_id, owner, worker_stopping, [] if waiting is None else waiting)
     task = current_app.extensions['tasks'].get(name)
     if attempt > max_attempts:
-        return _record(running, status=JobStatus.FAILED, finished_at=utcnow(), error=(
+        return _record(running, status=JobStatus.FAILED, finished_at=utcnow(), **_forgetting(task, payload), error=(
             f'gave up: the worker running it stopped {attempt - 1} time(s) mid-job (killed, or out of memory)'))
     if task is None:
         return _record(running, status=JobStatus.FAILED, finished_at=utcnow(),
@@ -394,9 +394,16 @@ def _run(job_id, name, payload, attempt, max_attempts, owner, worker_stopping, w
         outcome = dict(status=JobStatus.DONE, finished_at=utcnow(), result=_jsonable(result), error=None)
     finally:
         _local.running = None
-    if outcome['status'] in (JobStatus.DONE, JobStatus.FAILED) and task.forget:
-        outcome['payload'] = {key: value for key, value in payload.items() if key not in task.forget}
+    if outcome['status'] in (JobStatus.DONE, JobStatus.FAILED):
+        outcome.update(_forgetting(task, payload))
     _record(running, started_at=started, **outcome)
+
+
+def _forgetting(task, payload):
+    """The payload to keep once the job is over, without what its task forgets, as a value to record."""
+    if task is None or not task.forget:
+        return {}
+    return {'payload': {key: value for key, value in payload.items() if key not in task.forget}}
 
 
 def _jsonable(value):

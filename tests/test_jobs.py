@@ -310,6 +310,23 @@ def test_a_job_whose_worker_keeps_dying_is_failed_instead_of_retried_forever(app
     assert job.status == 'failed' and 'stopped 3 time(s) mid-job' in job.error
 
 
+def test_a_job_given_up_on_still_drops_what_its_task_forgets(app):
+    """A sign-in email whose workers kept dying must not leave its link readable in the jobs table."""
+    with app.app_context():
+        db.session.add(Job(task='send_email', queue='mail', max_attempts=3, attempts=3, status='running',
+                           claimed_by='dead', lease_until=utcnow() - timedelta(seconds=1), payload={
+                               'recipient': 'admin@example.com', 'subject': 'Your sign-in link',
+                               'text': 'https://news.example.com/admin/sign-in/SECRET', 'html': None,
+                               'message_id': '<sign-in.1@example.com>', 'headers': {}}))
+        db.session.commit()
+
+    run_due_jobs(app)
+
+    [job] = jobs(app)
+    assert job.status == 'failed' and job.payload == {
+        'recipient': 'admin@example.com', 'subject': 'Your sign-in link', 'message_id': '<sign-in.1@example.com>'}
+
+
 def test_two_workers_racing_for_one_job_run_it_once(app, smtp, flask_command):
     queue_emails(app, 'jane@example.com')
     smtp.delay = 0.5
