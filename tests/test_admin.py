@@ -16,7 +16,7 @@ from app.jobs import run_due
 from app.ledger import ledger, mailing_named
 from app.models import AdminSession, Broadcast, Client, Delivery, Job, SendRun, Suppression
 from app.suppression import suppress
-from tests.support.forms import csrf_token, sign_in
+from tests.support.forms import csrf_token, sign_in, sign_in_link
 from tests.support.smtp import MailSink
 from tests.support.jobs import queue_emails, run_due_jobs
 
@@ -36,6 +36,25 @@ def test_an_admin_signs_in_with_the_link_emailed_to_them(app, client, smtp):
     assert 'Background jobs' in page and 'admin@example.com' in page
 
 
+def test_opening_a_sign_in_link_neither_signs_in_nor_uses_it_up_until_its_button_is_pressed(app, client, smtp):
+    """Mail scanners (Safe Links, Mimecast) open every link of a message before its reader does: opening
+    it signed them in, and the admin's own click then found the link used."""
+    link = sign_in_link(app, client, smtp)
+    scanner = app.test_client()
+
+    scanned = scanner.get(link)
+    assert scanner.post(link).status_code == 400, 'no CSRF token'
+    assert scanner.get('/admin/').status_code == 302, 'the scanner holds no session'
+    assert scanned.status_code == 200 and '<button type="submit">Sign in</button>' in scanned.get_data(as_text=True)
+
+    opened = client.get(link)
+    pressed = client.post(link, data={'csrf_token': csrf_token(client, link)})
+
+    assert opened.status_code == 200 and 'admin@example.com' in opened.get_data(as_text=True)
+    assert pressed.status_code == 302 and pressed.location == '/admin/'
+    assert client.get('/admin/').status_code == 200
+
+
 def test_a_stranger_gets_the_same_answer_and_no_email(app, client, smtp):
     page = client.post('/admin/login', data={'email': 'mallory@example.com',
                                              'csrf_token': csrf_token(client, '/admin/login')})
@@ -51,8 +70,12 @@ def test_a_forged_or_expired_sign_in_link_is_refused(app, client, monkeypatch):
         an_hour_ago.setattr(TimestampSigner, 'get_timestamp', lambda self: int(time.time()) - 3600)
         expired = URLSafeTimedSerializer(app.config['SECRET_KEY'], salt='admin-sign-in').dumps('admin@example.com')
 
-    assert 'not valid' in client.get(f'/admin/sign-in/{forged}').get_data(as_text=True)
-    assert 'expired' in client.get(f'/admin/sign-in/{expired}').get_data(as_text=True)
+    token = csrf_token(client, '/admin/login')
+    for method in ('GET', 'POST'):
+        assert 'not valid' in client.open(f'/admin/sign-in/{forged}', method=method,
+                                          data={'csrf_token': token}).get_data(as_text=True)
+        assert 'expired' in client.open(f'/admin/sign-in/{expired}', method=method,
+                                        data={'csrf_token': token}).get_data(as_text=True)
     assert client.get('/admin/').status_code == 302
 
 
@@ -153,12 +176,26 @@ def test_the_dashboard_shows_each_stages_delay_and_who_is_due_it_now_or_waiting(
 
 
 def test_a_sign_in_link_works_once(app, client, smtp):
-    assert sign_in(app, client, smtp).status_code == 302
-    link = re.search(r'http://newsletter.test(/admin/sign-in/\S+)', smtp.messages[-1].get_body(('plain',)).get_content())
+    link = sign_in_link(app, client, smtp)
+    assert client.post(link, data={'csrf_token': csrf_token(client, link)}).status_code == 302
+    other = app.test_client()
 
-    again = app.test_client().get(link.group(1))
+    opened = other.get(link)
+    pressed = other.post(link, data={'csrf_token': csrf_token(other, '/admin/login')})
 
-    assert again.status_code == 400 and 'used already' in again.get_data(as_text=True)
+    for again in (opened, pressed):
+        assert again.status_code == 400 and 'used already' in again.get_data(as_text=True)
+
+
+def test_a_sign_in_link_opened_before_its_address_left_admins_signs_nobody_in(app, client, smtp):
+    link = sign_in_link(app, client, smtp)
+    token = csrf_token(client, link)
+    app.config['ADMINS'] = ['someone.else@example.com']
+
+    pressed = client.post(link, data={'csrf_token': token})
+
+    assert pressed.status_code == 403 and 'no longer an admin' in pressed.get_data(as_text=True)
+    assert client.get('/admin/').status_code == 302
 
 
 def test_logging_out_ends_the_session_for_every_copy_of_its_cookie(app, admin):

@@ -98,6 +98,7 @@ def admin_browser(browser, app, smtp):
     assert browser.heading() == 'Check your inbox'
     run_due_jobs(app)
     browser.open(emailed_link(smtp.received_by(ADMIN)[-1], browser.base_url, '/admin/sign-in/'), 'sign-in link')
+    browser.submit('button[type=submit]', 'signed in')
     assert browser.path() == '/admin/' and browser.heading() == 'Newsletter admin'
     return browser
 

@@ -4,7 +4,7 @@ import secrets
 from datetime import timedelta
 
 import sqlalchemy as sa
-from flask import current_app, redirect, render_template, session, url_for
+from flask import current_app, redirect, render_template, request, session, url_for
 from flask_login import UserMixin, current_user, login_user, logout_user
 from itsdangerous import BadSignature, SignatureExpired
 from sqlalchemy.exc import IntegrityError
@@ -57,8 +57,12 @@ def login_page():
     return render_template('admin/login.html', form=form), 400 if form.errors else 200
 
 
-@bp.route('/sign-in/<token>')
+@bp.route('/sign-in/<token>', methods=['GET', 'POST'])
 def sign_in(token):
+    """Opening the link shows a button; only pressing it (a POST, CSRF-checked by CSRFProtect) signs in
+    and uses the link up: mail scanners (Safe Links, Mimecast) open every link of a message before its
+    reader does, and a GET that signed in gave them the session and left the admin a used link. Both
+    check the link first, so a dead one says why at once."""
     try:
         link = serializer('admin-sign-in', timed=True).loads(token, max_age=LINK_MAX_AGE)
         address, nonce = link['email'], link['nonce']
@@ -68,18 +72,26 @@ def sign_in(token):
         return _refused('Invalid link', 'This sign-in link is not valid.')
     if address not in current_app.config['ADMINS']:
         return _refused('Not an admin', f'{address} is no longer an admin address.', 403)
+    if db.session.scalar(sa.select(AdminSession.id).where(AdminSession.link_nonce == nonce)):
+        return _used()
+    if request.method == 'GET':
+        return render_template('admin/sign_in.html', title='Admin sign-in', email=address, token=token)
     now = utcnow()
     admin_session = AdminSession(id=secrets.token_hex(32), email=address, link_nonce=nonce, created_at=now,
                                  expires_at=now + timedelta(hours=current_app.config['ADMIN_SESSION_HOURS']))
     db.session.add(admin_session)
     try:
         db.session.commit()
-    except IntegrityError:  # its nonce is taken: the link was used before
+    except IntegrityError:  # its nonce was taken since the check above: pressed twice at once
         db.session.rollback()
-        return _refused('Link used', 'This sign-in link has been used already. Ask for a new one.')
+        return _used()
     session.permanent = True  # the cookie lasts PERMANENT_SESSION_LIFETIME, as the session does
     login_user(Admin(admin_session))
     return redirect(url_for('admin.dashboard'))
+
+
+def _used():
+    return _refused('Link used', 'This sign-in link has been used already. Ask for a new one.')
 
 
 def _refused(title, message, status=400):

@@ -15,11 +15,17 @@ def sign_up(client, email):
     return client.post('/', data={'email': email, 'csrf_token': csrf_token(client, '/')})
 
 
-def sign_in(app, client, smtp, address='admin@example.com'):
-    """Ask for a sign-in link as an admin does, let the worker send it, and follow it.  :return: the
-    answer to following it."""
+def sign_in_link(app, client, smtp, address='admin@example.com'):
+    """Ask for a sign-in link as an admin does, and let the worker send it.  :return: the link's path."""
     client.post('/admin/login', data={'email': address, 'csrf_token': csrf_token(client, '/admin/login')})
     run_due_jobs(app)
     body = smtp.messages[-1].get_body(('plain',)).get_content()
-    return client.get(re.search(r'http://newsletter.test(/admin/sign-in/\S+)', body).group(1))
+    return re.search(r'http://newsletter.test(/admin/sign-in/\S+)', body).group(1)
+
+
+def sign_in(app, client, smtp, address='admin@example.com'):
+    """Ask for a sign-in link as an admin does, let the worker send it, open it and press its button.
+    :return: the answer to pressing it."""
+    link = sign_in_link(app, client, smtp, address)
+    return client.post(link, data={'csrf_token': csrf_token(client, link)})
 
