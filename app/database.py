@@ -3,6 +3,7 @@
 few statements written differently for each."""
 import json
 import os
+import re
 from datetime import datetime, timezone
 
 import sqlalchemy as sa
@@ -13,6 +14,14 @@ from sqlalchemy.engine import Engine, make_url
 from app.extensions import db
 
 DIALECTS = ('postgresql', 'sqlite')
+LARGEST_INTEGER = 2 ** 31 - 1  # PostgreSQL's integer, the type of every id and count column (SQLite's holds more)
+_DIGITS = re.compile(r'[0-9]{1,10}')  # not str.isdigit(): '²' is a digit to it, and int() refuses it
+
+
+def as_integer(text):
+    """:return: the number `text` spells in ASCII digits, if an integer column can hold it, else None: a
+    number from a URL handed on past that range was a 500, the database refusing it."""
+    return int(text) if _DIGITS.fullmatch(text) and int(text) <= LARGEST_INTEGER else None
 
 
 def init_app(app):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from app.broadcasts import BroadcastMailing
+from app.database import as_integer
 from app.drip import STAGE_NAME, DripStage
 from app.extensions import db
 from app.models import Broadcast, BroadcastStatus, Client, Delivery, DeliveryStatus
@@ -43,8 +44,8 @@ def mailing_named(key):
     """'week2' or 'broadcast7' as a Mailing, or None if there is no such mailing."""
     if STAGE_NAME.fullmatch(key):
         return DripStage(key)
-    if key.startswith('broadcast') and key[len('broadcast'):].isdigit():
-        broadcast = db.session.get(Broadcast, int(key[len('broadcast'):]))
+    if key.startswith('broadcast') and (broadcast_id := as_integer(key[len('broadcast'):])) is not None:
+        broadcast = db.session.get(Broadcast, broadcast_id)
         return BroadcastMailing.of(broadcast) if broadcast else None
     return None
 

@@ -407,6 +407,19 @@ def test_an_id_no_row_can_have_is_a_404_at_every_admin_url_that_takes_one(app, a
     assert len(answers) >= 8
 
 
+@pytest.mark.parametrize('number', ['\u00b2', str(2 ** 31), '9' * 20])
+def test_a_number_in_a_filter_or_a_mailings_name_that_no_row_can_have_is_refused_not_a_500(app, admin, number):
+    app.config['PROPAGATE_EXCEPTIONS'] = False
+
+    answers = {url: admin.get(url).status_code for url in (
+        f'/admin/subscribers?after={number}', f'/admin/subscribers?stage={number}',
+        f'/admin/mailings/broadcast{number}', f'/admin/mailings/broadcast{number}/not-received.csv')}
+
+    assert answers == {f'/admin/subscribers?after={number}': 400, f'/admin/subscribers?stage={number}': 400,
+                       f'/admin/mailings/broadcast{number}': 404,
+                       f'/admin/mailings/broadcast{number}/not-received.csv': 404}
+
+
 def test_the_dashboard_counts_subscribers_by_state_charts_them_and_lists_the_send_runs(app, admin, subscribers,
                                                                                        runner):
     subscribers(3, created_at=utcnow() - timedelta(days=2))

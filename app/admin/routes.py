@@ -1,7 +1,6 @@
 """What admins see and do: the state of every background job, the drip's stages (previews, tests, "send
 now") and schedules, and broadcasts."""
 import dataclasses
-import re
 import secrets
 
 import sqlalchemy as sa
@@ -12,7 +11,7 @@ from app import broadcasts, charts, exports
 from app import subscribers as people
 from app.admin.blueprint import bp
 from app.admin.forms import BroadcastForm
-from app.database import utcnow
+from app.database import LARGEST_INTEGER, as_integer, utcnow
 from app.drip import DripStage, available_stages, send_stage, waiting
 from app.email import make_message_id, queue_email
 from app.extensions import db, login
@@ -21,21 +20,14 @@ from app.models import BROADCAST_MOVES, Broadcast, Client, Job
 from app.sendlog import count_due
 from app.timing import TimingError, describe_delay
 
-LARGEST_ID = 2 ** 31 - 1  # PostgreSQL's integer, the type of every id column (SQLite's holds more)
-ID_DIGITS = re.compile(r'[0-9]{1,10}')  # not str.isdigit(): '²' is a digit to it, and int() refuses it
 
 
 @bp.url_value_preprocessor
 def _ids_a_row_can_have(endpoint, values):
     """An id in an admin URL that no row can have is a 404, as for a URL that matches no page: handed
     on, the database refused it (integer out of range) and every such page was a 500."""
-    if any(isinstance(value, int) and value > LARGEST_ID for value in (values or {}).values()):
+    if any(isinstance(value, int) and value > LARGEST_INTEGER for value in (values or {}).values()):
         abort(404)
-
-
-def _as_id(text):
-    """:return: the id `text` spells in ASCII digits, or None when it is no id a row can have."""
-    return int(text) if ID_DIGITS.fullmatch(text) and int(text) <= LARGEST_ID else None
 
 
 @bp.before_request
@@ -140,7 +132,7 @@ def stage_preview(stage):
     wanted = request.args.get('subscriber', '').strip()
     recipient = PREVIEW_RECIPIENT
     if wanted:
-        client_id = _as_id(wanted)
+        client_id = as_integer(wanted)
         client = db.session.scalar(sa.select(Client).where(
             Client.id == client_id if client_id is not None else Client.email == wanted))
         if client is None:

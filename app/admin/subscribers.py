@@ -3,6 +3,7 @@ from flask import abort, flash, redirect, render_template, request, url_for
 
 from app import subscribers
 from app.admin.blueprint import bp
+from app.database import as_integer
 from app.extensions import db
 from app.models import Client
 from app.subscribers import SubscriberState
@@ -12,11 +13,10 @@ from app.subscribers import SubscriberState
 def subscriber_list():
     """:raise 400: for a filter that is not one (a state, a stage number, an id to page after)."""
     search, state, stage = request.args.get('q', ''), request.args.get('state') or None, request.args.get('stage')
-    try:
-        page = subscribers.find(search, SubscriberState(state) if state else None,
-                                int(stage) if stage else None, int(request.args.get('after') or 0))
-    except ValueError:
+    stage_number, after = as_integer(stage or '0'), as_integer(request.args.get('after') or '0')
+    if state not in (None, *SubscriberState) or stage_number is None or after is None:
         abort(400, f'A filter is not valid: state is one of {", ".join(SubscriberState)}; stage is a number.')
+    page = subscribers.find(search, SubscriberState(state) if state else None, stage_number if stage else None, after)
     return render_template('admin/subscribers.html', title='Subscribers', page=page, search=search, state=state,
                            stage=stage, states=list(SubscriberState))
 
