@@ -36,6 +36,15 @@ def test_an_admin_signs_in_with_the_link_emailed_to_them(app, client, smtp):
     assert 'Background jobs' in page and 'admin@example.com' in page
 
 
+def test_an_admin_is_known_whatever_the_case_their_address_is_typed_in(app, client, smtp):
+    app.config['ADMINS'] = ['Admin@Example.com']
+
+    response = sign_in(app, client, smtp, address='admin@example.COM')
+
+    assert smtp.recipients() == ['Admin@Example.com'], 'the link goes to the address as ADMINS spells it'
+    assert response.status_code == 302 and client.get('/admin/').status_code == 200
+
+
 def test_opening_a_sign_in_link_neither_signs_in_nor_uses_it_up_until_its_button_is_pressed(app, client, smtp):
     """Mail scanners (Safe Links, Mimecast) open every link of a message before its reader does: opening
     it signed them in, and the admin's own click then found the link used."""

@@ -46,9 +46,9 @@ def login_page():
     form = LoginForm()
     if form.validate_on_submit():
         address = form.email.data
-        if address in current_app.config['ADMINS']:
-            token = serializer('admin-sign-in', timed=True).dumps({'email': address, 'nonce': secrets.token_hex(16)})
-            queue_email(render_email('emails/admin_sign_in', address, make_message_id('sign-in', secrets.token_hex(8)),
+        if admin := _admin_named(address):
+            token = serializer('admin-sign-in', timed=True).dumps({'email': admin, 'nonce': secrets.token_hex(16)})
+            queue_email(render_email('emails/admin_sign_in', admin, make_message_id('sign-in', secrets.token_hex(8)),
                                      link=public_url('admin.sign_in', token=token), minutes=LINK_MAX_AGE // 60))
             db.session.commit()
         return render_template('message.html', title='Check your inbox',
@@ -88,6 +88,12 @@ def sign_in(token):
     session.permanent = True  # the cookie lasts PERMANENT_SESSION_LIFETIME, as the session does
     login_user(Admin(admin_session))
     return redirect(url_for('admin.dashboard'))
+
+
+def _admin_named(address):
+    """:return: the address in ADMINS that `address` names, as ADMINS spells it, whatever the case of the
+    letters typed; or None."""
+    return next((admin for admin in current_app.config['ADMINS'] if admin.lower() == address.lower()), None)
 
 
 def _used():
