@@ -86,9 +86,10 @@ def utcnow():
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-def insert_ignoring_conflicts(model, unique_columns=None):
-    """INSERT that leaves out rows colliding on `unique_columns` (or on any unique index): how the database,
-    not the code, decides which of two racing processes claims something first."""
+def insert_ignoring_conflicts(model, unique_columns):
+    """INSERT that leaves out rows colliding on `unique_columns` (columns, or the expressions of a unique
+    index): how the database, not the code, decides which of two racing processes claims something first.
+    Never on any conflict at all: a clash on another index is an error to see, not a row to drop."""
     return upsert(model).on_conflict_do_nothing(index_elements=unique_columns)
 
 

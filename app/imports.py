@@ -332,7 +332,7 @@ def import_file(path, consented_by=None, on_progress=report_progress):
         dict(email_confirmed_at=now, consent_recorded_by=consented_by, consent_recorded_at=now) if consented_by
         else dict(confirmation_sent_at=now)))
     # An address that someone signs up with while the import runs is theirs: left out here, not an error.
-    insert = insert_ignoring_conflicts(Client).returning(Client.id, Client.email)
+    insert = insert_ignoring_conflicts(Client, [sa.func.lower(Client.email)]).returning(Client.id, Client.email)
     for accepted, line, lines in _sorted_chunks(path, report):
         if stopping():
             raise Interrupted('its worker is stopping; the import starts again from the top')

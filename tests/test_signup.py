@@ -232,3 +232,19 @@ def test_an_old_confirmation_link_does_not_subscribe_again_someone_who_left_afte
 
     assert again.status_code == 400 and 'unsubscribed after this link was sent' in again.get_data(as_text=True)
     assert rows(app, Client)[0].active is False
+
+
+@pytest.mark.parametrize('database_url', ['postgresql'], indirect=True)  # SQLite's ids follow its rows
+def test_a_sign_up_that_cannot_be_stored_is_an_error_not_a_check_your_inbox(app, client, smtp):
+    """Only an address already known is skipped quietly. Rows copied in with their ids (a move from
+    SQLite) leave PostgreSQL's id sequence behind them: such a sign-up must fail loudly, not be answered
+    as done with nothing stored and no email."""
+    with app.app_context():
+        db.session.execute(sa.text("INSERT INTO clients (id, email, active, num_newsletter, created_at) VALUES "
+                                   "(1, 'old1@example.com', true, 1, now())"))
+        db.session.commit()
+    app.config['PROPAGATE_EXCEPTIONS'] = False
+
+    answer = sign_up(client, 'new@example.com')
+
+    assert answer.status_code == 500

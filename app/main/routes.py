@@ -77,7 +77,7 @@ def _new_address():
         ~sa.exists().where(suppressions.c.email == sa.bindparam('lowered', type_=sa.String)))
     columns = ['email', 'active', 'num_newsletter', 'created_at', 'confirmation_sent_at']
     return (upsert(clients).from_select(columns, unknown)
-            .on_conflict_do_nothing()  # known, in these letters or others (one subscriber a mailbox: app/models.py)
+            .on_conflict_do_nothing(index_elements=[sa.func.lower(clients.c.email)])  # known, in any letters' case
             .returning(clients.c.id))
 
 
