@@ -8,12 +8,14 @@ generated into the instance folder would differ between machines, and a known on
 admin session); SECRET_KEY_FALLBACKS keeps links signed with an earlier key working while it is rotated.
 
 And one rule for every query string: no NUL character, which no address or search needs and which
-PostgreSQL's text refuses (a search holding one was a 500 there). Forms check their own fields
+PostgreSQL's text refuses (a search holding one was a 500 there); and one for every id in a URL (RowId). Forms check their own fields
 (app/admin/forms.py): read here, a form would be parsed before a view could raise its body limit."""
 from datetime import timedelta
 
 from flask import abort, request
+from werkzeug.routing import IntegerConverter
 
+from app.database import LARGEST_INTEGER
 from app.transports import looks_deployed
 
 # Styles are inline in the page templates, scripts only the app's own files (the admin pages' live
@@ -38,9 +40,21 @@ SHORTEST_KEY = 16
 LARGER_BODIES = {'admin.new_broadcast': 'BROADCAST_MAX_BYTES', 'webhooks.sendgrid_events': 'WEBHOOK_MAX_BYTES'}
 
 
+class RowId(IntegerConverter):
+    """What `<int:...>` means in this app's URLs, all of them ids: ASCII digits (Werkzeug's own takes any
+    Unicode digit, and '١' was id 1), at most what an integer column holds (past it the database refused
+    the query: a 500). Anything else matches no page: a 404."""
+    regex = r'[0-9]+'
+
+    def __init__(self, map, *args, **kwargs):
+        super().__init__(map, *args, **{'max': LARGEST_INTEGER, **kwargs})
+
+
 def init_app(app):
+    """Before the blueprints are registered: their routes take RowId."""
     config = app.config
     check_secret_key(config)
+    app.url_map.converters['int'] = RowId
     https = config['BASE_URL'].startswith('https://')
     config.update(SESSION_COOKIE_SECURE=https, SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE='Lax',
                   REMEMBER_COOKIE_SECURE=https, REMEMBER_COOKIE_HTTPONLY=True, REMEMBER_COOKIE_SAMESITE='Lax',

@@ -116,7 +116,9 @@ def deactivate(client):
 
 def reactivate(client):
     """Back on the list only through a fresh confirmation email, never silently: the subscriber's own
-    click on its link is what subscribes them again."""
+    click on its link is what subscribes them again. Its time is kept, as sign-up keeps it: the clean-up
+    of unconfirmed sign-ups counts from it (app/retention.py)."""
+    client.confirmation_sent_at = utcnow()
     queue_confirmation_email(client)
     db.session.commit()
 

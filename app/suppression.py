@@ -1,8 +1,8 @@
 """One suppression list, by address, applied to every mailing: the drip and broadcasts leave suppressed
 addresses out when they look for whom a mailing is due (so a suppressed subscriber's claim is never
 made), and sign-up sends them no confirmation. An address gets on it when its owner asks (the block link
-in the confirmation email), when the provider reports a bounce, a drop, a spam complaint or an
-unsubscribe (app/webhooks.py), or when our relay refuses it for good SUPPRESS_AFTER_FAILURES times."""
+in the confirmation email), when the provider reports a bounce, a drop for the address, a spam complaint or
+an unsubscribe (app/webhooks.py), or when our relay refuses it for good SUPPRESS_AFTER_FAILURES times."""
 import sqlalchemy as sa
 from flask import current_app
 

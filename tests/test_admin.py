@@ -403,9 +403,10 @@ def test_every_admin_url_refuses_anonymous_visitors(app):
     assert checked >= 12
 
 
-@pytest.mark.parametrize('number', [str(2 ** 31), '9' * 20], ids=['past PostgreSQL', 'past SQLite'])
+@pytest.mark.parametrize('number', [str(2 ** 31), '9' * 20, '\u0661'], ids=['past PostgreSQL', 'past SQLite', 'not ASCII'])
 def test_an_id_no_row_can_have_is_a_404_at_every_admin_url_that_takes_one(app, admin, number):
-    """Past PostgreSQL's integer (our ids' type) the database refused the query, and the page was a 500."""
+    """Past PostgreSQL's integer (our ids' type) the database refused the query, and the page was a 500;
+    and Werkzeug's own converter took any Unicode digit ('١' was id 1)."""
     token = csrf_token(admin, '/admin/')
     app.config['PROPAGATE_EXCEPTIONS'] = False  # as deployed: a 500 is a page, not an exception in the test
 
@@ -482,6 +483,25 @@ def test_a_stage_preview_for_a_subscriber_number_that_is_no_id_is_a_404(app, adm
     answer = admin.get('/admin/stages/week1/preview', query_string={'subscriber': wanted})
 
     assert answer.status_code == 404 and f'There is no subscriber {wanted}.' in answer.get_data(as_text=True)
+
+
+def test_a_stage_preview_finds_a_subscriber_by_their_address_in_any_letters_case(app, admin, subscribers):
+    subscribers(1)
+    answer = admin.get('/admin/stages/week1/preview', query_string={'subscriber': 'READER0@EXAMPLE.COM'})
+    assert answer.status_code == 200 and 'reader0@example.com' in answer.get_data(as_text=True)
+
+
+@pytest.mark.parametrize('mailing', ['broadcast\u00b2', 'broadcastx', 'broadcast999999999999', 'broadcast7', 'nothing'])
+def test_sending_again_a_mailing_that_does_not_exist_is_a_404(app, admin, subscribers, mailing):
+    subscribers(1)
+    app.config['PROPAGATE_EXCEPTIONS'] = False
+    with app.app_context():
+        client_id = db.session.scalar(sa.select(Client.id))
+
+    answer = admin.post(f'/admin/subscribers/{client_id}/resend/{mailing}',
+                        data={'csrf_token': csrf_token(admin, f'/admin/subscribers/{client_id}')})
+
+    assert answer.status_code == 404 and f'There is no mailing {mailing}.' in answer.get_data(as_text=True)
 
 
 def test_a_jobs_progress_is_on_the_page_and_in_its_json_for_the_page_to_follow(app, admin, subscribers):

@@ -1,4 +1,5 @@
 """What the app keeps, and for how long (app/retention.py), and who may read its files."""
+import re
 import stat
 from datetime import timedelta
 from pathlib import Path
@@ -9,7 +10,7 @@ from app.database import utcnow
 from app.extensions import db
 from app.jobs import run_due
 from app.models import Client, Delivery, Job
-from tests.support.forms import sign_up
+from tests.support.forms import csrf_token, sign_up
 from tests.support.jobs import run_due_jobs
 
 
@@ -62,6 +63,24 @@ def test_an_unconfirmed_sign_up_is_kept_while_its_latest_confirmation_link_works
     run_due_jobs(app)
     with app.app_context():
         assert db.session.scalars(sa.select(Client.email)).all() == [email], f'{stale} asked only long ago: gone'
+
+
+def test_a_confirmation_an_admin_sends_again_keeps_the_sign_up_while_its_link_works(app, admin, smtp, subscribers):
+    app.config['CONFIRM_MAX_AGE'] = 7 * 86400
+    eight_days_ago = utcnow() - timedelta(days=8)
+    subscribers(1, email_confirmed_at=None, created_at=eight_days_ago, confirmation_sent_at=eight_days_ago)
+    with app.app_context():
+        client_id = db.session.scalar(sa.select(Client.id))
+    admin.post(f'/admin/subscribers/{client_id}/reactivate',
+               data={'csrf_token': csrf_token(admin, f'/admin/subscribers/{client_id}')})
+    run_due_jobs(app)
+    confirm = re.search(r'http://newsletter.test(/confirm/\S+)', smtp.messages[-1].get_body(('plain',)).get_content())
+
+    app.config['CLEAN_UP'] = True
+    run_due_jobs(app)
+
+    answer = admin.get(confirm.group(1))
+    assert answer.status_code == 200 and 'You are subscribed' in answer.get_data(as_text=True)
 
 
 def test_a_sign_up_with_a_delivery_is_never_deleted_as_expired(app, subscribers):

@@ -11,7 +11,7 @@ from app import broadcasts, charts, exports
 from app import subscribers as people
 from app.admin.blueprint import bp
 from app.admin.forms import BroadcastForm
-from app.database import LARGEST_INTEGER, as_integer, utcnow
+from app.database import as_integer, utcnow
 from app.drip import DripStage, available_stages, send_stage, waiting
 from app.email import make_message_id, queue_email
 from app.extensions import db, login
@@ -19,15 +19,6 @@ from app.mailing import PREVIEW_RECIPIENT, Recipient
 from app.models import BROADCAST_MOVES, Broadcast, Client, Job
 from app.sendlog import count_due
 from app.timing import TimingError, describe_delay
-
-
-
-@bp.url_value_preprocessor
-def _ids_a_row_can_have(endpoint, values):
-    """An id in an admin URL that no row can have is a 404, as for a URL that matches no page: handed
-    on, the database refused it (integer out of range) and every such page was a 500."""
-    if any(isinstance(value, int) and value > LARGEST_INTEGER for value in (values or {}).values()):
-        abort(404)
 
 
 @bp.before_request
@@ -134,7 +125,7 @@ def stage_preview(stage):
     if wanted:
         client_id = as_integer(wanted)
         client = db.session.scalar(sa.select(Client).where(
-            Client.id == client_id if client_id is not None else Client.email == wanted))
+            Client.id == client_id if client_id is not None else sa.func.lower(Client.email) == wanted.lower()))
         if client is None:
             abort(404, f'There is no subscriber {wanted}.')
         recipient = Recipient(client.id, client.email)
