@@ -4,11 +4,13 @@ was stored and got exactly one confirmation email.
 
     .venv/bin/python bench/signups.py --database sqlite
     .venv/bin/python bench/signups.py --database postgresql --connections 100 --seconds 30
+    .venv/bin/python bench/signups.py --jobs process
 
 Both servers run `gunicorn --workers N` (sync workers) on 127.0.0.1. The app runs as deployed: real
 SMTP (bench/sink.py, in its own process, counting what each address receives), background jobs run by
-the web processes' own threads (JOB_WORKER=thread, the default), a fresh SQLite file or a PostgreSQL
-schema of its own. Two settings differ from a deployment's defaults: the abuse limits are off
+the web processes' own threads (JOB_WORKER=thread, the default; or, with `--jobs process`, by one
+`flask worker --queue mail` process beside web processes that run none, JOB_WORKER=off), a fresh SQLite
+file or a PostgreSQL schema of its own. Two settings differ from a deployment's defaults: the abuse limits are off
 (RATELIMIT_ENABLED=0: every client here comes from 127.0.0.1), and so is the DNS look-up of each new
 address's domain (EMAIL_CHECK_DELIVERABILITY=0: this machine has no DNS, and the look-up's time is the
 resolver's, not the app's).
@@ -22,12 +24,13 @@ after, so that both sides feel the same drift of this shared machine.
 Figures printed: requests per second, p50 and p99 latency, errors (socket errors, time-outs, and any answer
 that is not the sign-up's page), the app's ratio to the bare endpoint, confirmation emails delivered by the
 end of the load and how long the rest took (so, sign-ups per second with their emails delivered: the run's
-sign-ups over the load's time and the drain's), and the CPU the web processes and the SMTP server spent
-per sign-up, its email included (and PostgreSQL's processes, on that database). Then the check: sign-ups
-accepted but not stored (lost), stored without an email, emails twice, emails to an address not stored,
-jobs not done; and the issue's targets, met or not.
+sign-ups over the load's time and the drain's), and the CPU the web processes (and the flask worker) and
+the SMTP server spent per sign-up, its email included (and PostgreSQL's processes, on that database).
+Then the check: sign-ups accepted but not stored (lost), stored without an email, emails twice, emails to
+an address not stored, jobs not done; and the issue's targets, met or not.
 It exits with status 1 when any error, or any count of the check but `stored`, is not zero."""
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -90,8 +93,11 @@ class Gunicorn:
 
     def errors_logged(self):
         """Tracebacks, errors and warnings in its log (a job retried, a worker restarted) so far."""
-        return len(re.findall(r'^Traceback|\] (ERROR|WARNING)|\[(ERROR|WARNING|CRITICAL)\]', self.log.read_text(),
-                              re.MULTILINE))
+        return errors_in(self.log)
+
+
+def errors_in(log):
+    return len(re.findall(r'^Traceback|\] (ERROR|WARNING)|\[(ERROR|WARNING|CRITICAL)\]', log.read_text(), re.MULTILINE))
 
 
 def _cpu_seconds(pid):
@@ -113,6 +119,23 @@ def postgresql_cpu_seconds():
         except (OSError, ValueError):  # a process that ended meanwhile
             pass
     return total
+
+
+@contextlib.contextmanager
+def mail_worker(jobs, env, folder):
+    """With `--jobs process`, `flask worker --queue mail` for as long as the block, stopped with SIGTERM.
+    :return: its process, or None when the web processes send the mail themselves."""
+    if jobs == 'thread':
+        yield None
+        return
+    with (Path(folder) / 'worker.log').open('w') as log:
+        process = subprocess.Popen([sys.executable, '-m', 'flask', '--app', 'main', 'worker', '--queue', 'mail'],
+                                   cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            yield process
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
 
 
 def browser_sessions(port, count, folder):
@@ -188,6 +211,9 @@ def main():
     parser.add_argument('--seconds', type=int, default=30,
                         help="the app's run; the bare endpoint's too, in two halves (at least 2)")
     parser.add_argument('--warm-up', type=int, default=3, help='seconds of load on each server before measuring')
+    parser.add_argument('--jobs', choices=['thread', 'process'], default='thread',
+                        help="who sends the confirmation emails: the web processes' own threads, or one "
+                             "`flask worker --queue mail` process beside them")
     args = parser.parse_args()
     if not shutil.which('wrk'):
         raise SystemExit('wrk is not installed, and this benchmark drives the load with it: apt-get install wrk')
@@ -199,11 +225,14 @@ def main():
                'SECRET_KEY': 'bench-secret-key-0123456789', 'BASE_URL': 'https://news.example.com',
                'MAIL_SERVER': '127.0.0.1', 'MAIL_PORT': str(sink.port),
                'MAIL_DEFAULT_SENDER': 'The Newsletter <news@example.com>',
-               'RATELIMIT_ENABLED': '0', 'EMAIL_CHECK_DELIVERABILITY': '0', 'JOB_WORKER': 'thread'}
+               'RATELIMIT_ENABLED': '0', 'EMAIL_CHECK_DELIVERABILITY': '0',
+               'JOB_WORKER': 'thread' if args.jobs == 'thread' else 'off'}
         run_flask(env, 'db', 'upgrade')
         engine = sa.create_engine(database.url)
         with Gunicorn('bench.bare_flask:app', args.workers, env, folder, 'bare') as bare, \
-                Gunicorn('main:app', args.workers, env, folder, 'app') as app:
+                Gunicorn('main:app', args.workers, env, folder, 'app') as app, \
+                mail_worker(args.jobs, env, folder) as worker:
+            worker_cpu = (lambda: _cpu_seconds(worker.pid)) if worker else (lambda: 0.0)
             sessions = browser_sessions(app.port, args.connections, folder)
             run_wrk(bare.port, args.warm_up, args, 'bare', folder)
             warm = run_wrk(app.port, args.warm_up, args, 'signup', folder, sessions, 'warm')
@@ -212,14 +241,16 @@ def main():
             bare_runs = [run_wrk(bare.port, args.seconds // 2, args, 'bare', folder)]
             stored_before, delivered_before = count_clients(engine), sink.progress()[0]
             cpu, sink_cpu, database_cpu = app.cpu_seconds(), _cpu_seconds(sink.process.pid), postgresql_cpu_seconds()
+            mailer_cpu = worker_cpu()
             run = run_wrk(app.port, args.seconds, args, 'signup', folder, sessions, 'run')
             delivered_by_end = sink.progress()[0] - delivered_before
             drained = wait_for_mail(engine, 300)
             cpu, sink_cpu = app.cpu_seconds() - cpu, _cpu_seconds(sink.process.pid) - sink_cpu
+            mailer_cpu = worker_cpu() - mailer_cpu
             database_cpu = postgresql_cpu_seconds() - database_cpu
             bare_runs.append(run_wrk(bare.port, args.seconds - args.seconds // 2, args, 'bare', folder))
             stored_in_run = count_clients(engine) - stored_before
-            errors_logged = app.errors_logged()
+            errors_logged = app.errors_logged() + (errors_in(Path(folder) / 'worker.log') if worker else 0)
             results = check(engine, sink, warm['addresses'] + run['addresses'])
         engine.dispose()
 
@@ -227,7 +258,8 @@ def main():
     rate = len(run['addresses']) / run['seconds']
     with_mail = stored_in_run / (run['seconds'] + drained)
     load_after = ' '.join(f'{load:.2f}' for load in os.getloadavg())
-    print(f'sign-ups under load, {args.database}, gunicorn --workers {args.workers} (sync), wrk {args.threads} '
+    print(f'sign-ups under load, {args.database}, gunicorn --workers {args.workers} (sync), mail sent by '
+          f'{"their threads" if args.jobs == "thread" else "one flask worker"}, wrk {args.threads} '
           f'threads x {args.connections} connections, {args.seconds} s; load average before {load_before}, '
           f'after {load_after}')
     for name, figures in (('bare (before)', bare_runs[0]), ('bare (after)', bare_runs[1])):
@@ -237,11 +269,13 @@ def main():
           f'errors {run["errors"]}  (max {run["max_ms"]:.0f} ms; {len(run["addresses"])} accepted of '
           f'{run["requests"]} answered; server errors and warnings logged {errors_logged})')
     print(f'  ratio:         {rate / bare_rate:.3f} of the bare endpoint ({bare_rate:.1f} req/s)')
+    per_sign_up = {'web processes': cpu, 'SMTP sink': sink_cpu,
+                   **({'flask worker': mailer_cpu} if args.jobs == 'process' else {}),
+                   **({'PostgreSQL': database_cpu} if args.database == 'postgresql' else {})}
+    spent = ', '.join(f'{name} {seconds / stored_in_run * 1000:.2f} ms' for name, seconds in per_sign_up.items())
     print(f'  mail:          {delivered_by_end} of the run\'s {stored_in_run} sign-ups emailed by the end of the '
-          f'load, the rest {drained:.1f} s after: {with_mail:.1f} sign-ups/s with their emails delivered; web '
-          f'processes {cpu / stored_in_run * 1000:.2f} ms CPU a sign-up (request and email), SMTP sink '
-          f'{sink_cpu / stored_in_run * 1000:.2f} ms'
-          + (f', PostgreSQL {database_cpu / stored_in_run * 1000:.2f} ms' if args.database == 'postgresql' else ''))
+          f'load, the rest {drained:.1f} s after: {with_mail:.1f} sign-ups/s with their emails delivered; CPU a '
+          f'sign-up, its email included: {spent}')
     print('  check:         ' + ', '.join(f'{name} {count}' for name, count in results.items())
           + f' (stored includes {len(warm["addresses"])} warm-up sign-ups, and any answered after wrk stopped)')
     bad = {name: count for name, count in results.items() if name != 'stored' and count}
