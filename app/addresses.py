@@ -26,8 +26,9 @@ def mailbox(value):
     """The mailbox `value` names, for counting: its normal form in lower case, as the database tells one
     subscriber from another (app/models.py), so that no other spelling of it (Jane@, a full-width letter
     in its domain) counts as another. An address the form will refuse counts as it was given."""
+    value = value.strip()
     try:
-        value = normal_address(value.strip(' \t'), check_deliverability=False)
+        value = normal_address(value, check_deliverability=False)
     except EmailNotValidError:
         pass
     return value.lower()

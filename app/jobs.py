@@ -356,8 +356,9 @@ def _run(job_id, name, payload, attempt, max_attempts, owner, worker_stopping, w
     running = _Running(job_id, owner, worker_stopping, [] if waiting is None else waiting)
     task = current_app.extensions['tasks'].get(name)
     if attempt > max_attempts:
-        return _record(running, status=JobStatus.FAILED, finished_at=utcnow(), **_forgetting(task, payload), error=(
-            f'gave up: the worker running it stopped {attempt - 1} time(s) mid-job (killed, or out of memory)'))
+        return _record(running, status=JobStatus.FAILED, finished_at=utcnow(), **_forgetting(task, payload),
+                       error=f'gave up: the worker running it stopped {attempt - 1} time(s) mid-job (killed, or '
+                             'out of memory)')
     if task is None:
         return _record(running, status=JobStatus.FAILED, finished_at=utcnow(),
                        error=f'no task named {name!r} in this app')

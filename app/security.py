@@ -8,8 +8,9 @@ generated into the instance folder would differ between machines, and a known on
 admin session); SECRET_KEY_FALLBACKS keeps links signed with an earlier key working while it is rotated.
 
 And one rule for every query string: no NUL character, which no address or search needs and which
-PostgreSQL's text refuses (a search holding one was a 500 there); and one for every id in a URL (RowId). Forms check their own fields
-(app/admin/forms.py): read here, a form would be parsed before a view could raise its body limit."""
+PostgreSQL's text refuses (a search holding one was a 500 there); and one for every id in a URL (RowId).
+Forms check their own fields (app/admin/forms.py): read here, a form would be parsed before a view could
+raise its body limit."""
 from datetime import timedelta
 
 from flask import abort, request
