@@ -52,8 +52,8 @@ def sendgrid_events():
         abort(400, 'Expected a JSON array of events.')
     acted = 0
     for event in events:
-        email, event_id = _text(event.get('email')), _text(event.get('sg_event_id'))
-        if not (event.get('event') in SUPPRESSING and email and event_id) or not _first_time(event_id, event):
+        kind, email, event_id = _text(event.get('event')), _text(event.get('email')), _text(event.get('sg_event_id'))
+        if not (kind in SUPPRESSING and email and event_id) or not _first_time(event_id, event):
             continue
         if not (reason := _suppressing(event)):
             continue

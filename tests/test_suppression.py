@@ -156,6 +156,13 @@ def test_bounces_drops_complaints_and_unsubscribes_reported_by_sendgrid_suppress
         assert [c.email for c in db.session.scalars(sa.select(Client).where(Client.active))] == emails[4:]
 
 
+def test_a_signed_event_of_an_odd_shape_is_passed_over(webhook, app, subscribers):
+    [email] = subscribers(1)
+    response = webhook([event(['bounce'], email, 'e1'), event({'bounce': 1}, email, 'e2'),
+                        event('bounce', [email], 'e3'), event('dropped', email, 'e4', reason=['Bounced Address'])])
+    assert response.status_code == 200 and response.get_json() == {'received': 4, 'suppressed': 0}
+
+
 def test_a_drop_suppresses_only_when_sendgrid_says_it_is_the_address(webhook, app, subscribers):
     """SendGrid drops a message, sending nothing, for the address (on one of its own lists) or for the
     message: its spam checker on a broadcast's content, a bad header. Suppressing on the latter would take
