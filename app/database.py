@@ -89,7 +89,10 @@ def utcnow():
 def insert_ignoring_conflicts(model, unique_columns):
     """INSERT that leaves out rows colliding on `unique_columns` (columns, or the expressions of a unique
     index): how the database, not the code, decides which of two racing processes claims something first.
-    Never on any conflict at all: a clash on another index is an error to see, not a row to drop."""
+    Never on any conflict at all: a clash on another index is an error to see, not a row to drop.
+    An INSERT ... SELECT needs a WHERE in its SELECT (`.where(sa.true())` will do), or SQLite reads the ON
+    CONFLICT as the SELECT's; and the model's table rather than the model, or session.execute() takes the
+    statement's parameters for rows of an ORM bulk insert."""
     return upsert(model).on_conflict_do_nothing(index_elements=unique_columns)
 
 

@@ -6,7 +6,7 @@ an unsubscribe (app/webhooks.py), or when our relay refuses it for good SUPPRESS
 import sqlalchemy as sa
 from flask import current_app
 
-from app.database import insert_ignoring_conflicts, utcnow
+from app.database import RowsParameter, built_once, insert_ignoring_conflicts, utcnow
 from app.extensions import db
 from app.models import Client, Delivery, DeliveryStatus, Suppression, SuppressionReason
 
@@ -24,10 +24,35 @@ def is_suppressed(email):
 def suppress(email, reason, detail=None):
     """Put `email` on the list (once: the first reason stands), and take its subscriber off the drip.
     The caller commits."""
-    db.session.execute(insert_ignoring_conflicts(Suppression, ['email']).values(
-        email=email.lower(), reason=SuppressionReason(reason), detail=detail, created_at=utcnow()))
-    db.session.execute(sa.update(Client).where(sa.func.lower(Client.email) == email.lower(), Client.active)
-                       .values(active=False, unsubscribed_at=utcnow()).execution_options(synchronize_session=False))
+    suppress_all([(email, reason, detail)])
+
+
+def suppress_all(entries):
+    """Put each (email, reason, detail) of `entries` on the list, once: an address's first reason stands,
+    an earlier entry's within `entries` too. Their subscribers leave the drip. Two statements however many
+    entries: a webhook batch of thousands of bounces is answered within SendGrid's patience even with the
+    database a round trip away (bench/webhook.py). The caller commits."""
+    first = {}
+    for email, reason, detail in entries:
+        first.setdefault(email.lower(), (email.lower(), SuppressionReason(reason), detail))
+    if not first:
+        return
+    listed, insert, leave = built_once('suppress', _suppressing)
+    params = {**listed.params(list(first.values())), 'now': utcnow()}
+    db.session.execute(insert, params)
+    db.session.execute(leave, params)
+
+
+def _suppressing():
+    listed = RowsParameter('listed', email=sa.String, reason=sa.String, detail=sa.Text)
+    now = sa.bindparam('now', type_=sa.DateTime)
+    rows = sa.select(listed.c.email, listed.c.reason, listed.c.detail, now).where(sa.true())
+    insert = insert_ignoring_conflicts(Suppression.__table__, ['email']).from_select(
+        ['email', 'reason', 'detail', 'created_at'], rows)
+    clients = Client.__table__
+    leave = (sa.update(clients).where(listed.holds(sa.func.lower(clients.c.email), 'email'), clients.c.active)
+             .values(active=False, unsubscribed_at=now))
+    return listed, insert, leave
 
 
 def suppress_refused(emails):
@@ -46,7 +71,6 @@ def suppress_refused(emails):
                Delivery.error.like('%: 5__ 5.1.%'))
         .group_by(Client.email)).all()
     refused = [email for email, count in counted if count >= limit]
-    for email in refused:
-        suppress(email, SuppressionReason.REFUSED, f'refused for good in {limit} mailing(s)')
+    suppress_all((email, SuppressionReason.REFUSED, f'refused for good in {limit} mailing(s)') for email in refused)
     db.session.commit()
     return refused

@@ -9,13 +9,15 @@ with why."""
 import re
 import time
 
+import sqlalchemy as sa
 from flask import Blueprint, abort, current_app, request
 from sendgrid.helpers.eventwebhook import EventWebhook, EventWebhookHeader
 
-from app.database import insert_ignoring_conflicts, utcnow
+from app.addresses import MAX_EMAIL_LENGTH
+from app.database import RowsParameter, built_once, insert_ignoring_conflicts, utcnow
 from app.extensions import csrf, db
 from app.models import SuppressionReason, WebhookEvent
-from app.suppression import suppress
+from app.suppression import suppress_all
 
 bp = Blueprint('webhooks', __name__, url_prefix='/webhooks')
 
@@ -50,18 +52,15 @@ def sendgrid_events():
     events = request.get_json(silent=True)
     if not isinstance(events, list) or not all(isinstance(event, dict) for event in events):
         abort(400, 'Expected a JSON array of events.')
-    acted = 0
+    wanted = {}  # the events that may suppress, by id; an id twice in the batch is one event
     for event in events:
         kind, email, event_id = _text(event.get('event')), _text(event.get('email')), _text(event.get('sg_event_id'))
-        if not (kind in SUPPRESSING and email and event_id) or not _first_time(event_id, event):
-            continue
-        if not (reason := _suppressing(event)):
-            continue
-        detail = f"SendGrid {event['event']}: {event.get('reason') or ''}".replace('\x00', '').strip()
-        suppress(email, reason, detail)
-        acted += 1
+        if kind in SUPPRESSING and email and len(email) <= MAX_EMAIL_LENGTH and event_id:
+            wanted.setdefault(event_id[:100], event)
+    acting = [(event, reason) for event in _first_time(wanted) if (reason := _suppressing(event))]
+    suppress_all((event['email'], reason, _detail(event)) for event, reason in acting)
     db.session.commit()
-    return {'received': len(events), 'suppressed': acted}
+    return {'received': len(events), 'suppressed': len(acting)}
 
 
 def _suppressing(event):
@@ -71,6 +70,10 @@ def _suppressing(event):
     if event['event'] == 'dropped':
         return DROPPED_FOR_THE_ADDRESS.get(str(event.get('reason') or '').strip().lower())
     return SUPPRESSING[event['event']]
+
+
+def _detail(event):
+    return f"SendGrid {event['event']}: {event.get('reason') or ''}".replace('\x00', '').strip()
 
 
 def _text(value):
@@ -94,8 +97,19 @@ def _verify(request):
         abort(403)
 
 
-def _first_time(event_id, event):
-    """Record the event; False if it was recorded before (a replay)."""
-    return db.session.execute(insert_ignoring_conflicts(WebhookEvent, ['id']).values(
-        id=event_id[:100], event=str(event.get('event'))[:30], received_at=utcnow()).returning(WebhookEvent.id)
-    ).first() is not None
+def _first_time(events):
+    """Record `events` (by id), in one statement however many.  :return: those recorded before now
+    left out (a replay), in their order."""
+    if not events:
+        return []
+    recorded, insert = built_once('webhook: record events', _recording)
+    rows = [(event_id, event['event'][:30]) for event_id, event in events.items()]
+    new = set(db.session.scalars(insert, {**recorded.params(rows), 'now': utcnow()}))
+    return [event for event_id, event in events.items() if event_id in new]
+
+
+def _recording():
+    recorded, table = RowsParameter('recorded', id=sa.String, event=sa.String), WebhookEvent.__table__
+    rows = sa.select(recorded.c.id, recorded.c.event, sa.bindparam('now', type_=sa.DateTime)).where(sa.true())
+    return recorded, (insert_ignoring_conflicts(table, ['id']).from_select(['id', 'event', 'received_at'], rows)
+                      .returning(table.c.id))
