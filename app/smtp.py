@@ -21,6 +21,9 @@ How each message keeps an outcome of its own (app/failures.py), in the order sen
   if the data's write fails, the dot went whole or not at all, as without pipelining, and only the
   envelope can be half out. TCP_NODELAY, or the kernel holds that small write back until the data is
   acknowledged (Nagle), and the round trip saved is paid again.
+- The final dot's reply is read by its first digit (RFC 5321 4.2.1). A line that is no SMTP reply at
+  all is not a refusal: the server has the message and may deliver it, so that message is unknown, as
+  when the line drops, and never failed, which an admin's --retry-failed would send again.
 - An envelope out ahead delivers nothing: no message is delivered without its data and dot. If the
   connection drops after this message's dot, this message is unknown and the next one goes again, whole,
   on a new connection. If the caller sends another message than the one it announced, or the connection
@@ -125,7 +128,9 @@ class SmtpSender(Sender):
             if then is not None and self.pipelining and not self._last_on_connection():
                 self._write_ahead(then)
             code, reply = self._final_reply(meanwhile)
-            if code != 250:
+            if code // 100 not in (2, 4, 5):  # no reply, not a refusal: smtplib reads a line without one as -1
+                raise smtplib.SMTPResponseException(code, reply)
+            if code // 100 != 2:
                 raise self._failure(code, reply, email)
         except DeliveryFailure:
             raise

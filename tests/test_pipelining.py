@@ -99,11 +99,14 @@ def test_a_refused_and_a_greylisted_recipient_in_the_pipeline_fail_and_defer_alo
     assert pipelining.connections == 1, 'a refusal is answered by RSET, not by a new connection'
 
 
-def test_a_line_dropped_after_a_dot_leaves_that_message_unknown_and_sends_the_next_once(pipelining, app, runner,
-                                                                                      subscribers, promise_kept):
+@pytest.mark.parametrize('misbehaviour', [MailSink.DROP, MailSink.GARBLED])
+def test_an_answer_lost_after_a_dot_leaves_that_message_unknown_and_sends_the_next_once(pipelining, app, runner,
+                                                                                     subscribers, promise_kept,
+                                                                                     misbehaviour):
     emails = subscribers(8)
     dropped = emails[3]
-    pipelining.after_dot[dropped] = MailSink.DROP  # takes it, then hangs up with the next envelope in hand
+    pipelining.after_dot[dropped] = misbehaviour  # takes it, then hangs up, or answers a line that is no
+    # reply, with the next envelope in hand
 
     result = runner.invoke(args=['send-newsletter-email', 'week1'])
 

@@ -35,8 +35,9 @@ def accept_until(listener, stopped, take):
 
 class MailSink:
     # What to do once a message's data is in, for `after_dot`: take it and hang up without a word; take
-    # it and never answer; or refuse it for now (451). A number: take it, answer 250 that many seconds later.
-    DROP, SILENT, REFUSE_FOR_NOW = 'drop', 'silent', 'refuse-for-now'
+    # it and never answer; take it and answer with a line that is no SMTP reply; or refuse it for now
+    # (451). A number: take it, answer 250 that many seconds later.
+    DROP, SILENT, GARBLED, REFUSE_FOR_NOW = 'drop', 'silent', 'garbled', 'refuse-for-now'
 
     def __init__(self, tls_context=None, implicit_tls=False, pipelining=False):
         self.pipelining = pipelining  # advertise PIPELINING (RFC 2920): aiosmtpd takes grouped commands as they come
@@ -108,6 +109,8 @@ class MailSink:
             server.transport.close()
         elif action == self.SILENT:
             await asyncio.sleep(3600)
+        elif action == self.GARBLED:
+            return 'Queued as 4F2A9'  # no three digits: smtplib reads it as code -1
         elif action is not None:
             await asyncio.sleep(action)
         if self.delay:
