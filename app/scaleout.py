@@ -4,7 +4,7 @@ behave like that many overlapping cron runs and divide the subscribers through t
 database, which stays the one source of truth for who has received what. (App jobs can go through RQ
 too, with JOB_BACKEND=rq: see app/jobs.py.)"""
 from flask import current_app
-from rq import Retry
+from rq import Retry, get_current_job
 
 from app.drip import DripStage, queue_retry
 from app.extensions import db
@@ -15,7 +15,8 @@ from app.sendlog import spread_starts
 
 class SendAborted(Exception):
     """An RQ drip job whose send stopped on an error: raised so that RQ records the job as failed
-    (and retries it), where a returned value would have recorded a success."""
+    (and retries it, unless the send says a retry would only lose more answers), where a returned value
+    would have recorded a success."""
 
 
 def enqueue_stage(stage_name, jobs):
@@ -33,6 +34,8 @@ def rq_send_stage(stage_name, start_after=0):
         if report.retry_at:
             queue_retry(stage_name, report.retry_at)
         if report.aborted:
+            if not report.retry_safe and (job := get_current_job()) is not None:
+                job.retries_left = 0  # as GiveUp does for the app's own jobs (app/sending.py, send_as_job)
             raise SendAborted(f'{report.summary()}: {report.aborted}')
         return report.as_dict()
     finally:

@@ -5,12 +5,14 @@ from collections import Counter
 
 import pytest
 import redis
+import rq
 import sqlalchemy as sa
 
 from app.extensions import db
 from app.models import Client, Delivery
 from app.ratelimit import LocalSchedule, SharedSchedule
 from tests.support.processes import finish
+from tests.support.smtp import MailSink
 
 
 def test_mail_concurrency_sends_over_that_many_connections_and_still_once_each(app, runner, smtp, subscribers):
@@ -94,6 +96,26 @@ def test_four_rq_workers_send_every_subscriber_once_even_when_one_is_killed(rq_s
     with app.app_context():
         stages = Counter(db.session.scalars(sa.select(Client.num_newsletter)))
     assert stages == {1: 120 - len(unknown), **({0: len(unknown)} if unknown else {})}
+
+
+def test_an_rq_send_stopped_by_lost_answers_waits_for_an_admin_instead_of_retrying(rq_settings, request, smtp,
+                                                                                  subscribers, flask_command,
+                                                                                  redis_client, promise_kept):
+    """Three answers lost in a row stop a send, which must not be tried again unasked: each retry would
+    lose three more subscribers to 'unknown' (as the app's own jobs, test_faults.py)."""
+    request.getfixturevalue('app')
+    emails = subscribers(10)
+    for email in emails[:6]:
+        smtp.after_dot[email] = MailSink.DROP  # a relay that takes mail and loses its answers
+
+    assert finish(flask_command('send-newsletter-email', 'week1', '--queue', '1'))[0] == 0
+    finish(flask_command('rq-worker', '--burst'))
+
+    queue = rq.Queue(rq_settings['RQ_QUEUE'], connection=redis_client)
+    assert queue.scheduled_job_registry.get_job_ids() == [], 'no retry of its own, a minute later'
+    [failed] = queue.failed_job_registry.get_job_ids()
+    assert '3 messages in a row got no answer' in rq.job.Job.fetch(failed, connection=redis_client).latest_result().exc_string
+    assert promise_kept('week1', emails[:3]) == {'unknown': emails[:3]}, 'the others untouched, still due'
 
 
 def test_queueing_without_redis_is_a_clear_error(runner, subscribers):
