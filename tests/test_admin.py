@@ -1,5 +1,6 @@
 """The admin pages: sign-in by emailed link, the jobs an admin can watch, broadcasts, "send now"."""
 import csv
+import html
 import io
 import re
 import time
@@ -10,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
+from app import broadcasts
 from app.database import utcnow
 from app.extensions import db
 from app.jobs import run_due
@@ -182,6 +184,34 @@ def test_the_dashboard_shows_each_stages_delay_and_who_is_due_it_now_or_waiting(
             for stage, row in re.findall(r'<tr id="stage-(week\d)">(.*?)</tr>', page, re.S)}
     assert rows == {'week1': ['none', '3', '0'], 'week2': ['7 days', '1', '2']}
     assert 'Sending window: none (any time)' in page
+
+
+def test_a_stage_whose_delay_cannot_be_read_is_shown_with_the_reason_and_every_other_mailing_still_is(
+        stage_templates, app, admin, subscribers):
+    """The dashboard said a stage's Delay: line could not be read, but the Mailings page (every mailing's
+    ledger), that stage's ledger, its CSV, preview and test were all a 500."""
+    stage_templates('week2', 'Subject: Week 2\nDelay: soon\nWeek two.\n', '<p>Week two.</p>')
+    subscribers(3)
+    with app.app_context():
+        broadcasts.schedule_broadcast('Sale', 'Hello', '<p>Hello</p>', datetime(2031, 1, 1, 9, 0), 'UTC',
+                                      'admin@example.com')
+    app.config['PROPAGATE_EXCEPTIONS'] = False  # as deployed: a 500 is a page, not an exception in the test
+    reason = 'cannot be read: week2.txt: Delay: \'soon\' is not a duration such as "7 days", "36 hours" or "1 week 2 days"'
+
+    dashboard = html.unescape(admin.get('/admin/').get_data(as_text=True))
+    overview = html.unescape(admin.get('/admin/mailings').get_data(as_text=True))
+    stage_pages = [admin.get('/admin/mailings/week2'), admin.get('/admin/mailings/week2/not-received.csv'),
+                   admin.get('/admin/stages/week2/preview'),
+                   admin.post('/admin/stages/week2/test', data={'csrf_token': csrf_token(admin, '/admin/')})]
+
+    assert f'<td class="delay">{reason}</td>' in dashboard
+    rows = dict(re.findall(r'<tr id="mailing-(\w+)">(.*?)</tr>', overview, re.S))
+    assert list(rows) == ['week1', 'week2', 'broadcast1']
+    assert re.findall(r'<td>([^<]*)</td>', rows['week1']) == ['3', '0', '0', '0', '0', '3', 'yes']
+    assert re.findall(r'<td>([^<]*)</td>', rows['broadcast1']) == ['3', '0', '0', '0', '0', '3', 'yes']
+    assert reason in rows['week2']
+    assert [page.status_code for page in stage_pages] == [409] * 4
+    assert all(f'week2 {reason}' in html.unescape(page.get_data(as_text=True)) for page in stage_pages)
 
 
 def test_a_sign_in_link_works_once(app, client, smtp):

@@ -7,8 +7,9 @@ import sqlalchemy as sa
 from flask import Response, abort, render_template, request, stream_with_context
 
 from app.admin.blueprint import bp
+from app.admin.routes import stage_or_abort, stage_or_reason
 from app.csvfiles import csv_lines
-from app.drip import available_stages
+from app.drip import STAGE_NAME, available_stages
 from app.extensions import db
 from app.ledger import PENDING, STATES, ledger, mailing_named, members
 from app.models import Broadcast, DeliveryStatus
@@ -18,19 +19,25 @@ NOT_RECEIVED = (DeliveryStatus.FAILED, DeliveryStatus.UNKNOWN, DeliveryStatus.DE
 
 
 def _mailing_or_404(key):
-    """A broadcast, or a drip stage there are templates for."""
+    """A broadcast, or a drip stage there are templates for.  :raise 409: a stage that cannot be read."""
+    if STAGE_NAME.fullmatch(key):
+        return stage_or_abort(key)
     mailing = mailing_named(key)
-    if mailing is None or (key.startswith('week') and key not in available_stages()):
+    if mailing is None:
         abort(404)
     return mailing
 
 
 @bp.route('/mailings')
 def mailing_list():
-    keys = available_stages() + [f'broadcast{id_}' for id_ in
-                                 db.session.scalars(sa.select(Broadcast.id).order_by(Broadcast.id.desc()))]
+    """Every mailing's ledger, the drip's stages first. A stage that cannot be read is listed with the
+    reason in place of its counts, rather than taking every other mailing's ledger down with it."""
+    stages = [(key, *stage_or_reason(key)) for key in available_stages()]
+    sent = [(f'broadcast{id_}', mailing_named(f'broadcast{id_}'), None)
+            for id_ in db.session.scalars(sa.select(Broadcast.id).order_by(Broadcast.id.desc()))]
     return render_template('admin/mailings.html', title='Mailings', states=STATES,
-                           ledgers=[ledger(mailing_named(key)) for key in keys])
+                           rows=[(key, ledger(found) if found else None, unreadable)
+                                 for key, found, unreadable in stages + sent])
 
 
 @bp.route('/mailings/<key>')

@@ -50,10 +50,9 @@ def dashboard():
 
 def _stage_row(key):
     """A drip stage as the dashboard shows it: its delay, and how many are due it now or waiting for it."""
-    try:
-        stage = DripStage(key)
-    except TimingError as exc:
-        return {'key': key, 'delay': f'cannot be read: {exc}', 'due': '?', 'waiting': '?'}
+    stage, unreadable = stage_or_reason(key)
+    if unreadable:
+        return {'key': key, 'delay': unreadable, 'due': '?', 'waiting': '?'}
     return {'key': key, 'delay': describe_delay(stage.delay) if stage.delay else 'none',
             'due': count_due(stage), 'waiting': waiting(stage)}
 
@@ -118,8 +117,8 @@ def broadcast_action(broadcast_id, verb):
 @bp.route('/stages/<stage>/preview')
 def stage_preview(stage):
     """A drip stage as a made-up subscriber, or the one asked for (`?subscriber=` an id or an address),
-    would get it.  :raise 404: no such stage or subscriber."""
-    mailing = _stage_or_404(stage)
+    would get it.  :raise 404: no such stage or subscriber.  :raise 409: the stage cannot be read."""
+    mailing = stage_or_abort(stage)
     wanted = request.args.get('subscriber', '').strip()
     recipient = PREVIEW_RECIPIENT
     if wanted:
@@ -137,7 +136,7 @@ def stage_preview(stage):
 def stage_test(stage):
     """The stage, to the signed-in admin, marked as a test: it goes as a single email, not through the
     send, so no ledger and no subscriber's stage is touched."""
-    email = _stage_or_404(stage).compose(Recipient(0, current_user.email))
+    email = stage_or_abort(stage).compose(Recipient(0, current_user.email))
     queue_email(dataclasses.replace(email, subject=f'[Test] {email.subject}',
                                     message_id=make_message_id('test', stage, secrets.token_hex(6))))
     db.session.commit()
@@ -145,10 +144,26 @@ def stage_test(stage):
     return redirect(url_for('admin.stage_preview', stage=stage))
 
 
-def _stage_or_404(stage):
-    if stage not in available_stages():
+def stage_or_reason(key):
+    """(the drip stage `key`, None), or (None, why it cannot be read) when its Delay: line is wrong. Such a
+    stage cannot be sent, but the pages that list the stages must still show it, with the reason, and
+    every other mailing beside it."""
+    try:
+        return DripStage(key), None
+    except TimingError as exc:
+        return None, f'cannot be read: {exc}'
+
+
+def stage_or_abort(key):
+    """A stage for its own pages.  :raise 404: no templates for it.  :raise 409: its Delay: line cannot be
+    read: the stage is there, but nothing of it can be shown or sent until its file is fixed, and the page
+    says why."""
+    if key not in available_stages():
         abort(404)
-    return DripStage(stage)
+    stage, unreadable = stage_or_reason(key)
+    if unreadable:
+        abort(409, f'{key} {unreadable}')
+    return stage
 
 
 @bp.app_template_global('progress')
