@@ -98,7 +98,9 @@ def preview(broadcast):
     """The email as a made-up subscriber would get it.  :raise BroadcastError: if it cannot be rendered."""
     try:
         email = BroadcastMailing.of(broadcast).compose(PREVIEW_RECIPIENT)
-    except jinja2.TemplateError as exc:
+    except Exception as exc:
+        # The subject, text and HTML are the admin's own template, so whatever rendering them raises (a
+        # syntax error, {{ 1 / 0 }}, a format string given too few values) is theirs to fix, not the app's.
         raise BroadcastError(f'the broadcast cannot be rendered: {exc}') from exc
     if not email.subject or '\n' in email.subject or '\r' in email.subject:
         raise BroadcastError('the subject must be one line of text')
@@ -114,12 +116,17 @@ def parse_local_time(text):
 
 
 def local_to_utc(local_time, zone_name):
-    """A wall-clock time in a named zone -> naive UTC.  :raise BroadcastError: unknown zone."""
+    """A wall-clock time in a named zone -> naive UTC.  :raise BroadcastError: unknown zone, or a time
+    at the calendar's edge that UTC puts outside it."""
     try:
         zone = ZoneInfo(zone_name)
     except (ZoneInfoNotFoundError, ValueError) as exc:
         raise BroadcastError(f'unknown time zone {zone_name!r} (use a name such as Europe/Paris or UTC)') from exc
-    return local_time.replace(tzinfo=zone).astimezone(timezone.utc).replace(tzinfo=None)
+    try:
+        return local_time.replace(tzinfo=zone).astimezone(timezone.utc).replace(tzinfo=None)
+    except OverflowError as exc:
+        raise BroadcastError(f'{local_time.isoformat(" ", "minutes")} in {zone_name} falls outside the years 1 to '
+                             '9999 in UTC') from exc
 
 
 def utc_to_local(utc_time, zone_name):

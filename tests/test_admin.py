@@ -128,6 +128,41 @@ def test_a_broadcast_written_badly_is_shown_back_with_the_reason(admin):
     assert 'Hello {{ greeting_name' in response.get_data(as_text=True), 'what the admin wrote is kept'
 
 
+@pytest.mark.parametrize('changes, reason', [
+    pytest.param({'html': '<p>{{ 1 / 0 }}</p>'}, 'division by zero', id='division by zero'),
+    pytest.param({'text': 'Hello {{ "%s and %s" | format(greeting_name) }}'}, 'not enough arguments for format string',
+                 id='too few values to format'),
+])
+@pytest.mark.parametrize('button', ['preview', 'schedule'])
+def test_a_broadcast_whose_template_fails_as_it_renders_is_shown_back_with_the_reason(app, admin, changes, reason,
+                                                                                      button):
+    """Only Jinja's own errors were caught: anything else the admin's template raised was a 500."""
+    form = {'subject': 'Sale', 'text': 'Hello', 'html': '<p>Hi</p>', 'send_at': '2031-01-01T09:00', 'timezone': 'UTC',
+            **changes, button: button.capitalize(), 'csrf_token': csrf_token(admin, '/admin/broadcasts/new')}
+
+    response = admin.post('/admin/broadcasts/new', data=form)
+
+    assert response.status_code == 400
+    assert f'the broadcast cannot be rendered: {reason}' in response.get_data(as_text=True)
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count(Broadcast.id))) == 0
+
+
+def test_a_send_time_that_utc_cannot_hold_is_shown_back_with_the_reason(app, admin):
+    """23:00 on 9999-12-31 in Los Angeles is in the year 10000 in UTC: converting it was an OverflowError, a 500."""
+    form = {'subject': 'Sale', 'text': 'Hello', 'html': '<p>Hi</p>', 'send_at': '9999-12-31T23:00',
+            'timezone': 'America/Los_Angeles', 'schedule': 'Schedule',
+            'csrf_token': csrf_token(admin, '/admin/broadcasts/new')}
+
+    response = admin.post('/admin/broadcasts/new', data=form)
+
+    assert response.status_code == 400
+    assert ('9999-12-31 23:00 in America/Los_Angeles falls outside the years 1 to 9999 in UTC'
+            in response.get_data(as_text=True))
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count(Broadcast.id))) == 0
+
+
 def test_a_button_without_its_csrf_token_changes_nothing(app, admin):
     assert admin.post('/admin/stages/week1/send').status_code == 400
     with app.app_context():

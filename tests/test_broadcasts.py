@@ -83,6 +83,9 @@ def test_send_at_is_read_in_the_time_zone_the_admin_chose(app):
     ({'html': '{{ greeting_name.__class__.__mro__[1].__subclasses__() }}'}, 'cannot be rendered'),
     ({'text': 'Hello {{ first_name }}'}, "'first_name' is undefined"),
     ({'html': '  '}, 'needs a subject, a text version and an HTML version'),
+    ({'html': '<p>{{ 1 / 0 }}</p>'}, 'cannot be rendered: division by zero'),
+    ({'at': datetime(9999, 12, 31, 23, 0), 'zone': 'America/Los_Angeles'}, 'outside the years 1 to 9999 in UTC'),
+    ({'at': datetime(1, 1, 1, 0, 0), 'zone': 'Asia/Tokyo'}, 'outside the years 1 to 9999 in UTC'),
 ])
 def test_a_broadcast_that_cannot_be_sent_as_written_is_refused_and_nothing_is_stored(app, changes, error):
     with pytest.raises(broadcasts.BroadcastError, match=error):
