@@ -18,7 +18,7 @@ from app.database import utcnow
 from app.email import Attachment, Email, make_message_id
 from app.extensions import db
 from app.jobs import define_task, report_progress
-from app.models import Client
+from app.models import Client, Job
 from app.subscribers import state_of, with_states
 from app.transports import open_sender
 
@@ -83,11 +83,30 @@ def _email(admin, path, count):
 
 def download(job):
     """The export's file while it is kept, or None."""
-    if not (job.result or {}).get('file') or job.finished_at is None:
+    if not (job.result or {}).get('file') or job.finished_at is None or withdrawn(job):
         return None
     path = folder() / job.result['file']
     expired = job.finished_at < utcnow() - timedelta(hours=current_app.config['EXPORT_KEEP_HOURS'])
     return None if expired or not path.exists() else path
+
+
+def withdrawn(job):
+    """Why the export is no longer served before its time, or None."""
+    return (job.result or {}).get('withdrawn')
+
+
+def withdraw(since):
+    """Delete the kept exports finished at `since` or later: a subscriber who came then has been erased, and
+    an export holds everyone there was when it ran. No file is read. Their jobs say why, on the exports
+    page. (The copy emailed to the admin is out of the app's reach.)  :return: how many."""
+    kept = [(job, path) for job in db.session.scalars(sa.select(Job).where(
+        Job.task == export_subscribers.name, Job.finished_at >= since)) if (path := download(job)) is not None]
+    for job, path in kept:
+        job.result = {**job.result, 'withdrawn': 'a subscriber in it was erased'}
+    db.session.commit()
+    for _, path in kept:
+        path.unlink(missing_ok=True)
+    return len(kept)
 
 
 def delete_expired():

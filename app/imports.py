@@ -462,6 +462,29 @@ def discard(upload):
     return True
 
 
+def withdraw_naming(address):
+    """Delete every upload, and every report of an import over, that names `address`, whose subscriber has
+    been erased: a dry run's report lists them as a duplicate, and an upload waiting to be imported would
+    bring them back. An import already queued then finds its file gone, and says so. Uploads are kept a day
+    at most (sweep), so reading them all costs a few files, of IMPORT_MAX_BYTES at most.  :return: how many."""
+    withdrawn = 0
+    for report in folder().glob('*.json'):
+        upload = find(report.stem)
+        if upload is not None and _names(upload, address.casefold()):
+            for path in (upload.path, report):
+                path.unlink(missing_ok=True)
+            withdrawn += 1
+    return withdrawn
+
+
+def _names(upload, address):
+    """Whether the upload's report lists `address` (case-folded), or its file holds it as a cell of its own."""
+    if any(shown.casefold() == address for rows in upload.report.shown.values() for _, shown, _ in rows):
+        return True
+    cell = re.compile(rf'(?<![^\s,;"]){re.escape(address)}(?![^\s,;"])')
+    return upload.path.exists() and cell.search(upload.path.read_text('utf-8', errors='replace').casefold()) is not None
+
+
 def sweep():
     """Delete what is older than KEPT_FOR in the folder (uploads never imported, reports of imports long
     over), but the file of an import still queued or running."""

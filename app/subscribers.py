@@ -11,7 +11,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from flask import current_app
 
-from app import broadcasts
+from app import broadcasts, imports
 from app.database import utcnow
 from app.drip import send_stage
 from app.extensions import db
@@ -169,20 +169,27 @@ def recent_runs(limit=20):
 
 def erase(client):
     """The subscriber, and their address and personal data everywhere the app keeps it: their row and
-    their send log (deliveries), the emails queued or sent to them (mail job rows), their address in any
-    job's error, their `.eml` files in the mail folder, and their suppression-list entry. What stays is
-    anonymous: each send run's counts. :return: what was erased, in words."""
+    their send log (deliveries), the emails queued or sent to them or about them (mail job rows; the
+    admins' "New subscriber: <address>" notices keep that subject once sent, and are known by their
+    Message-ID), their address in any job's error, their `.eml` files in the mail folder, their
+    suppression-list entry, and the uploaded import files and reports that name them (app/imports.py).
+    The kept exports hold them too: the caller withdraws those (app/exports.py withdraw), as exports are
+    built on this module. What stays is anonymous: each send run's counts. :return: what was erased, in
+    words."""
     email = client.email
     deliveries = db.session.scalar(sa.select(sa.func.count(Delivery.id)).where(Delivery.client_id == client.id))
-    jobs = db.session.execute(sa.delete(Job).where(Job.queue == 'mail', Job.payload['recipient'].as_string() == email)
-                              .execution_options(synchronize_session=False)).rowcount
+    jobs = db.session.execute(sa.delete(Job).where(Job.queue == 'mail', sa.or_(
+        Job.payload['recipient'].as_string() == email,
+        Job.payload['message_id'].as_string().startswith(f'<admin.{client.id}.'))  # queue_new_subscriber_notice
+    ).execution_options(synchronize_session=False)).rowcount
     db.session.execute(sa.update(Job).where(Job.error.contains(email, autoescape=True))
                        .values(error=sa.func.replace(Job.error, email, '[erased]')).execution_options(synchronize_session=False))
     db.session.execute(sa.delete(Suppression).where(Suppression.email == email.lower()))
     db.session.delete(client)
     db.session.commit()
-    files = _erase_mail_files(email)
-    return f'{email}: the subscriber, {deliveries} delivery record(s), {jobs} email job(s) and {files} mail file(s)'
+    files, uploads = _erase_mail_files(email), imports.withdraw_naming(email)
+    return (f'{email}: the subscriber, {deliveries} delivery record(s), {jobs} email job(s), {files} mail file(s) '
+            f'and {uploads} import upload(s)')
 
 
 def _erase_mail_files(email):

@@ -18,7 +18,7 @@ from app.jobs import run_due
 from app.ledger import ledger, mailing_named
 from app.models import AdminSession, Broadcast, Client, Delivery, Job, SendRun, Suppression
 from app.suppression import suppress
-from tests.support.forms import csrf_token, sign_in, sign_in_link
+from tests.support.forms import csrf_token, sign_in, sign_in_link, sign_up
 from tests.support.smtp import MailSink
 from tests.support.jobs import queue_emails, run_due_jobs
 
@@ -633,3 +633,27 @@ def test_erasing_a_subscriber_removes_their_address_everywhere_and_keeps_the_ano
         assert db.session.execute(sa.select(SendRun.mailing, SendRun.sent)).all() == runs_before
         assert ledger(mailing_named('week1')).balances
     assert sorted(path.name for path in mail.iterdir()) == ['b.eml'], "only jane's own mail file"
+
+
+def test_erasing_a_subscriber_deletes_the_admins_new_subscriber_notices_naming_them(app, admin, smtp):
+    """The notice goes to the admin, and its job keeps its subject, the address, once it is sent."""
+    reader = app.test_client()
+    for address in ('jane@example.com', 'bob@example.com'):
+        sign_up(reader, address)
+        run_due_jobs(app)
+        body = smtp.messages[-1].get_body(('plain',)).get_content()
+        reader.get(re.search(r'http://newsletter.test(/confirm/\S+)', body).group(1))
+    run_due_jobs(app)
+    with app.app_context():
+        jane_id = db.session.scalar(sa.select(Client.id).where(Client.email == 'jane@example.com'))
+
+    admin.post(f'/admin/subscribers/{jane_id}/erase', data={
+        'csrf_token': csrf_token(admin, f'/admin/subscribers/{jane_id}'), 'confirm': 'jane@example.com'})
+
+    assert sorted(m['Subject'] for m in smtp.messages if m['To'] == 'admin@example.com'
+                  and m['Subject'].startswith('New subscriber')) == ['New subscriber: bob@example.com',
+                                                                     'New subscriber: jane@example.com']
+    with app.app_context():
+        subjects = [job.payload.get('subject') for job in db.session.scalars(sa.select(Job))]
+        assert not [job for job in db.session.execute(sa.select(Job.__table__)).all() if 'jane@' in str(job)]
+    assert 'New subscriber: bob@example.com' in subjects, 'the notices of others stay'

@@ -76,3 +76,22 @@ def test_a_large_export_is_gzipped_and_a_kept_file_expires(app, admin, smtp, sub
         db.session.commit()
     run_due_jobs(app)
     assert not os.path.exists(path), 'the hourly clean-up deletes it'
+
+
+def test_erasing_a_subscriber_withdraws_the_kept_exports_that_hold_them(app, admin, smtp, subscribers):
+    subscribers(1)
+    before_jane = export(app, admin)
+    [jane] = subscribers(1, start=1)
+    holding_jane = export(app, admin)
+    with app.app_context():
+        jane_id = db.session.scalar(sa.select(Client.id).where(Client.email == jane))
+
+    admin.post(f'/admin/subscribers/{jane_id}/erase', data={
+        'csrf_token': csrf_token(admin, f'/admin/subscribers/{jane_id}'), 'confirm': jane})
+    with admin.get(f'/admin/exports/{holding_jane.id}/download') as withdrawn, \
+            admin.get(f'/admin/exports/{before_jane.id}/download') as kept:
+        assert withdrawn.status_code == 410
+        assert 'withdrawn: a subscriber in it was erased' in withdrawn.get_data(as_text=True)
+        assert kept.status_code == 200 and jane.encode() not in kept.data, 'an export from before they signed up stays'
+    assert not os.path.exists(os.path.join(app.instance_path, 'exports', holding_jane.result['file']))
+    assert 'withdrawn: a subscriber in it was erased' in admin.get('/admin/exports').get_data(as_text=True)

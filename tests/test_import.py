@@ -217,6 +217,24 @@ def test_pressing_import_twice_imports_once(app, admin):
         'the button is gone once started'
 
 
+def test_erasing_a_subscriber_withdraws_the_uploads_and_reports_that_name_them(app, admin, subscribers):
+    [jane] = subscribers(1)
+    waiting, _ = report_of(admin, f'new.one@example.com\n{jane}\n'.encode())
+    imported, _ = report_of(admin, f'new.two@example.com\n{jane.upper()}\n'.encode())  # a duplicate on its report
+    start_import(app, admin, imported)
+    unrelated, _ = report_of(admin, f'new.three@example.com\nmy.{jane}\n'.encode())
+    with app.app_context():
+        jane_id = db.session.scalar(sa.select(Client.id).where(Client.email == jane))
+
+    admin.post(f'/admin/subscribers/{jane_id}/erase', data={
+        'csrf_token': csrf_token(admin, f'/admin/subscribers/{jane_id}'), 'confirm': jane})
+
+    gone = admin.get(waiting)
+    assert gone.status_code == 404 and 'a subscriber it names was erased' in gone.get_data(as_text=True)
+    assert admin.get(imported).status_code == 404 and admin.get(unrelated).status_code == 200
+    assert {name.split('.')[0] for name in kept_files(app)} == {unrelated.rsplit('/', 1)[1]}
+
+
 def refuse_on_insert(app, email):
     """Make the database refuse to store `email` (a trigger): a constraint that the import's checks cannot
     see, as a real database may have."""

@@ -31,5 +31,6 @@ def export_download(job_id):
         abort(404)
     path = exports.download(job)
     if path is None:
-        abort(410, 'This export is no longer kept; start a new one.')
+        abort(410, f'This export was withdrawn: {why}; start a new one.' if (why := exports.withdrawn(job))
+              else 'This export is no longer kept; start a new one.')
     return send_file(path, as_attachment=True, download_name=path.name)

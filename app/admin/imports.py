@@ -41,7 +41,8 @@ def import_upload():
 def _upload_or_404(token):
     upload = imports.find(token)
     if upload is None:
-        abort(404, 'There is no such upload: it was imported or discarded more than a day ago, or never made.')
+        abort(404, 'There is no such upload: it was imported or discarded more than a day ago, withdrawn when a '
+                   'subscriber it names was erased, or never made.')
     return upload
 
 

@@ -1,7 +1,7 @@
 """The subscribers' pages: find one, see what happened to them, and act on them (app/subscribers.py)."""
 from flask import abort, flash, redirect, render_template, request, url_for
 
-from app import subscribers
+from app import exports, subscribers
 from app.admin.blueprint import bp
 from app.database import as_integer
 from app.extensions import db
@@ -41,12 +41,15 @@ def subscriber_action(client_id, action):
 
 @bp.route('/subscribers/<int:client_id>/erase', methods=['POST'])
 def subscriber_erase(client_id):
-    """Only with the address typed again: erasing cannot be undone."""
+    """Only with the address typed again: erasing cannot be undone. The kept exports that hold the subscriber
+    are withdrawn with them (see subscribers.erase)."""
     client = db.get_or_404(Client, client_id)
     if request.form.get('confirm', '').strip().lower() != client.email.lower():
         flash('Type the address to erase it: nothing was erased.', 'error')
         return redirect(url_for('admin.subscriber', client_id=client_id))
-    flash(f'Erased {subscribers.erase(client)}.')
+    since = client.created_at
+    erased = subscribers.erase(client)
+    flash(f'Erased {erased}; {exports.withdraw(since)} kept export(s) withdrawn.')
     return redirect(url_for('admin.subscriber_list'))
 
 
