@@ -8,7 +8,7 @@ code keeps its promises:
   is a header guessed from its first lines. An address column is needed; a name column is optional.
 - **A file that is no list of addresses says so, and writes nothing.** Empty, binary (NUL or other control
   bytes, UTF-16, bytes neither encoding reads), absurd (a line over MAX_LINE characters, a row of more than
-  MAX_COLUMNS columns) or without an address column: ImportFileError with the reason, found before
+  MAX_COLUMNS columns, a quote that runs on past its line) or without an address column: ImportFileError with the reason, found before
   anything is written, or half-way, when the import's transaction is rolled back.
 - **Every row as the sign-up checks an address** (normal_address, app/addresses.py), each domain's DNS
   asked once per file; a name, of at most MAX_NAME characters, and printable. A row is accepted, a
@@ -228,12 +228,19 @@ def _columns(first):
 
 def _rows(path, file_format):
     """(line, cells) of every row past the header that is not blank.  :raise ImportFileError: for a row
-    that is too wide, or that CSV cannot read."""
+    that is too wide, that CSV cannot read, or that spans lines. No address or name holds a line break,
+    and a stray quote (a name typed as `"Bobby`) would swallow every line up to the next quote, or to the
+    end of the file, into one cell, with the people on those lines."""
     reader = csv.reader(_lines(path, file_format.codec), delimiter=file_format.delimiter)
     header, line = file_format.header, 0
     try:
         for cells in reader:
             first_line, line = line + 1, reader.line_num
+            if line > first_line:
+                end = 'the end of the file' if line >= file_format.lines else f'line {line}'
+                raise ImportFileError(f'Line {first_line} opens a quote that does not close on that line: the row '
+                                      f'runs on to {end}. A row is one line: correct the quotes (a stray " in a '
+                                      'name?) and upload the file again.')
             if len(cells) > MAX_COLUMNS:
                 raise ImportFileError(f'Line {first_line} has {len(cells):,} columns; a list of addresses has at most '
                                       f'{MAX_COLUMNS}.')
