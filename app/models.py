@@ -102,8 +102,8 @@ class SendRun(db.Model):
     via: so.Mapped[str] = so.mapped_column(sa.String(255))  # the way out, as describe_transport() says it
     owner: so.Mapped[str] = so.mapped_column(sa.String(32), unique=True)  # Delivery.claimed_by of its claims
     lease_until: so.Mapped[datetime | None]  # while it runs: renewed by its heartbeat
-    sending_from: so.Mapped[int | None]  # the ids of the claimed deliveries whose data may be going out now
-    sending_to: so.Mapped[int | None]
+    sending: so.Mapped[list | None] = so.mapped_column(sa.JSON(none_as_null=True))  # the ids of the claimed
+    # deliveries whose data may be going out now: each one, not a range, which would take in claims between
     taken_over_at: so.Mapped[datetime | None]  # its lease ran out, and another run took its claims on
     started_at: so.Mapped[datetime] = so.mapped_column(default=utcnow)
     finished_at: so.Mapped[datetime | None]  # None: running, or killed

@@ -384,7 +384,7 @@ class MailingSend:
         from what it recorded.  :return: whether the run still holds its claims, and so may send `sending`."""
         outcomes, releases, self.outcomes, self.releases = self.outcomes, self.releases, [], []
         # What earlier groups still have on the wire is declared again with the new group: the run's row
-        # keeps one range, and a kill must leave those unknown too, never due to be sent again.
+        # keeps one list, and a kill must leave those unknown too, never due to be sent again.
         sending = [*(outgoing.delivery_id for outgoing in self.in_flight.values()), *sending]
         recorded, held = self.log.checkpoint(outcomes, sending, [outcome.delivery_id for outcome in releases])
         if not held:

@@ -2,9 +2,10 @@
 a mailing; the only module that writes them.
 
 A run's row is its lease (`lease_until`, on the database's clock, renewed by a heartbeat) and says
-which of its claimed deliveries it is sending right now (`sending_from` to `sending_to`, delivery
-ids): written, with the outcomes that came in since, before any of those messages' data goes out. A
-run whose lease has run out is taken over by the next: the deliveries in its sending range may have
+which of its claimed deliveries it is sending right now (`sending`, their ids, each named: a range
+would take in the claims between, when a run goes from new claims to older ones with the first still
+on the wire): written, with the outcomes that came in since, before any of those messages' data goes
+out. A run whose lease has run out is taken over by the next: the deliveries it was sending may have
 arrived and become 'unknown'; its other claims pass to the run that took it over. Taking a run over
 marks its row, and every write a run makes is conditional on its row not being marked so and on the
 delivery still being claimed by it: a run that stalled past its lease can neither send nor record
@@ -165,11 +166,10 @@ class SendLog:
                           'attempts'], claims.where(sa.true()))  # SQLite parses ON CONFLICT only after a WHERE
             .returning(deliveries.c.client_id, deliveries.c.id))
 
-        # The run's row, renewed, with the range of deliveries about to be sent; nothing if taken over.
+        # The run's row, renewed, with the deliveries about to be sent; nothing if taken over.
         self.keep_statement = (
             sa.update(runs).where(runs.c.owner == self.owner, runs.c.taken_over_at.is_(None))
-            .values(lease_until=db_later(self.lease), sending_from=sa.bindparam('sending_from'),
-                    sending_to=sa.bindparam('sending_to'))
+            .values(lease_until=db_later(self.lease), sending=sa.bindparam('sending', type_=runs.c.sending.type))
             .returning(runs.c.id))
         self.given = RowsParameter('given', id=sa.Integer, status=sa.String, answers=sa.Integer, error=sa.String,
                                    retry_after=sa.Float)
@@ -216,11 +216,11 @@ class SendLog:
         its claims). An outcome missing from the first was on a delivery that was taken over."""
         connection = self._connection()
         given = self.given.params([(o.delivery_id, o.status.value, o.answers, o.error, o.retry_after) for o in outcomes])
-        range_ = {'sending_from': min(sending, default=None), 'sending_to': max(sending, default=None)}
+        going = {'sending': list(sending) or None}
         if db.engine.dialect.name == 'postgresql':
-            moved = connection.execute(self.checkpoint_statement, {**given, **range_}).all()
+            moved = connection.execute(self.checkpoint_statement, {**given, **going}).all()
         else:
-            moved = [(run_id, None) for run_id in connection.execute(self.keep_statement, range_).scalars()]
+            moved = [(run_id, None) for run_id in connection.execute(self.keep_statement, going).scalars()]
             if outcomes:
                 rows = connection.execute(self.record_statement, given).all()
                 moved += [(delivery_id, status) for delivery_id, _, status in rows]
@@ -247,10 +247,9 @@ class SendLog:
     def finish(self, report, abandoned=False):
         """The run's row, as the run ended: kept for admins, and its lease given up. `abandoned`: the run
         stopped on a database error, maybe holding claims and outcomes it could not record; then its lease
-        and its sending range stay, so that once the lease runs out the next run takes it over exactly as
+        and what it was sending stay, so that once the lease runs out the next run takes it over exactly as
         it would a killed one. Given up, they would leave those claims to nobody."""
-        ended = {} if abandoned else {'finished_at': db_now(), 'lease_until': None, 'sending_from': None,
-                                      'sending_to': None}
+        ended = {} if abandoned else {'finished_at': db_now(), 'lease_until': None, 'sending': None}
         db.session.execute(sa.update(SendRun).where(SendRun.id == self.run_id).values(
             **ended, sent=report.sent, failed=len(report.failed), unknown=len(report.unknown),
             deferred=len(report.deferred), skipped=report.skipped,
@@ -328,14 +327,14 @@ class SendLog:
                                   runs.c.taken_over_at.is_(None), runs.c.lease_until < db_now())
             .values(taken_over_at=db_now(),
                     stopped=sa.func.coalesce(runs.c.stopped + '; ', '') + f'taken over by run {self.run_id}')
-            .returning(runs.c.owner, runs.c.sending_from, runs.c.sending_to)).all()
+            .returning(runs.c.owner, runs.c.sending)).all()
         unknown, claimed = [], []
-        for owner, sending_from, sending_to in dead:
+        for owner, sending in dead:
             theirs = (Delivery.mailing == self.mailing.key, Delivery.claimed_by == owner,
                       Delivery.status == Status.CLAIMED)
-            if sending_from is not None:
+            if sending:
                 unknown += self._settle(
-                    sa.update(Delivery).where(*theirs, Delivery.id.between(sending_from, sending_to))
+                    sa.update(Delivery).where(*theirs, Delivery.id.in_(sending))
                     .values(status=Status.UNKNOWN, claimed_by=None, updated_at=db_now(),
                             attempts=Delivery.attempts + 1, error=TAKEN_OVER), commit=False)
             claimed += db.session.execute(

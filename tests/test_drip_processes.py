@@ -1,15 +1,19 @@
 """The drip's guarantees with real `flask send-newsletter-email` processes sharing one database, as
 when cron fires twice, an admin runs it by hand while cron runs, or the machine kills a run."""
+import json
 import os
 import pty
 import re
 import signal
+import sys
 import time
 from collections import Counter
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
 
+from app.database import utcnow
 from app.extensions import db
 from app.models import Client, Delivery
 from tests.support.processes import finish
@@ -65,6 +69,40 @@ def test_a_killed_run_can_simply_be_run_again_and_repeats_nothing(app, smtp, sub
     assert len(outcome['sent']) + len(unknown) == SUBSCRIBERS
     assert code == (1 if unknown else 0), (out, err)
     assert all(f'unknown: {email}' in out for email in unknown), 'the run that found them names them'
+
+
+def test_a_run_killed_while_moving_from_new_claims_to_older_ones_leaves_only_what_it_was_sending_unknown(
+        app, settings, smtp, subscribers, flask_command, promise_kept, tmp_path):
+    """Over two connections, messages of the new claims (high delivery ids) are still on the wire as the
+    run declares its first group of deliveries deferred earlier (low ids). Everything the run holds in
+    between went nowhere, and must stay due: one kill, at most a group and what is on the wire unknown."""
+    settings.update(MAIL_CONCURRENCY=2, SEND_BATCH_SIZE=50, SEND_RECORD_EVERY=10, LEASE_SECONDS=2)
+    greylisted = subscribers(60)
+    with app.app_context():
+        an_hour_ago = utcnow() - timedelta(hours=1)
+        db.session.execute(sa.insert(Delivery), [
+            {'client_id': client_id, 'mailing': 'week1', 'status': 'deferred', 'attempts': 1,
+             'message_id': f'<newsletter.week1.{client_id}@example.com>', 'error': '451 4.7.1 Greylisted',
+             'next_attempt_at': an_hour_ago, 'deferred_since': an_hour_ago, 'created_at': an_hour_ago}
+            for client_id in db.session.scalars(sa.select(Client.id))])
+        db.session.commit()
+    newcomers = subscribers(60, start=60)  # no row yet: claimed first, with higher ids
+    smtp.delay = 0.05
+    report = tmp_path / 'kill.json'
+
+    code, out, err = finish(flask_command('send-newsletter-email', 'week1', KILL_REPORT=str(report),
+                                          program=[sys.executable, '-m', 'tests.support.killed_at_a_checkpoint']))
+    assert code == -signal.SIGKILL and report.exists(), (out, err)
+    declared = json.loads(report.read_text())['declared']
+    time.sleep(2.5)  # its lease runs out
+    smtp.delay = 0
+    code, out, err = finish(flask_command('send-newsletter-email', 'week1'))
+
+    outcome = promise_kept('week1', greylisted + newcomers)
+    with app.app_context():
+        unknown = set(db.session.scalars(sa.select(Delivery.id).where(Delivery.status == 'unknown')))
+    assert unknown <= set(declared), 'unknown: only what the killed run said was going out'
+    assert len(outcome['sent']) + len(outcome.get('unknown', [])) == 120
 
 
 def read_terminal(primary):

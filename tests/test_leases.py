@@ -46,8 +46,8 @@ def fill_send_log(sent, left_behind):
                        .values(status='sent', claimed_by=None))
     sending = db.session.scalars(sa.select(Delivery.id).where(Delivery.status == 'claimed')
                                  .order_by(Delivery.id).limit(2)).all()
-    db.session.add(SendRun(mailing='week1', trigger='cli', via='SMTP', owner='a dead run', sending_from=sending[0],
-                           sending_to=sending[-1], lease_until=utcnow() - timedelta(minutes=1)))
+    db.session.add(SendRun(mailing='week1', trigger='cli', via='SMTP', owner='a dead run', sending=sending,
+                           lease_until=utcnow() - timedelta(minutes=1)))
     db.session.commit()
 
 

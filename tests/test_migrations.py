@@ -1,5 +1,7 @@
 """The committed migrations build exactly the schema the models describe."""
+import json
 import warnings
+from datetime import datetime
 
 import pytest
 import sqlalchemy as sa
@@ -54,3 +56,39 @@ def test_an_upgrade_finding_one_mailbox_stored_twice_stops_and_names_it(settings
             assert conn.scalar(sa.text('SELECT version_num FROM alembic_version')) == '6da736f9be6d'
     finally:
         engine.dispose()
+
+
+def test_a_run_killed_before_the_upgrade_still_leaves_unknown_only_its_claims_in_the_range_it_kept(settings,
+                                                                                                  flask_command):
+    """A run's row kept a range of delivery ids, and now names each: a run the old code left killed is
+    taken over after the upgrade as the old code would have, its claims in the range unknown."""
+    out, err = (upgrade := flask_command('db', 'upgrade', '4b1d2c3e5f60')).communicate(timeout=60)
+    assert upgrade.returncode == 0, err
+    tables = sa.MetaData()
+    engine = sa.create_engine(settings['SQLALCHEMY_DATABASE_URI'])
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', 'Skipped unsupported reflection of expression-based index')
+            tables.reflect(engine, only=['clients', 'deliveries', 'send_runs'])
+        clients, deliveries, runs = (tables.tables[name] for name in ('clients', 'deliveries', 'send_runs'))
+        then = datetime(2026, 12, 1)
+        with engine.begin() as conn:
+            conn.execute(clients.insert(), [{'id': n, 'email': f'reader{n}@example.com', 'active': True,
+                                             'num_newsletter': 0, 'created_at': then} for n in range(1, 7)])
+            conn.execute(deliveries.insert(), [
+                {'id': n, 'client_id': n, 'mailing': 'week1', 'status': status, 'claimed_by': owner, 'attempts': 0,
+                 'created_at': then}
+                for n, status, owner in [(1, 'sent', None), (2, 'claimed', 'dead'), (3, 'claimed', 'other'),
+                                         (4, 'claimed', 'dead'), (5, 'claimed', 'dead'), (6, 'claimed', 'dead')]])
+            conn.execute(runs.insert(), [
+                {'mailing': 'week1', 'trigger': 'cli', 'via': 'SMTP', 'owner': owner, 'sending_from': first,
+                 'sending_to': last, 'started_at': then, 'sent': 0, 'failed': 0, 'unknown': 0, 'deferred': 0,
+                 'skipped': 0} for owner, first, last in [('dead', 1, 5), ('done', None, None)]])
+        out, err = (upgrade := flask_command('db', 'upgrade')).communicate(timeout=60)
+        assert upgrade.returncode == 0, err
+        with engine.connect() as conn:
+            sending = dict(conn.execute(sa.text('SELECT owner, sending FROM send_runs')).all())
+    finally:
+        engine.dispose()
+    assert {owner: json.loads(ids) if isinstance(ids, str) else ids for owner, ids in sending.items()} == \
+        {'dead': [2, 4, 5], 'done': None}, "its own claims in 1..5; not another run's, not the sent one"
