@@ -1,5 +1,6 @@
 """Schedules inside the app, for hosts with no system cron (containers, PaaS): SCHEDULES, e.g.
-`week1=0 9 * * mon; week2=0 9 * * tue`, in cron syntax, read in SCHEDULE_TIMEZONE (DST included); or
+`week1=0 9 * * mon; week2=0 9 * * tue`, in cron syntax, read in SCHEDULE_TIMEZONE (DST included, as cron
+keeps it: Schedule.latest_due); or
 `due=0 * * * *`, every stage as it is due for each subscriber (its Delay:, app/timing.py), hourly.
 
 Every worker's clock thread calls fire_due_schedules() every few seconds. For each schedule it works out
@@ -28,10 +29,21 @@ class Schedule:
     cron: str
 
     def latest_due(self, now, zone):
-        """The latest due time at or before `now` (naive UTC), as naive UTC."""
+        """The latest due time at or before `now` (naive UTC), as naive UTC. When summer time ends and the
+        clock shows a time of day twice, it is due at the first only, as cron runs it: the key of a due time
+        is UTC, and a second one would send a weekly stage again, or the next stage half an hour after it.
+        A schedule with * in its minute or hour is due every hour that passes, the repeated one too. A time
+        the clock skips when summer time begins is due once, at the jump (croniter's own answer, and cron's)."""
         local_now = now.replace(tzinfo=timezone.utc).astimezone(zone)
         due = croniter(self.cron, local_now).get_prev(datetime)
+        if due.fold and self.at_a_time_of_day():
+            due = due.replace(fold=0)
         return due.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def at_a_time_of_day(self):
+        """Cron's own test for what it runs once in a repeated hour: neither minute nor hour starts with *."""
+        minute, hour = croniter(self.cron).expressions[:2]
+        return not (minute.startswith('*') or hour.startswith('*'))
 
 
 def parse_schedules(text, stages):

@@ -4,7 +4,7 @@ import logging
 import re
 import time
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -96,6 +96,46 @@ def test_a_due_time_within_the_allowed_lateness_is_still_sent(hourly_settings, r
 ])
 def test_monday_nine_oclock_is_nine_oclock_in_the_named_time_zone_across_daylight_saving(now, expected):
     assert Schedule('week1', '0 9 * * mon').latest_due(now, ZoneInfo('Europe/Paris')) == expected
+
+
+def due_times_through_the_night(cron, night):
+    """The due times a worker's clock, ticking every five minutes from 23:00 UTC on `night` for five hours,
+    finds for `cron` in Paris (the night's own, not those of the week before)."""
+    start = datetime.combine(night, datetime.min.time()) + timedelta(hours=23)
+    ticks = (start + timedelta(minutes=5 * n) for n in range(60))
+    return sorted({due for due in (Schedule('week1', cron).latest_due(now, ZoneInfo('Europe/Paris')) for now in ticks)
+                   if due > start})
+
+
+@pytest.mark.parametrize('cron, night, expected', [
+    # Summer time ends: 02:00-03:00 comes twice. A time of day in it is due at the first 02:30 only...
+    ('30 2 * * sun', date(2026, 10, 24), [datetime(2026, 10, 25, 0, 30)]),
+    # ...but an hourly schedule is due every hour that passes, the repeated one too.
+    ('0 * * * *', date(2026, 10, 24), [datetime(2026, 10, 25, hour) for hour in range(4)]),
+    # Summer time begins: the clock jumps from 02:00 to 03:00, and 02:30 is due once, at the jump.
+    ('30 2 * * sun', date(2026, 3, 28), [datetime(2026, 3, 29, 1, 0)]),
+    ('0 * * * *', date(2026, 3, 28), [datetime(2026, 3, 29, hour) for hour in range(4)]),
+])
+def test_on_the_nights_daylight_saving_changes_a_schedule_is_due_as_cron_would_run_it(cron, night, expected):
+    assert due_times_through_the_night(cron, night) == expected
+
+
+def test_weekly_cohorts_in_the_hour_repeated_when_summer_time_ends_go_out_once_and_a_week_apart(
+        settings, request, smtp):
+    settings.update(SCHEDULES='week2=0 2 * * sun; week1=30 2 * * sun', SCHEDULE_TIMEZONE='Europe/Paris')
+    app = request.getfixturevalue('app')
+    [newcomer] = request.getfixturevalue('subscribers')(1)
+
+    now, fired = datetime(2026, 10, 24, 23, 0), []  # 01:00 in Paris, the night summer time ends
+    with app.app_context():
+        while now < datetime(2026, 10, 25, 3, 0):
+            fired += fire_due_schedules(now=now)
+            run_bulk_jobs()
+            now += timedelta(minutes=5)
+
+    assert [(stage, due) for stage, due, status in fired if status == 'queued'] == [
+        ('week2', datetime(2026, 10, 25, 0, 0)), ('week1', datetime(2026, 10, 25, 0, 30))]
+    assert [message['Message-ID'].split('.')[1] for message in smtp.messages] == ['week1'], 'week2 waits a week'
 
 
 @pytest.mark.parametrize('setting, message', [
