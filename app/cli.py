@@ -12,7 +12,7 @@ from flask import Blueprint, current_app, has_app_context
 from flask.cli import ScriptInfo
 
 from app import broadcasts
-from app.drip import DripStage, available_stages, latest_first, queue_retry
+from app.drip import DripStage, NoStages, available_stages, latest_first, queue_retry
 from app.email import TemplateError
 from app.extensions import db
 from app.imports import ImportFileError, Outcome, check, import_file
@@ -74,7 +74,11 @@ def send_newsletter_email(stage, due, dry_run, retry_failed, resend_unknown, job
         raise click.UsageError('name a STAGE, or give --due for every stage')
     if due and (retry_failed or resend_unknown or jobs is not None):
         raise click.UsageError('--due sends what is due; --retry-failed, --resend-unknown and --queue take a STAGE')
-    healthy = [_send_stage(key, dry_run, retry_failed, resend_unknown, jobs) for key in ([stage] if stage else latest_first())]
+    try:
+        stages = [stage] if stage else latest_first()
+    except NoStages as exc:
+        raise click.ClickException(str(exc)) from exc
+    healthy = [_send_stage(key, dry_run, retry_failed, resend_unknown, jobs) for key in stages]
     if not all(healthy):
         sys.exit(1)
 

@@ -29,9 +29,15 @@ TEMPLATE_PREFIX = 'stages'  # stage weekN renders from the templates stages/week
 DUE = 'due'  # every stage, as far as it is due for each subscriber, the latest stages first
 
 
+class NoStages(ValueError):
+    """STAGES_FOLDER holds no stage: a drip that sends nothing there must say so, not report success."""
+
+
 def init_app(app):
     """Serve STAGES_FOLDER's templates as stages/…, beside the app's own (which they may extend: an
-    operator's stages can live outside the source tree and still use emails/_layout.html)."""
+    operator's stages can live outside the source tree and still use emails/_layout.html).
+    :raise NoStages: at start-up, for a folder mistyped or emptied, instead of a drip that sends nothing."""
+    stages_there_are(app)
     stages = jinja2.PrefixLoader({TEMPLATE_PREFIX: jinja2.FileSystemLoader(app.config['STAGES_FOLDER'])})
     app.jinja_env.loader = jinja2.ChoiceLoader([stages, app.jinja_env.loader])
     app.extensions['sending_window'] = SendingWindow.parse(app.config['SEND_WINDOW'], app.config['SCHEDULE_TIMEZONE'])
@@ -45,14 +51,23 @@ def available_stages(app=None):
     return sorted(names, key=stage_number)
 
 
+def stages_there_are(app=None):
+    """available_stages(), where none is an error.  :raise NoStages: naming STAGES_FOLDER and what is wrong."""
+    if stages := available_stages(app):
+        return stages
+    folder = Path((app or current_app).config['STAGES_FOLDER'])
+    why = 'holds no stages (weekN.txt, each with its weekN.html)' if folder.is_dir() else 'does not exist'
+    raise NoStages(f'STAGES_FOLDER: {folder} {why}')
+
+
 def stage_number(name):
     return int(STAGE_NAME.fullmatch(name).group(1))
 
 
 def latest_first():
     """The stages in the order `--due` sends them: a subscriber who gets a stage in a run is then past
-    the stages this run has still to send, so nobody gets two stages in one run."""
-    return available_stages()[::-1]
+    the stages this run has still to send, so nobody gets two stages in one run.  :raise NoStages:"""
+    return stages_there_are()[::-1]
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,19 @@
 """The weekly drip, run as cron runs it (`flask send-newsletter-email weekN`), against a real SMTP server."""
 import re
+import shutil
 from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
 
+from app import create_app
 from app.database import utcnow
+from app.drip import send_stage
 from app.email import greeting_name
 from app.extensions import db
 from app.jobs import run_due
 from app.models import Client, Delivery, Job
+from config import Config
 
 
 def clients(app):
@@ -113,6 +117,37 @@ def test_dry_run_lists_who_is_due_and_sends_nothing(app, runner, smtp, subscribe
 def test_help_lists_the_stages(runner):
     result = runner.invoke(args=['send-newsletter-email', '--help'])
     assert '[week1|week2]' in result.output
+
+
+@pytest.mark.parametrize('folder, why', [
+    ('stagez', 'does not exist'),  # a typo for stages
+    ('half-a-stage', 'holds no stages'),  # week1.txt without its week1.html
+])
+def test_a_stages_folder_that_is_missing_or_holds_no_stages_stops_the_app_at_start_up(settings, tmp_path, folder,
+                                                                                       why):
+    (tmp_path / 'half-a-stage').mkdir()
+    (tmp_path / 'half-a-stage' / 'week1.txt').write_text('Subject: Welcome\nWelcome.\n')
+    settings.update(STAGES_FOLDER=str(tmp_path / folder))
+
+    with pytest.raises(ValueError, match=f'STAGES_FOLDER: .*{folder} {why}'):
+        create_app(type('TestConfig', (Config,), settings))
+
+
+def test_stages_gone_after_start_up_are_an_error_for_a_due_run_and_a_due_job(stage_templates, app, runner, smtp,
+                                                                             subscribers, tmp_path):
+    subscribers(3)
+    shutil.rmtree(tmp_path / 'stages')  # the folder moved while the app runs
+
+    result = runner.invoke(args=['send-newsletter-email', '--due'])
+    with app.app_context():
+        send_stage.apply(stage='due', trigger='schedule')
+        db.session.commit()
+        run_due()
+        job = db.session.scalars(sa.select(Job)).one()
+
+    assert result.exit_code == 1 and 'STAGES_FOLDER' in result.output and 'does not exist' in result.output
+    assert job.status != 'done' and 'STAGES_FOLDER' in job.error
+    assert smtp.messages == []
 
 
 def test_unknown_stage_is_refused(runner, smtp, subscribers):
