@@ -66,8 +66,9 @@ def send_newsletter_email(stage, due, dry_run, retry_failed, resend_unknown, job
     waited the stage's delay since, if it declares one); or, with --due, every stage that is due.
 
     Safe to run twice, by hand beside cron, or again after a crash: nobody gets a stage twice. Prints
-    a summary, and exits with status 1 when anyone failed or may not have got it (unknown), or the run
-    stopped on an error, so cron's MAILTO reports it. Deferred subscribers are tried again by a job.
+    a summary, and exits with status 1 when anyone failed or may not have got it (unknown), the run
+    stopped on an error, or a stage cannot be sent as written (after the other stages, with --due), so
+    cron's MAILTO reports it. Deferred subscribers are tried again by a job.
     Outside SEND_WINDOW, it sends nothing and says so.
     """
     if due == bool(stage):
@@ -84,11 +85,12 @@ def send_newsletter_email(stage, due, dry_run, retry_failed, resend_unknown, job
 
 
 def _send_stage(stage, dry_run, retry_failed, resend_unknown, jobs):
-    """One stage, as the command sends it.  :return: False when anyone failed or may not have got it."""
+    """One stage, as the command sends it.  :return: False when anyone failed or may not have got it, or
+    the stage cannot be sent as written: said, and with --due the other stages are still sent."""
     try:
         mailing = DripStage(stage)
     except TimingError as exc:
-        raise click.ClickException(f'{stage} cannot be sent, nothing was: {exc}') from exc
+        return _unsendable(f'{stage} cannot be sent, nothing was: {exc}')
     if dry_run:
         count = 0
         for recipient in iter_due(mailing):
@@ -99,7 +101,7 @@ def _send_stage(stage, dry_run, retry_failed, resend_unknown, jobs):
     try:
         check_templates(mailing)
     except (TemplateError, jinja2.TemplateError) as exc:
-        raise click.ClickException(f'the {stage} templates cannot be rendered, nothing was sent: {exc}') from exc
+        return _unsendable(f'the {stage} templates cannot be rendered, nothing was sent: {exc}')
     again = [status for status, asked in ((DeliveryStatus.FAILED, retry_failed), (DeliveryStatus.UNKNOWN, resend_unknown))
              if asked]
     if again:
@@ -125,6 +127,12 @@ def _send_stage(stage, dry_run, retry_failed, resend_unknown, jobs):
         click.echo(f'  deferred: tried again from {report.retry_at:%Y-%m-%d %H:%M:%S} UTC by a job worker (the web '
                    'process, or `flask worker`), and by the next run')
     return report.ok
+
+
+def _unsendable(why):
+    """Said as click says an error, but returned rather than raised: with --due the other stages still go."""
+    click.echo(f'Error: {why}', err=True)
+    return False
 
 
 def _enqueue(stage, jobs):

@@ -13,20 +13,23 @@ import jinja2
 import sqlalchemy as sa
 from flask import current_app
 
-from app.email import greeting_name, make_message_id, render_email
+from app.email import TemplateError, greeting_name, make_message_id, render_email
 from app.extensions import db
-from app.jobs import Reschedule, define_task
+from app.jobs import GiveUp, Reschedule, define_task
 from app.leases import db_later
 from app.links import list_unsubscribe_headers, unsubscribe_url
 from app.mailing import address_digest
 from app.models import Client, Delivery, DeliveryStatus
 from app.sending import send_as_job
 from app.suppression import not_suppressed
-from app.timing import SendingWindow, outside, stage_delay
+from app.timing import SendingWindow, TimingError, outside, stage_delay
 
 STAGE_NAME = re.compile(r'week([1-9][0-9]*)')
 TEMPLATE_PREFIX = 'stages'  # stage weekN renders from the templates stages/weekN.txt and .html
 DUE = 'due'  # every stage, as far as it is due for each subscriber, the latest stages first
+# A stage that cannot be sent as it is written (its Delay: line, its templates), found before anyone is
+# claimed: only its author can mend it, so it is reported and the other stages still go.
+UNSENDABLE = (TimingError, TemplateError, jinja2.TemplateError)
 
 
 class NoStages(ValueError):
@@ -143,13 +146,28 @@ def send_stage(stage, trigger='admin', deferred_only=False):
     its deferred deliveries tried again. Deferred ones come back as a job of their own, so that the stage
     itself never goes out again at an hour nobody chose. `stage` may be DUE: every stage, latest first."""
     if stage == DUE:
-        return {key: send_stage.fn(key, trigger) for key in latest_first()}
+        return send_due(trigger)
     report = send_as_job(DripStage(stage), trigger, deferred_only=deferred_only)
     if report.retry_at and not report.stopped:
         if deferred_only:
             raise Reschedule(report.retry_at, report.as_dict())
         queue_retry(stage, report.retry_at)
     return report.as_dict()
+
+
+def send_due(trigger):
+    """Every stage, latest first. One that cannot be sent as written holds none of the others back; once
+    they are sent, the job fails for good, naming it and why: trying again cannot mend a template, and
+    the next due time sends it once its author has.  :raise GiveUp:"""
+    sent, unsendable = {}, []
+    for key in latest_first():
+        try:
+            sent[key] = send_stage.fn(key, trigger)
+        except UNSENDABLE as exc:
+            unsendable.append(f'{key}: {exc}')
+    if unsendable:
+        raise GiveUp(f'not sent: {"; ".join(unsendable)}. Sent to whoever was due: {", ".join(sent) or "no stage"}')
+    return sent
 
 
 def queue_retry(stage, at):

@@ -15,7 +15,7 @@ from app.database import utcnow
 from app.drip import DripStage, available_stages, send_stage
 from app.extensions import db
 from app.jobs import run_due
-from app.models import Client, Delivery
+from app.models import Client, Delivery, Job
 from app.schedules import parse_schedules
 from app.sending import send
 from app.timing import TimingError, parse_duration, stage_delay
@@ -249,6 +249,43 @@ def test_a_stage_whose_delay_cannot_be_read_is_not_sent_and_the_command_says_why
 
     assert result.exit_code == 1 and "week2 cannot be sent, nothing was: week2.txt: Delay: 'next week'" in result.output
     assert smtp.messages == []
+
+
+UNSENDABLE_WEEK3 = [  # the newest stage, with a mistake in it: (its .txt, the reason it is not sent)
+    pytest.param('Subject: Week 3\nDelay: next week\nWeek three.\n', "week3.txt: Delay: 'next week'", id='delay'),
+    pytest.param('Week three, and no subject line.\n', 'week3.txt must start with a "Subject: ..." line', id='template'),
+]
+
+
+@pytest.mark.parametrize('week3, reason', UNSENDABLE_WEEK3)
+def test_due_sends_the_other_stages_when_one_cannot_be_sent_and_exits_1_saying_why(stage_templates, app, runner,
+                                                                                   smtp, subscribers, had, week3,
+                                                                                   reason):
+    stage_templates('week3', week3, '<p>Week three.</p>')
+    new, ready = subscribers(2), had(2, stage=1, days=8, start=10)
+    waiting_for_week3 = had(2, stage=2, days=8, start=20)
+
+    result = runner.invoke(args=['send-newsletter-email', '--due'])
+
+    assert result.exit_code == 1 and 'week3' in result.output and reason in result.output, result.output
+    assert received(smtp) == {**{email: ['week1'] for email in new}, **{email: ['week2'] for email in ready}}
+    assert not set(waiting_for_week3) & set(received(smtp))
+
+
+@pytest.mark.parametrize('week3, reason', UNSENDABLE_WEEK3)
+def test_the_due_job_sends_the_other_stages_when_one_cannot_be_sent_and_fails_saying_why(stage_templates, app, smtp,
+                                                                                        subscribers, had, week3,
+                                                                                        reason):
+    stage_templates('week3', week3, '<p>Week three.</p>')
+    new, ready = subscribers(2), had(2, stage=1, days=8, start=10)
+    with app.app_context():
+        send_stage.apply(stage='due', trigger='schedule')
+        db.session.commit()
+        run_due()
+        job = db.session.scalars(sa.select(Job)).one()
+
+    assert received(smtp) == {**{email: ['week1'] for email in new}, **{email: ['week2'] for email in ready}}
+    assert job.status == 'failed' and 'week3' in job.error and reason in job.error, (job.status, job.error)
 
 
 def test_the_job_a_schedule_fires_can_send_every_stage_as_it_is_due(weekly, app, smtp, subscribers, had):
