@@ -29,6 +29,19 @@ def env_list(name):
     return [item.strip() for item in (os.environ.get(name) or '').split(',') if item.strip()]
 
 
+# Settings counting what the app does some at a time, where fewer than one would stop mail without a word:
+# SEND_BATCH_SIZE=0 sends to nobody and exits 0, MAIL_CONCURRENCY=0 waits for a connection for ever,
+# JOB_MAX_ATTEMPTS=0 fails every job before it is tried. Checked by create_app, whatever class it is given.
+COUNTS = ('SEND_BATCH_SIZE', 'SEND_RECORD_EVERY', 'MAIL_CONCURRENCY', 'JOB_MAIL_BATCH', 'JOB_MAX_ATTEMPTS')
+
+
+def check_counts(config):
+    """:raise ValueError: for the first of COUNTS below 1, so the app stops at start-up instead."""
+    for name in COUNTS:
+        if config[name] < 1:
+            raise ValueError(f'{name} must be at least 1, not {config[name]}')
+
+
 def database_url():
     """SQLAlchemy wants `postgresql://`; many hosts still hand out `postgres://`."""
     url = os.environ.get('DATABASE_URL') or 'sqlite:///newsletter.db'

@@ -560,8 +560,6 @@ def init_app(app, tasks, clock=()):
     app.extensions['jobs_clock'] = tuple(clock)
     if app.config['JOB_BACKEND'] not in ('database', 'rq'):
         raise ValueError(f'JOB_BACKEND must be "database" or "rq", not {app.config["JOB_BACKEND"]!r}')
-    if app.config['JOB_MAIL_BATCH'] < 1:
-        raise ValueError(f'JOB_MAIL_BATCH must be at least 1, not {app.config["JOB_MAIL_BATCH"]}')
     if app.config['JOB_BACKEND'] == 'rq' and not app.config['REDIS_URL']:
         raise ValueError('JOB_BACKEND=rq needs REDIS_URL (the Redis that `flask rq-worker` uses)')
     app.extensions['jobs'] = None

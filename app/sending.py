@@ -239,7 +239,7 @@ class MailingSend:
         self.log = SendLog(mailing)
         self.claimer = _Claimer(self.log, config['SEND_BATCH_SIZE'], start_after, deferred_only,
                                 on_wait or (lambda held, seconds: None))
-        self.record_every, self.retries = max(config['SEND_RECORD_EVERY'], 1), config['MAIL_RETRIES']
+        self.record_every, self.retries = config['SEND_RECORD_EVERY'], config['MAIL_RETRIES']
         self.unknown_in_a_row, self.pace = 0, None  # seconds a message takes on the wire, lately
         self.in_flight, self.outcomes, self.releases = {}, [], []  # {future: Outgoing}; answers not yet recorded
 

@@ -50,6 +50,19 @@ def test_a_database_the_app_does_not_speak_stops_it_at_start_up(tmp_path, url):
         create_app(Settings)
 
 
+@pytest.mark.parametrize('name', ['SEND_BATCH_SIZE', 'SEND_RECORD_EVERY', 'MAIL_CONCURRENCY', 'JOB_MAIL_BATCH',
+                                  'JOB_MAX_ATTEMPTS'])
+@pytest.mark.parametrize('value', [0, -1])
+def test_a_count_below_one_stops_the_app_at_start_up(tmp_path, name, value):
+    """0 is what an operator may write for "no limit"; read as a count, each of these stopped mail without a
+    word (config.COUNTS says how), so it must stop the app instead, where the operator sees it."""
+    settings = type('Settings', (config.Config,), {
+        'INSTANCE_PATH': str(tmp_path), 'SQLALCHEMY_DATABASE_URI': f'sqlite:///{tmp_path}/x.db', name: value})
+
+    with pytest.raises(ValueError, match=f'^{name} must be at least 1, not {value}$'):
+        create_app(settings)
+
+
 @pytest.mark.parametrize('key', [None, '', 'change-me', 'dev', 'too-short'])
 def test_a_deployment_without_a_secret_key_of_its_own_stops_at_start_up(tmp_path, key):
     class Settings(config.Config):

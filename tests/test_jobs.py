@@ -464,13 +464,6 @@ def test_the_rq_backend_without_redis_stops_the_app_at_start_up(settings):
         create_app(type('TestConfig', (Config,), settings))
 
 
-@pytest.mark.parametrize('batch', [0, -1])
-def test_a_mail_batch_of_less_than_one_job_stops_the_app_at_start_up(settings, batch):
-    settings.update(JOB_MAIL_BATCH=batch)  # 0 would claim nothing, and mail would never go out
-    with pytest.raises(ValueError, match='JOB_MAIL_BATCH must be at least 1'):
-        create_app(type('TestConfig', (Config,), settings))
-
-
 def test_two_tasks_of_one_name_stop_the_app_instead_of_one_running_in_the_others_place(app):
     @define_task()
     def send_email(recipient):  # the name of the app's own task
