@@ -10,11 +10,18 @@ if not os.environ.get('FLASK_SKIP_DOTENV'):
     load_dotenv(basedir / '.env')
 
 
+BOOLEANS = {'1': True, 'true': True, 'yes': True, 'on': True, '0': False, 'false': False, 'no': False, 'off': False}
+
+
 def env_bool(name, default=False):
-    value = os.environ.get(name)
-    if value is None or value == '':
+    """:raise ValueError: for a value that is none of BOOLEANS: read as false, RATELIMIT_ENABLED=enabled
+    would turn the abuse limits off, and MAIL_USE_TLS=y send the password in the clear."""
+    value = (os.environ.get(name) or '').strip()
+    if not value:
         return default
-    return value.strip().lower() in ('1', 'true', 'yes', 'on')
+    if value.lower() not in BOOLEANS:
+        raise ValueError(f'{name} must be 1, true, yes or on, or 0, false, no or off (any case), not {value!r}')
+    return BOOLEANS[value.lower()]
 
 
 def env_int(name, default):

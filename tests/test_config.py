@@ -7,10 +7,30 @@ from app.links import InvalidLink, load_unsubscribe_token, unsubscribe_token
 
 
 @pytest.mark.parametrize('value, expected', [
-    ('1', True), ('true', True), ('Yes', True), ('on', True), ('0', False), ('false', False), ('', False)])
+    ('1', True), ('true', True), ('Yes', True), ('on', True), (' ON ', True),
+    ('0', False), ('false', False), ('No', False), (' off', False), ('', False)])
 def test_booleans_read_from_the_environment(monkeypatch, value, expected):
     monkeypatch.setenv('MAIL_USE_TLS', value)
     assert config.env_bool('MAIL_USE_TLS') is expected
+
+
+@pytest.mark.parametrize('value', [None, '', '  '])
+def test_a_boolean_left_empty_or_unset_takes_its_default(monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv('RATELIMIT_ENABLED', raising=False)
+    else:
+        monkeypatch.setenv('RATELIMIT_ENABLED', value)
+    assert config.env_bool('RATELIMIT_ENABLED', True) is True
+
+
+@pytest.mark.parametrize('value', ['y', 't', 'enabled', 'True1', 'of'])
+def test_a_boolean_it_cannot_read_is_refused_rather_than_read_as_false(monkeypatch, value):
+    """It was read as false: RATELIMIT_ENABLED=enabled turned the abuse limits off, MAIL_USE_TLS=y sent the
+    SMTP password without STARTTLS, and nothing said so."""
+    monkeypatch.setenv('RATELIMIT_ENABLED', value)
+    with pytest.raises(ValueError, match=f"^RATELIMIT_ENABLED must be 1, true, yes or on, or 0, false, no or off "
+                                         f"\\(any case\\), not '{value}'$"):
+        config.env_bool('RATELIMIT_ENABLED', True)
 
 
 def test_admins_is_a_comma_separated_list(monkeypatch):
