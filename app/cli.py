@@ -12,6 +12,7 @@ from flask import Blueprint, current_app, has_app_context
 from flask.cli import ScriptInfo
 
 from app import broadcasts
+from app.database import LARGEST_INTEGER
 from app.drip import DripStage, NoStages, available_stages, latest_first, queue_retry
 from app.email import TemplateError
 from app.extensions import db
@@ -26,6 +27,8 @@ from app.timing import TimingError
 from app.transports import describe_transport
 
 bp = Blueprint('cli', __name__, cli_group=None)
+# An id no row can have is a usage error here, not the database's refusal as a traceback.
+BROADCAST_ID = click.IntRange(1, LARGEST_INTEGER)
 
 
 class StageName(click.Choice):
@@ -283,7 +286,7 @@ def broadcast_list():
 
 def _broadcast_action(name, action):
     @broadcast_group.command(name, help=f'{name.capitalize()} broadcast ID. {action.__doc__ or ""}'.strip())
-    @click.argument('broadcast_id', type=int)
+    @click.argument('broadcast_id', type=BROADCAST_ID)
     def command(broadcast_id):
         try:
             action(broadcast_id)
@@ -297,7 +300,7 @@ for _name, _action in (('cancel', broadcasts.cancel), ('pause', broadcasts.pause
 
 
 @broadcast_group.command('resend-unknown')
-@click.argument('broadcast_id', type=int)
+@click.argument('broadcast_id', type=BROADCAST_ID)
 def broadcast_resend_unknown(broadcast_id):
     """Send broadcast ID again to those whose copy may or may not have arrived (unknown): only once you
     know it did not."""

@@ -42,7 +42,7 @@ class Ledger:
 
 def mailing_named(key):
     """'week2' or 'broadcast7' as a Mailing, or None if there is no such mailing."""
-    if STAGE_NAME.fullmatch(key):
+    if (stage := STAGE_NAME.fullmatch(key)) and as_integer(stage.group(1)) is not None:
         return DripStage(key)
     if key.startswith('broadcast') and (broadcast_id := as_integer(key[len('broadcast'):])) is not None:
         broadcast = db.session.get(Broadcast, broadcast_id)

@@ -209,3 +209,12 @@ def test_each_broadcast_command_says_what_it_does(runner, verb):
     shown = runner.invoke(args=['broadcast', verb, '--help'])
     assert shown.exit_code == 0 and f'{verb.capitalize()} broadcast ID.' in shown.output
     assert 'None' not in shown.output
+
+
+@pytest.mark.parametrize('verb', ['cancel', 'pause', 'resume', 'resend-unknown'])
+@pytest.mark.parametrize('number', [str(2 ** 31), '9' * 20], ids=['past PostgreSQL', 'past SQLite'])
+def test_a_broadcast_id_no_row_can_have_is_a_usage_error(runner, verb, number):
+    """Past PostgreSQL's integer (our ids' type) the database refused the query, and the command was a
+    traceback: the admin pages answer 404 for the same id."""
+    result = runner.invoke(args=['broadcast', verb, number])
+    assert result.exit_code == 2 and f'{number} is not in the range 1<=x<={2 ** 31 - 1}' in result.output

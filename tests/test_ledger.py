@@ -93,3 +93,11 @@ def test_a_broadcasts_ledger_counts_its_audience(app, runner, smtp, subscribers)
 def test_an_unknown_mailing_is_a_clear_error(runner):
     result = runner.invoke(args=['mailing', 'status', 'week0'])
     assert result.exit_code == 2 and "no mailing 'week0'" in result.output
+
+
+@pytest.mark.parametrize('number', [str(2 ** 31), '9' * 20], ids=['past PostgreSQL', 'past SQLite'])
+def test_a_stage_number_no_row_can_have_is_no_mailing(runner, number):
+    """Past PostgreSQL's integer (the type of num_newsletter) the database refused the query, and the
+    command was a traceback."""
+    result = runner.invoke(args=['mailing', 'status', f'week{number}'])
+    assert result.exit_code == 2 and f"no mailing 'week{number}'" in result.output
