@@ -15,11 +15,13 @@ lease runs out and another worker takes the job over. A job that raises is retri
 GiveUp fails at once. The runner knows nothing of what tasks do. A job's own database writes are
 committed together with its 'done' state, or not at all.
 
-Workers are threads inside the web process (JOB_WORKER=thread: nothing else to run), or `flask
-worker`; each also ticks the app's clock (its in-app schedules) every few seconds. With JOB_BACKEND=rq, a worker hands each job it claims to RQ instead of running it, and
-`flask rq-worker` runs it; the claim passes to the RQ worker only if it is still the one handed over,
-so a job that reached RQ twice (re-handed after its lease ran out) still runs once. A task may keep what
-it opens (send_email's SMTP connection) for the next jobs its worker runs (kept_open)."""
+Workers are threads inside the web process (JOB_WORKER=thread: nothing else to run; started as a gunicorn
+worker starts, by app/serving.py, else at the first request), or `flask worker`; each also ticks the app's
+clock (its in-app schedules) every few seconds. With JOB_BACKEND=rq, a worker hands each job it claims to
+RQ instead of running it, and `flask rq-worker` runs it; the claim passes to the RQ worker only if it is
+still the one handed over, so a job that reached RQ twice (re-handed after its lease ran out) still runs
+once. A task may keep what it opens (send_email's SMTP connection) for the next jobs its worker runs
+(kept_open)."""
 import atexit
 import contextlib
 import functools
@@ -565,21 +567,32 @@ def init_app(app, tasks, clock=()):
     app.extensions['jobs'] = None
     if app.config['JOB_WORKER'] != 'thread':
         return
-    lock = threading.Lock()
 
-    # Started by the first request rather than here, so `flask db upgrade`, cron commands and
-    # gunicorn's master process (which only forks) never start a worker of their own.
+    # Not started here, so that `flask db upgrade`, cron commands and gunicorn's master process (which
+    # only forks, and must not hold threads when it does) never start a worker of their own. Under
+    # gunicorn its post_worker_init hook starts them as each worker has loaded the app (app/serving.py);
+    # under any other server (`flask run`), the first request does.
     @app.before_request
     def _start_worker_threads():
+        start_worker_threads(app)
+
+
+_starting = threading.Lock()
+
+
+def start_worker_threads(app):
+    """Start this process's job threads and clock for `app` (JOB_WORKER=thread), unless they run already.
+    Call it only in the process that serves the app, once that process will not fork again."""
+    if app.extensions['jobs'] is not None or app.config['JOB_WORKER'] != 'thread':
+        return
+    with _starting:
         if app.extensions['jobs'] is None:
-            with lock:
-                if app.extensions['jobs'] is None:
-                    app.extensions['jobs'] = Worker(app).start()
-                    # As the process exits (gunicorn restarting its workers on a deploy), the jobs it has
-                    # claimed and not started go back to the queue at once, uncounted, not when their
-                    # leases run out, and a drip or broadcast stops at its next safe point. An email still
-                    # on the wire after the wait is cut off, and left to its lease as before.
-                    atexit.register(app.extensions['jobs'].stop, EXIT_WAIT_SECONDS)
+            app.extensions['jobs'] = Worker(app).start()
+            # As the process exits (gunicorn restarting its workers on a deploy), the jobs it has claimed
+            # and not started go back to the queue at once, uncounted, not when their leases run out, and
+            # a drip or broadcast stops at its next safe point. An email still on the wire after the wait
+            # is cut off, and left to its lease as before.
+            atexit.register(app.extensions['jobs'].stop, EXIT_WAIT_SECONDS)
 
 
 @sa.event.listens_for(Session, 'after_commit')

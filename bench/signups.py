@@ -6,11 +6,12 @@ was stored and got exactly one confirmation email.
     .venv/bin/python bench/signups.py --database postgresql --connections 100 --seconds 30
     .venv/bin/python bench/signups.py --jobs process
 
-Both servers run `gunicorn --workers N` (sync workers) on 127.0.0.1. The app runs as deployed: real
-SMTP (bench/sink.py, in its own process, counting what each address receives), background jobs run by
-the web processes' own threads (JOB_WORKER=thread, the default; or, with `--jobs process`, by one
-`flask worker --queue mail` process beside web processes that run none, JOB_WORKER=off), a fresh SQLite
-file or a PostgreSQL schema of its own. Two settings differ from a deployment's defaults: the abuse limits are off
+Both servers run `gunicorn --workers N` (sync workers) on 127.0.0.1. The app runs as deployed (with the
+README's `--config app/serving.py`): real SMTP (bench/sink.py, in its own process, counting what each
+address receives), background jobs run by the web processes' own threads (JOB_WORKER=thread, the
+default; or, with `--jobs process`, by one `flask worker --queue mail` process beside web processes that
+run none, JOB_WORKER=off), a fresh SQLite file or a PostgreSQL schema of its own. Two settings differ
+from a deployment's defaults: the abuse limits are off
 (RATELIMIT_ENABLED=0: every client here comes from 127.0.0.1), and so is the DNS look-up of each new
 address's domain (EMAIL_CHECK_DELIVERABILITY=0: this machine has no DNS, and the look-up's time is the
 resolver's, not the app's).
@@ -56,11 +57,12 @@ TICKS = os.sysconf('SC_CLK_TCK')
 
 
 class Gunicorn:
-    """`gunicorn --workers N --bind 127.0.0.1:PORT module:app`, answering once entered, stopped with SIGTERM."""
+    """`gunicorn [OPTIONS] --workers N --bind 127.0.0.1:PORT module:app`, answering once entered, stopped
+    with SIGTERM."""
 
-    def __init__(self, app, workers, env, folder, name):
+    def __init__(self, app, workers, env, folder, name, *options):
         self.port, self.log = free_port(), Path(folder) / f'{name}.log'
-        self.command = [sys.executable, '-m', 'gunicorn', '--workers', str(workers), '--bind',
+        self.command = [sys.executable, '-m', 'gunicorn', *options, '--workers', str(workers), '--bind',
                         f'127.0.0.1:{self.port}', app]
         self.env = env
 
@@ -230,7 +232,7 @@ def main():
         run_flask(env, 'db', 'upgrade')
         engine = sa.create_engine(database.url)
         with Gunicorn('bench.bare_flask:app', args.workers, env, folder, 'bare') as bare, \
-                Gunicorn('main:app', args.workers, env, folder, 'app') as app, \
+                Gunicorn('main:app', args.workers, env, folder, 'app', '--config', 'app/serving.py') as app, \
                 mail_worker(args.jobs, env, folder) as worker:
             worker_cpu = (lambda: _cpu_seconds(worker.pid)) if worker else (lambda: 0.0)
             sessions = browser_sessions(app.port, args.connections, folder)

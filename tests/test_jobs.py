@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from datetime import timedelta
 
@@ -414,18 +413,9 @@ def test_a_worker_killed_mid_batch_leaves_the_emails_it_had_not_started_to_the_n
 def test_a_web_process_that_exits_gives_back_the_mail_it_had_claimed_and_not_started(app, smtp, flask_command):
     queue_emails(app, *[f'reader{n}@example.com' for n in range(12)])
     smtp.delay = 0.5
-    port = free_port()
-    web = flask_command('--workers', '1', '--bind', f'127.0.0.1:{port}', 'main:app',
-                        program=[sys.executable, '-m', 'gunicorn'], JOB_WORKER='thread', JOB_MAIL_BATCH='6')
-    deadline = time.monotonic() + 60
-    while True:  # its first request starts its job threads
-        try:
-            urllib.request.urlopen(f'http://127.0.0.1:{port}/', timeout=5).read()
-            break
-        except OSError:
-            assert web.poll() is None and time.monotonic() < deadline, web.communicate()
-            time.sleep(0.2)
-    assert smtp.wait_for(1, timeout=30) >= 1
+    web = flask_command('--config', 'app/serving.py', '--workers', '1', '--bind', f'127.0.0.1:{free_port()}',
+                        'main:app', program=[sys.executable, '-m', 'gunicorn'], JOB_WORKER='thread', JOB_MAIL_BATCH='6')
+    assert smtp.wait_for(1, timeout=60) >= 1, 'its job threads started with it'
 
     web.send_signal(signal.SIGTERM)  # gunicorn's graceful shutdown, as on a deploy
     out, err = web.communicate(timeout=60)
@@ -434,6 +424,20 @@ def test_a_web_process_that_exits_gives_back_the_mail_it_had_claimed_and_not_sta
     sent = len(smtp.recipients())
     assert outcomes == {('done', 1, None): sent, ('queued', 0, None): 12 - sent}, err
     assert sent < 6, 'it stopped mid-batch'
+
+
+def test_a_web_process_runs_what_is_due_from_its_start_without_waiting_for_a_request(app, smtp, flask_command):
+    queue_emails(app, 'jane@example.com')  # queued while no web process ran: a deploy, a restart
+
+    web = flask_command('--config', 'app/serving.py', '--workers', '1', '--bind', f'127.0.0.1:{free_port()}',
+                        'main:app', program=[sys.executable, '-m', 'gunicorn'], JOB_WORKER='thread')
+    try:
+        delivered = smtp.wait_for(1, timeout=60)  # and nobody visits the site
+    finally:
+        web.terminate()
+        out, err = web.communicate(timeout=60)
+
+    assert delivered == 1 and smtp.recipients() == ['jane@example.com'], err
 
 
 def test_with_the_rq_backend_a_job_handed_to_rq_twice_still_runs_once(settings, redis_url, redis_client, request,
