@@ -176,7 +176,10 @@ def mailing_status(key, state):
 
     Exits with status 1 when it does not balance.
     """
-    mailing = mailing_named(key)
+    try:
+        mailing = mailing_named(key)
+    except TimingError as exc:
+        raise click.ClickException(f'{key} cannot be read: {exc}') from exc
     if mailing is None:
         raise click.BadParameter(f'no mailing {key!r} (a drip stage such as week1, or broadcast<id>)', param_hint='MAILING')
     led = ledger(mailing)

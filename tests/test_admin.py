@@ -237,7 +237,8 @@ def test_a_stage_whose_delay_cannot_be_read_is_shown_with_the_reason_and_every_o
     overview = html.unescape(admin.get('/admin/mailings').get_data(as_text=True))
     stage_pages = [admin.get('/admin/mailings/week2'), admin.get('/admin/mailings/week2/not-received.csv'),
                    admin.get('/admin/stages/week2/preview'),
-                   admin.post('/admin/stages/week2/test', data={'csrf_token': csrf_token(admin, '/admin/')})]
+                   admin.post('/admin/stages/week2/test', data={'csrf_token': csrf_token(admin, '/admin/')}),
+                   admin.post('/admin/subscribers/1/resend/week2', data={'csrf_token': csrf_token(admin, '/admin/')})]
 
     assert f'<td class="delay">{reason}</td>' in dashboard
     rows = dict(re.findall(r'<tr id="mailing-(\w+)">(.*?)</tr>', overview, re.S))
@@ -245,7 +246,7 @@ def test_a_stage_whose_delay_cannot_be_read_is_shown_with_the_reason_and_every_o
     assert re.findall(r'<td>([^<]*)</td>', rows['week1']) == ['3', '0', '0', '0', '0', '3', 'yes']
     assert re.findall(r'<td>([^<]*)</td>', rows['broadcast1']) == ['3', '0', '0', '0', '0', '3', 'yes']
     assert reason in rows['week2']
-    assert [page.status_code for page in stage_pages] == [409] * 4
+    assert [page.status_code for page in stage_pages] == [409] * 5
     assert all(f'week2 {reason}' in html.unescape(page.get_data(as_text=True)) for page in stage_pages)
 
 

@@ -101,3 +101,9 @@ def test_a_stage_number_no_row_can_have_is_no_mailing(runner, number):
     command was a traceback."""
     result = runner.invoke(args=['mailing', 'status', f'week{number}'])
     assert result.exit_code == 2 and f"no mailing 'week{number}'" in result.output
+
+
+def test_a_stage_whose_delay_cannot_be_read_is_a_clear_error(stage_templates, runner):
+    stage_templates('week2', 'Subject: Week 2\nDelay: soon\nWeek two.\n', '<p>Week two.</p>')
+    result = runner.invoke(args=['mailing', 'status', 'week2'])
+    assert result.exit_code == 1 and "week2 cannot be read: week2.txt: Delay: 'soon' is not a duration" in result.output

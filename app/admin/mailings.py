@@ -18,13 +18,14 @@ SHOWN = 200  # of a list on the page; the CSV has them all
 NOT_RECEIVED = (DeliveryStatus.FAILED, DeliveryStatus.UNKNOWN, DeliveryStatus.DEFERRED, PENDING)
 
 
-def _mailing_or_404(key):
-    """A broadcast, or a drip stage there are templates for.  :raise 409: a stage that cannot be read."""
+def mailing_or_abort(key):
+    """A broadcast, or a drip stage there are templates for.  :raise 404: neither.  :raise 409: a stage that
+    cannot be read."""
     if STAGE_NAME.fullmatch(key):
         return stage_or_abort(key)
     mailing = mailing_named(key)
     if mailing is None:
-        abort(404)
+        abort(404, f'There is no mailing {key}.')
     return mailing
 
 
@@ -46,7 +47,7 @@ def mailing(key):
     state = request.args.get('state', DeliveryStatus.FAILED)
     if state not in STATES:
         abort(400, f'state is one of {", ".join(STATES)}')
-    found = _mailing_or_404(key)
+    found = mailing_or_abort(key)
     return render_template('admin/mailing.html', title=key, account=ledger(found), states=STATES, state=state,
                            shown=list(itertools.islice(members(found, state), SHOWN)), limit=SHOWN)
 
@@ -54,7 +55,7 @@ def mailing(key):
 @bp.route('/mailings/<key>/not-received.csv')
 def not_received_csv(key):
     """Everyone in the audience who has not got it, and why, streamed."""
-    found = _mailing_or_404(key)
+    found = mailing_or_abort(key)
     rows = ((email, state, detail) for state in NOT_RECEIVED for email, detail in members(found, state))
     return Response(stream_with_context(csv_lines(('email', 'state', 'detail'), rows)), mimetype='text/csv',
                     headers={'Content-Disposition': f'attachment; filename="{key}-not-received.csv"'})

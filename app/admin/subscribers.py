@@ -3,9 +3,9 @@ from flask import abort, flash, redirect, render_template, request, url_for
 
 from app import exports, subscribers
 from app.admin.blueprint import bp
+from app.admin.mailings import mailing_or_abort
 from app.database import as_integer
 from app.extensions import db
-from app.ledger import mailing_named
 from app.models import Client
 from app.subscribers import SubscriberState
 
@@ -55,10 +55,10 @@ def subscriber_erase(client_id):
 
 @bp.route('/subscribers/<int:client_id>/resend/<mailing>', methods=['POST'])
 def subscriber_resend(client_id, mailing):
-    """:raise 404: no such subscriber, or no such mailing (a stage or a broadcast that exists)."""
+    """:raise 404: no such subscriber, or no such mailing (a stage or a broadcast that exists).  :raise 409:
+    a stage that cannot be read."""
     client = db.get_or_404(Client, client_id)
-    if mailing_named(mailing) is None:
-        abort(404, f'There is no mailing {mailing}.')
+    mailing_or_abort(mailing)
     if subscribers.resend_unknown(client, mailing):
         flash(f'{mailing} goes to {client.email} again, by a job now.')
     else:
