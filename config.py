@@ -25,11 +25,20 @@ def env_bool(name, default=False):
 
 
 def env_int(name, default):
-    return int(os.environ.get(name) or default)
+    return _number(name, default, int, 'a whole number')
 
 
 def env_float(name, default):
-    return float(os.environ.get(name) or default)
+    return _number(name, default, float, 'a number')
+
+
+def _number(name, default, kind, what):
+    """:raise ValueError: naming the setting, where int()'s own words name neither it nor the file."""
+    value = os.environ.get(name) or default
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f'{name} must be {what}, not {value!r}') from None
 
 
 def env_list(name):

@@ -33,6 +33,16 @@ def test_a_boolean_it_cannot_read_is_refused_rather_than_read_as_false(monkeypat
         config.env_bool('RATELIMIT_ENABLED', True)
 
 
+@pytest.mark.parametrize('read, value, what', [(config.env_int, '25 or 587', 'a whole number'),
+                                               (config.env_int, '2.5', 'a whole number'),
+                                               (config.env_float, 'fast', 'a number')])
+def test_a_number_it_cannot_read_is_refused_naming_the_setting(monkeypatch, read, value, what):
+    """int()'s own words ("invalid literal for int() with base 10") named neither the setting nor the file."""
+    monkeypatch.setenv('MAIL_PORT', value)
+    with pytest.raises(ValueError, match=f"^MAIL_PORT must be {what}, not '{value}'$"):
+        read('MAIL_PORT', 25)
+
+
 def test_admins_is_a_comma_separated_list(monkeypatch):
     monkeypatch.setenv('ADMINS', ' a@example.com, ,b@example.com ')
     assert config.env_list('ADMINS') == ['a@example.com', 'b@example.com']
