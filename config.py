@@ -47,15 +47,25 @@ def env_list(name):
 
 # Settings counting what the app does some at a time, where fewer than one would stop mail without a word:
 # SEND_BATCH_SIZE=0 sends to nobody and exits 0, MAIL_CONCURRENCY=0 waits for a connection for ever,
-# JOB_MAX_ATTEMPTS=0 fails every job before it is tried. Checked by create_app, whatever class it is given.
+# JOB_MAX_ATTEMPTS=0 fails every job before it is tried.
 COUNTS = ('SEND_BATCH_SIZE', 'SEND_RECORD_EVERY', 'MAIL_CONCURRENCY', 'JOB_MAIL_BATCH', 'JOB_MAX_ATTEMPTS')
+# Durations with no "off" at 0, where no time at all breaks what they time: WEBHOOK_MAX_AGE=0 refuses every
+# signed batch (SendGrid then drops its bounces), CONFIRM_MAX_AGE=0 expires each link as it goes out,
+# SCHEDULE_MAX_LATE=0 skips every due time, a time-out of 0 fails every connection.
+DURATIONS = ('MAIL_TIMEOUT', 'MAIL_DATA_TIMEOUT', 'REDIS_TIMEOUT', 'LEASE_SECONDS', 'JOB_POLL_SECONDS',
+             'WEBHOOK_MAX_AGE', 'CONFIRM_MAX_AGE', 'EMAIL_DNS_TIMEOUT', 'ADMIN_SESSION_HOURS', 'RQ_JOB_TIMEOUT',
+             'SCHEDULE_MAX_LATE')
 
 
-def check_counts(config):
-    """:raise ValueError: for the first of COUNTS below 1, so the app stops at start-up instead."""
+def check_ranges(config):
+    """:raise ValueError: for the first of COUNTS below 1, or of DURATIONS at 0 or below, so that the app
+    stops at start-up, whatever settings class it is given, instead of failing quietly later."""
     for name in COUNTS:
         if config[name] < 1:
             raise ValueError(f'{name} must be at least 1, not {config[name]}')
+    for name in DURATIONS:
+        if config[name] <= 0:
+            raise ValueError(f'{name} must be more than 0, not {config[name]}')
 
 
 def database_url():

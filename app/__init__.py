@@ -4,7 +4,7 @@ from pathlib import Path
 
 from flask import Flask
 
-from config import Config, check_counts
+from config import Config, check_ranges
 
 
 def create_app(config_class=Config):
@@ -19,7 +19,7 @@ def create_app(config_class=Config):
 
     app = Flask(__name__, instance_relative_config=True, instance_path=config_class.INSTANCE_PATH)
     app.config.from_object(config_class)
-    check_counts(app.config)
+    check_ranges(app.config)
     # The SQLite file, the key, the mail folder: the owner's only (app/retention.py).
     Path(app.instance_path).mkdir(mode=0o700, parents=True, exist_ok=True)
 

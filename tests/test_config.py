@@ -93,6 +93,21 @@ def test_a_count_below_one_stops_the_app_at_start_up(tmp_path, name, value):
         create_app(settings)
 
 
+@pytest.mark.parametrize('name', ['MAIL_TIMEOUT', 'MAIL_DATA_TIMEOUT', 'REDIS_TIMEOUT', 'LEASE_SECONDS',
+                                  'JOB_POLL_SECONDS', 'WEBHOOK_MAX_AGE', 'CONFIRM_MAX_AGE', 'EMAIL_DNS_TIMEOUT',
+                                  'ADMIN_SESSION_HOURS', 'RQ_JOB_TIMEOUT', 'SCHEDULE_MAX_LATE'])
+@pytest.mark.parametrize('value', [0, -1])
+def test_a_duration_of_no_time_stops_the_app_at_start_up(tmp_path, name, value):
+    """None of these has an "off" at 0: WEBHOOK_MAX_AGE=0 refused every signed batch, so SendGrid dropped
+    its bounces; CONFIRM_MAX_AGE=0 made every confirmation link expired as it went out; SCHEDULE_MAX_LATE=0
+    skipped every due time."""
+    settings = type('Settings', (config.Config,), {
+        'INSTANCE_PATH': str(tmp_path), 'SQLALCHEMY_DATABASE_URI': f'sqlite:///{tmp_path}/x.db', name: value})
+
+    with pytest.raises(ValueError, match=f'^{name} must be more than 0, not {value}$'):
+        create_app(settings)
+
+
 @pytest.mark.parametrize('key', [None, '', 'change-me', 'dev', 'too-short'])
 def test_a_deployment_without_a_secret_key_of_its_own_stops_at_start_up(tmp_path, key):
     class Settings(config.Config):
