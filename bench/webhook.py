@@ -39,7 +39,7 @@ REASON = '550 5.1.1 The email account that you tried to reach does not exist. Pl
 def batch(kind, events):
     return [{'email': f'reader{n}@example.com', 'event': kind, 'sg_event_id': f'{kind}-{n:020d}',
              'sg_message_id': f'14c5d75ce93.dfd.64b469.filter0001.16648.5515E0B88.{n}', 'timestamp': int(time.time()),
-             'smtp-id': f'<14c5d75ce93.dfd.64b469@ismtpd-555>', 'category': ['newsletter'],
+             'smtp-id': '<14c5d75ce93.dfd.64b469@ismtpd-555>', 'category': ['newsletter'],
              **({'reason': REASON, 'status': '5.1.1', 'type': 'bounce'} if kind == 'bounce' else
                 {'response': '250 OK', 'ip': '168.1.1.1'})}
             for n in range(events)]
