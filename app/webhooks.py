@@ -55,7 +55,7 @@ def sendgrid_events():
     wanted = {}  # the events that may suppress, by id; an id twice in the batch is one event
     for event in events:
         kind, email, event_id = _text(event.get('event')), _text(event.get('email')), _text(event.get('sg_event_id'))
-        if kind in SUPPRESSING and email and len(email) <= MAX_EMAIL_LENGTH and event_id:
+        if kind in SUPPRESSING and email and len(email.lower()) <= MAX_EMAIL_LENGTH and event_id:  # as it is stored
             wanted.setdefault(event_id[:100], event)
     acting = [(event, reason) for event in _first_time(wanted) if (reason := _suppressing(event))]
     suppress_all((event['email'], reason, _detail(event)) for event, reason in acting)
