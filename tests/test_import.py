@@ -239,6 +239,23 @@ def test_erasing_a_subscriber_withdraws_the_uploads_and_reports_that_name_them(a
     assert {name.split('.')[0] for name in kept_files(app)} == {unrelated.rsplit('/', 1)[1]}
 
 
+@pytest.mark.parametrize('written', ['jane@bücher.de', 'Jane@BÜCHER.DE', 'jane@ｂücher.de'])
+def test_an_upload_naming_an_erased_mailbox_in_another_spelling_is_withdrawn_too(app, admin, written):
+    """The import stores an address in its normal form (the domain in ASCII, xn--...): an upload that spells
+    the same mailbox otherwise, past the first duplicates its report lists, would subscribe them again."""
+    stored = 'jane@xn--bcher-kva.de'
+    with app.app_context():
+        db.session.add(jane := Client(email=stored, active=True, created_at=utcnow(), email_confirmed_at=utcnow()))
+        db.session.commit()
+        jane_id = jane.id
+    waiting, _ = report_of(admin, ('dup@example.com\n' * 101 + f'{written}\n').encode())
+
+    admin.post(f'/admin/subscribers/{jane_id}/erase', data={
+        'csrf_token': csrf_token(admin, f'/admin/subscribers/{jane_id}'), 'confirm': stored})
+
+    assert admin.get(waiting).status_code == 404
+
+
 def refuse_on_insert(app, email):
     """Make the database refuse to store `email` (a trigger): a constraint that the import's checks cannot
     see, as a real database may have."""
