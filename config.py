@@ -83,6 +83,11 @@ class Config:
     SECRET_KEY = os.environ.get('SECRET_KEY')
     # A relative SQLite path lives in the instance folder (Flask-SQLAlchemy's rule).
     SQLALCHEMY_DATABASE_URI = database_url()
+    # A pooled connection is tried before use: after the server restarted or failed over, or a proxy closed
+    # idle connections, a dead one is replaced instead of failing the first statement on it. That first
+    # statement may be a job's outcome, the email already taken by the relay: failed, it left the job to be
+    # taken over and the email sent again.
+    SQLALCHEMY_ENGINE_OPTIONS = {'pool_pre_ping': True}
     BASE_URL = (os.environ.get('BASE_URL') or 'http://localhost:5000').rstrip('/')
     MAX_CONTENT_LENGTH = 64 * 1024  # a request body, at most; the broadcast form takes BROADCAST_MAX_BYTES
     BROADCAST_MAX_BYTES = env_int('BROADCAST_MAX_BYTES', 2 * 1024 * 1024)

@@ -365,6 +365,35 @@ def test_a_job_whose_worker_is_killed_mid_job_is_finished_by_another(app, smtp, 
     assert len(outcome.get('unknown', [])) <= 2, 'at this pace, each message is marked on its own'
 
 
+@pytest.mark.parametrize('database_url', ['postgresql'], indirect=True)  # a server that can drop connections
+def test_an_email_the_relay_took_is_not_sent_again_when_the_database_dropped_the_workers_connections(
+        app, smtp, settings, postgresql_server, flask_command):
+    """PostgreSQL restarted, or failed over, or a proxy closed idle connections, while the relay took an
+    email: its outcome was written on a pooled connection that was dead, failed, and the job, left
+    running, was taken over once its lease ran out and sent again, though its worker knew it had gone."""
+    queue_emails(app, 'jane@example.com')
+    smtp.delay = 1.0  # the relay answers the final dot a second after the data
+    name = f'worker-{time.time_ns()}'
+    worker = flask_command('worker', '--queue', 'mail', LEASE_SECONDS='6', JOB_POLL_SECONDS='0.2',
+                           DATABASE_URL=f"{settings['SQLALCHEMY_DATABASE_URI']}&application_name={name}")
+    try:
+        assert smtp.wait_for(1) == 1
+        with postgresql_server.begin() as connection:
+            dropped = connection.execute(sa.text('SELECT pg_terminate_backend(pid) FROM pg_stat_activity '
+                                                 'WHERE application_name = :name'), {'name': name}).scalars().all()
+        assert dropped and all(dropped)
+        deadline = time.monotonic() + 10  # past its 6 s lease
+        while time.monotonic() < deadline and jobs(app)[0].status != 'done':
+            time.sleep(0.2)
+        time.sleep(7)  # what a take-over would do, it would have done by now
+    finally:
+        worker.terminate()
+        worker.communicate(timeout=30)
+
+    [job] = jobs(app)
+    assert smtp.recipients() == ['jane@example.com'] and (job.status, job.attempts) == ('done', 1)
+
+
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason="a signal to one thread: Linux's tgkill")
 @pytest.mark.parametrize('database_url', ['sqlite'], indirect=True)  # signals, whatever the database
 def test_a_worker_stops_on_sigterm_whichever_of_its_threads_takes_it(app, flask_command):
