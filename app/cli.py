@@ -213,8 +213,10 @@ def rq_worker(burst):
     if not current_app.config['REDIS_URL']:
         raise click.UsageError('rq-worker needs REDIS_URL')
     work_queue = rq_queue()
-    # SimpleWorker runs each job in this process, inside the app context `flask` gave it.
-    rq.SimpleWorker([work_queue], connection=work_queue.connection).work(burst=burst)
+    # SimpleWorker runs each job in this process, inside the app context `flask` gave it. With RQ's
+    # scheduler too: a retry (a send stopped on an error, tried again a minute later) waits among RQ's
+    # scheduled jobs until a scheduler puts it back on the queue, and no other process runs one.
+    rq.SimpleWorker([work_queue], connection=work_queue.connection).work(burst=burst, with_scheduler=True)
 
 
 @bp.cli.command('worker')

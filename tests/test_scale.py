@@ -2,6 +2,7 @@
 import signal
 import uuid
 from collections import Counter
+from datetime import timedelta
 
 import pytest
 import redis
@@ -116,6 +117,24 @@ def test_an_rq_send_stopped_by_lost_answers_waits_for_an_admin_instead_of_retryi
     [failed] = queue.failed_job_registry.get_job_ids()
     assert '3 messages in a row got no answer' in rq.job.Job.fetch(failed, connection=redis_client).latest_result().exc_string
     assert promise_kept('week1', emails[:3]) == {'unknown': emails[:3]}, 'the others untouched, still due'
+
+
+def test_an_rq_worker_runs_what_rq_has_scheduled_for_later_as_a_retry_is(rq_settings, request, smtp, subscribers,
+                                                                          flask_command, redis_client):
+    """RQ keeps a retry with an interval (a drip job stopped on an error, tried again a minute later) among
+    its scheduled jobs, and only a worker running RQ's scheduler puts it back on the queue: without one,
+    the retry waited there for ever."""
+    request.getfixturevalue('app')
+    [email] = subscribers(1)
+    queue = rq.Queue(rq_settings['RQ_QUEUE'], connection=redis_client)
+    queue.enqueue_in(timedelta(seconds=1), 'app.scaleout.rq_send_stage', 'week1', 0)
+    worker = flask_command('rq-worker')
+    try:
+        assert smtp.wait_for(1, timeout=30) == 1
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=30)
+    assert smtp.recipients() == [email]
 
 
 def test_queueing_without_redis_is_a_clear_error(runner, subscribers):
