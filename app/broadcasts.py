@@ -108,11 +108,16 @@ def preview(broadcast):
 
 
 def parse_local_time(text):
-    """'2026-12-01 09:00' or '2026-12-01T09:00' -> naive datetime.  :raise BroadcastError:"""
+    """'2026-12-01 09:00' or '2026-12-01T09:00' -> naive datetime.  :raise BroadcastError: for anything
+    else, an offset too ('09:00+02:00', 'Z'): the time zone is given apart, and would replace it unseen."""
     try:
-        return datetime.fromisoformat(text.strip())
+        parsed = datetime.fromisoformat(text.strip())
     except ValueError as exc:
         raise BroadcastError(f'{text!r} is not a date and time such as 2026-12-01 09:00') from exc
+    if parsed.tzinfo is not None:
+        raise BroadcastError(f'{text!r} has an offset: give the time without its offset, and its zone with '
+                             '--timezone (or the form\'s time zone)')
+    return parsed
 
 
 def local_to_utc(local_time, zone_name):

@@ -204,6 +204,19 @@ def test_flask_broadcast_previews_schedules_lists_and_cancels(app, runner, tmp_p
     assert past.exit_code == 1 and 'is in the past' in past.output
 
 
+@pytest.mark.parametrize('at', ['2031-07-01T09:00+02:00', '2031-07-01T07:00Z'])
+def test_a_send_time_with_an_offset_is_refused_rather_than_read_in_the_time_zone(app, runner, tmp_path, at):
+    """Python's ISO reader takes an offset, and the time zone then replaced it: 09:00+02:00 with the default
+    --timezone UTC went out at 09:00 UTC, two hours late, and the command said 09:00."""
+    (tmp_path / 'sale.txt').write_text(TEXT)
+    (tmp_path / 'sale.html').write_text(HTML)
+    result = runner.invoke(args=['broadcast', 'create', '--subject', 'Sale', '--text', str(tmp_path / 'sale.txt'),
+                                 '--html', str(tmp_path / 'sale.html'), '--at', at])
+    assert result.exit_code == 1 and 'give the time without its offset, and its zone with --timezone' in result.output
+    with app.app_context():
+        assert db.session.scalars(sa.select(Broadcast)).all() == []
+
+
 @pytest.mark.parametrize('verb', ['cancel', 'pause', 'resume'])
 def test_each_broadcast_command_says_what_it_does(runner, verb):
     shown = runner.invoke(args=['broadcast', verb, '--help'])
