@@ -161,7 +161,7 @@ class Config:
 
     # Background jobs (confirmation mail, schedules, broadcasts): run by threads inside the web process
     # ('thread'), or 'off' when `flask worker` processes run them.
-    JOB_WORKER = os.environ.get('JOB_WORKER') or 'thread'
+    JOB_WORKER = (os.environ.get('JOB_WORKER') or 'thread').strip().lower()
     # 'database': workers run jobs themselves; 'rq': they hand them to `flask rq-worker` (needs REDIS_URL).
     JOB_BACKEND = os.environ.get('JOB_BACKEND') or 'database'
     JOB_POLL_SECONDS = env_float('JOB_POLL_SECONDS', 5)

@@ -562,6 +562,8 @@ def init_app(app, tasks, clock=()):
     app.extensions['jobs_clock'] = tuple(clock)
     if app.config['JOB_BACKEND'] not in ('database', 'rq'):
         raise ValueError(f'JOB_BACKEND must be "database" or "rq", not {app.config["JOB_BACKEND"]!r}')
+    if app.config['JOB_WORKER'] not in ('thread', 'off'):  # else no job would run, and nothing would say so
+        raise ValueError(f'JOB_WORKER must be "thread" or "off", not {app.config["JOB_WORKER"]!r}')
     if app.config['JOB_BACKEND'] == 'rq' and not app.config['REDIS_URL']:
         raise ValueError('JOB_BACKEND=rq needs REDIS_URL (the Redis that `flask rq-worker` uses)')
     app.extensions['jobs'] = None

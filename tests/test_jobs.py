@@ -497,6 +497,14 @@ def test_the_rq_backend_without_redis_stops_the_app_at_start_up(settings):
         create_app(type('TestConfig', (Config,), settings))
 
 
+@pytest.mark.parametrize('value', ['threads', 'on', 'yes'])
+def test_a_job_worker_setting_it_does_not_know_stops_the_app_at_start_up(settings, value):
+    """It ran no job at all, without a word: no confirmation email, no schedule, no clean-up."""
+    settings.update(JOB_WORKER=value)
+    with pytest.raises(ValueError, match=f'^JOB_WORKER must be "thread" or "off", not {value!r}$'):
+        create_app(type('TestConfig', (Config,), settings))
+
+
 def test_two_tasks_of_one_name_stop_the_app_instead_of_one_running_in_the_others_place(app):
     @define_task()
     def send_email(recipient):  # the name of the app's own task
