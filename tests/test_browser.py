@@ -114,11 +114,13 @@ def long_subscriber(app):
 
 
 @pytest.fixture
-def admin_pages(admin_browser, long_subscriber, app, runner, subscribers, tmp_path):
+def admin_pages(admin_browser, long_subscriber, app, runner, subscribers, stage_templates, tmp_path):
     """Something on every admin page: the subscriber with a very long address among a few others, week1
-    sent to them all, an export done, and a CSV file uploaded (its report).  :return: [(path, its heading)]
-    of the pages but the stage preview's (test_a_stage_preview_fits_the_window)."""
+    sent to them all, a stage whose Delay: line cannot be read (its rows on the dashboard and the Mailings
+    page give the reason), an export done, and a CSV file uploaded (its report).  :return: [(path, its
+    heading)] of the pages but the stage preview's (test_a_stage_preview_fits_the_window)."""
     subscribers(3)
+    stage_templates('week3', 'Subject: Week 3\nDelay: when the moon is full\nWeek three.\n', '<p>Week three.</p>')
     assert runner.invoke(args=['send-newsletter-email', 'week1']).exit_code == 0
     browser = admin_browser
     browser.open('/admin/exports')
