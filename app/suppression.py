@@ -37,13 +37,13 @@ def suppress_all(entries):
         first.setdefault(email.lower(), (email.lower(), SuppressionReason(reason), detail))
     if not first:
         return
-    listed, insert, leave = built_once('suppress', _suppressing)
+    listed, insert, leave = built_once('suppress', _listing_statements)
     params = {**listed.params(list(first.values())), 'now': utcnow()}
     db.session.execute(insert, params)
     db.session.execute(leave, params)
 
 
-def _suppressing():
+def _listing_statements():
     listed = RowsParameter('listed', email=sa.String, reason=sa.String, detail=sa.Text)
     now = sa.bindparam('now', type_=sa.DateTime)
     rows = sa.select(listed.c.email, listed.c.reason, listed.c.detail, now).where(sa.true())
