@@ -248,6 +248,7 @@ def test_a_stage_whose_delay_cannot_be_read_is_shown_with_the_reason_and_every_o
     assert reason in rows['week2']
     assert [page.status_code for page in stage_pages] == [409] * 5
     assert all(f'week2 {reason}' in html.unescape(page.get_data(as_text=True)) for page in stage_pages)
+    assert all('<a href="/admin/">Back to the dashboard</a>' in page.get_data(as_text=True) for page in stage_pages)
 
 
 def test_a_sign_in_link_works_once(app, client, smtp):
