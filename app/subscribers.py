@@ -171,35 +171,37 @@ def erase(client):
     """The subscriber, and their address and personal data everywhere the app keeps it: their row and
     their send log (deliveries), the emails queued or sent to them or about them (mail job rows; the
     admins' "New subscriber: <address>" notices keep that subject once sent, and are known by their
-    Message-ID), their address in any job's error, their `.eml` files in the mail folder, their
-    suppression-list entry, and the uploaded import files and reports that name them (app/imports.py).
-    The kept exports hold them too: the caller withdraws those (app/exports.py withdraw), as exports are
-    built on this module. What stays is anonymous: each send run's counts. :return: what was erased, in
-    words."""
-    email = client.email
+    Message-ID), their address in any job's error, their `.eml` files in the mail folder and the admins'
+    notices of them there, their suppression-list entry, and the uploaded import files and reports that
+    name them (app/imports.py). The kept exports hold them too: the caller withdraws those (app/exports.py
+    withdraw), as exports are built on this module. What stays is anonymous: each send run's counts.
+    :return: what was erased, in words."""
+    email, client_id = client.email, client.id
     deliveries = db.session.scalar(sa.select(sa.func.count(Delivery.id)).where(Delivery.client_id == client.id))
     jobs = db.session.execute(sa.delete(Job).where(Job.queue == 'mail', sa.or_(
         Job.payload['recipient'].as_string() == email,
-        Job.payload['message_id'].as_string().startswith(f'<admin.{client.id}.'))  # queue_new_subscriber_notice
+        Job.payload['message_id'].as_string().startswith(f'<admin.{client_id}.'))  # queue_new_subscriber_notice
     ).execution_options(synchronize_session=False)).rowcount
     db.session.execute(sa.update(Job).where(Job.error.contains(email, autoescape=True))
                        .values(error=sa.func.replace(Job.error, email, '[erased]')).execution_options(synchronize_session=False))
     db.session.execute(sa.delete(Suppression).where(Suppression.email == email.lower()))
     db.session.delete(client)
     db.session.commit()
-    files, uploads = _erase_mail_files(email), imports.withdraw_naming(email)
+    files, uploads = _erase_mail_files(email, client_id), imports.withdraw_naming(email)
     return (f'{email}: the subscriber, {deliveries} delivery record(s), {jobs} email job(s), {files} mail file(s) '
             f'and {uploads} import upload(s)')
 
 
-def _erase_mail_files(email):
-    """The `.eml` files in MAIL_FOLDER addressed to `email` (the folder way out, or a deployment's copy)."""
+def _erase_mail_files(email, client_id):
+    """The `.eml` files in MAIL_FOLDER (the folder way out, or a deployment's copy) addressed to `email`, and
+    the admins' notices of subscriber `client_id`: addressed to an admin, they name the subscriber in their
+    subject and text, and are known by their Message-ID (queue_new_subscriber_notice)."""
     folder, erased = Path(current_app.config['MAIL_FOLDER']), 0
-    header = f'To: {email}\r\n'.encode()
+    header, notice = f'To: {email}\r\n'.encode(), f'\r\nMessage-ID: <admin.{client_id}.'.encode()
     for path in folder.glob('*.eml') if folder.is_dir() else ():
         with path.open('rb') as file:
             head = file.read(64 * 1024).split(b'\r\n\r\n', 1)[0] + b'\r\n'
-        if header in head:
+        if header in head or notice in head:
             path.unlink()
             erased += 1
     return erased

@@ -17,6 +17,8 @@ from app.extensions import db
 from app.jobs import run_due
 from app.ledger import ledger, mailing_named
 from app.models import AdminSession, Broadcast, Client, Delivery, Job, SendRun, Suppression
+from app.main.email import queue_new_subscriber_notice
+from app.subscribers import erase
 from app.suppression import suppress
 from tests.support.forms import csrf_token, sign_in, sign_in_link, sign_up
 from tests.support.smtp import MailSink
@@ -659,3 +661,23 @@ def test_erasing_a_subscriber_deletes_the_admins_new_subscriber_notices_naming_t
         subjects = [job.payload.get('subject') for job in db.session.scalars(sa.select(Job))]
         assert not [job for job in db.session.execute(sa.select(Job.__table__)).all() if 'jane@' in str(job)]
     assert 'New subscriber: bob@example.com' in subjects, 'the notices of others stay'
+
+
+def test_erasing_a_subscriber_deletes_the_admins_notices_of_them_from_the_mail_folder(app, settings, subscribers):
+    """Written into the folder, a notice is addressed to the admin, and names the subscriber in its subject
+    and text."""
+    app.config['MAIL_TRANSPORT'] = 'folder'
+    jane, bob = subscribers(2)
+    with app.app_context():
+        for client in db.session.scalars(sa.select(Client)):
+            queue_new_subscriber_notice(client)
+        db.session.commit()
+    run_due_jobs(app)
+    mail = Path(settings['MAIL_FOLDER'])
+
+    with app.app_context():
+        erase(db.session.scalar(sa.select(Client).where(Client.email == jane)))
+
+    kept = [path.read_bytes() for path in mail.glob('*.eml')]
+    assert not [data for data in kept if jane.encode() in data]
+    assert [data for data in kept if f'New subscriber: {bob}'.encode() in data], 'the notices of others stay'
