@@ -17,6 +17,7 @@ from app.csvfiles import csv_lines
 from app.database import utcnow
 from app.email import Attachment, Email, make_message_id
 from app.extensions import db
+from app.failures import PermanentFailure
 from app.jobs import define_task, report_progress
 from app.models import Client, Job
 from app.subscribers import state_of, with_states
@@ -49,7 +50,8 @@ def rows():
 
 @define_task(queue='bulk')
 def export_subscribers(admin):
-    """:return: the file's name, its rows and size, for the page's download link."""
+    """:return: the file's name, its rows and size, for the page's download link; and why it was not emailed,
+    when the relay refused it for good (trying again would be refused again)."""
     config, total = current_app.config, db.session.scalar(sa.select(sa.func.count(Client.id)))
     path = folder() / f'subscribers-{utcnow():%Y%m%d-%H%M%S}-{secrets.token_hex(8)}.csv'
     written = 0
@@ -66,8 +68,15 @@ def export_subscribers(admin):
         path = Path(f'{path}.gz')
     path.chmod(0o600)
     report_progress(written - 1, total)
-    _email(admin, path, written - 1)
-    return {'file': path.name, 'rows': written - 1, 'bytes': path.stat().st_size}
+    result = {'file': path.name, 'rows': written - 1, 'bytes': path.stat().st_size}
+    try:
+        _email(admin, path, written - 1)
+    except PermanentFailure as refused:  # a relay's limit on a message's size, say: the download still serves
+        result['not emailed'] = str(refused)
+    except BaseException:
+        path.unlink()  # the next attempt writes the list anew; this copy would be no export's, never withdrawn
+        raise
+    return result
 
 
 def _email(admin, path, count):

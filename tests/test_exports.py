@@ -13,7 +13,7 @@ from app.extensions import db
 from app.models import Client, Job
 from app.suppression import suppress
 from tests.support.forms import csrf_token
-from tests.support.jobs import run_due_jobs
+from tests.support.jobs import make_jobs_due_now, run_due_jobs
 
 
 def export(app, admin):
@@ -95,3 +95,33 @@ def test_erasing_a_subscriber_withdraws_the_kept_exports_that_hold_them(app, adm
         assert kept.status_code == 200 and jane.encode() not in kept.data, 'an export from before they signed up stays'
     assert not os.path.exists(os.path.join(app.instance_path, 'exports', holding_jane.result['file']))
     assert 'withdrawn: a subscriber in it was erased' in admin.get('/admin/exports').get_data(as_text=True)
+
+
+def test_an_export_the_relay_refuses_to_email_stays_downloadable_and_says_why(app, admin, smtp, subscribers):
+    """A relay takes messages up to a size: a large list's attachment may be refused for good."""
+    subscribers(3)
+    smtp.refuse_for_good['admin@example.com'] = '552 5.3.4 Message size exceeds fixed maximum message size'
+
+    job = export(app, admin)
+
+    assert job.status == 'done' and job.attempts == 1 and job.result['rows'] == 3
+    assert 'Message size exceeds' in job.result['not emailed']
+    with admin.get(f'/admin/exports/{job.id}/download') as downloaded:
+        assert downloaded.status_code == 200 and len(downloaded.data.decode().splitlines()) == 4
+    assert os.listdir(os.path.join(app.instance_path, 'exports')) == [job.result['file']]
+
+
+def test_an_export_whose_email_is_tried_again_leaves_no_copy_of_the_list_behind(app, admin, smtp, subscribers):
+    """Each attempt writes the list anew: the file of one that failed is no export's, so no page offers it and
+    no erasure withdraws it."""
+    subscribers(3)
+    smtp.refuse_for_now['admin@example.com'] = 1
+
+    first = export(app, admin)
+    make_jobs_due_now(app)
+    run_due_jobs(app)
+
+    with app.app_context():
+        job = db.session.get(Job, first.id)
+    assert (first.status, job.status, job.attempts) == ('queued', 'done', 2)
+    assert os.listdir(os.path.join(app.instance_path, 'exports')) == [job.result['file']]
