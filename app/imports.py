@@ -12,7 +12,9 @@ code keeps its promises:
   anything is written, or half-way, when the import's transaction is rolled back.
 - **Every row as the sign-up checks an address** (normal_address, app/addresses.py), each domain's DNS
   asked once per file; a name, of at most MAX_NAME characters, and printable. A row is accepted, a
-  duplicate (of a line above it, or of a subscriber, who is never changed), or rejected, with the reason.
+  duplicate (of a line above it, or of a subscriber, who is never changed), or rejected, with the reason;
+  an address on the suppression list is rejected, as the sign-up stores none: its owner asked never to
+  hear from us, or it bounced, and no admin's word of consent outweighs that.
   The dry run (check) stops there.
 - **All or nothing.** The import inserts the accepted rows a chunk at a time, with each newcomer's
   confirmation email queued as the sign-up queues it, in one transaction for the whole file, committed
@@ -48,7 +50,7 @@ from app.database import among, insert_ignoring_conflicts, utcnow
 from app.extensions import db
 from app.jobs import GiveUp, Interrupted, define_task, report_progress, stopping
 from app.main.email import queue_confirmation_email
-from app.models import Client, Job, JobStatus
+from app.models import Client, Job, JobStatus, Suppression
 
 MAX_LINE = 10_000  # characters
 MAX_COLUMNS = 100
@@ -310,9 +312,14 @@ def _sorted_chunks(path, report, seen=None):
         lowered = sa.func.lower(Client.email, type_=sa.String)
         existing = set(db.session.scalars(sa.select(lowered).where(among(lowered, 'addresses')),
                                           {'addresses': candidates})) if candidates else set()
+        suppressed = dict(db.session.execute(sa.select(Suppression.email, Suppression.reason).where(
+            among(Suppression.email, 'addresses')), {'addresses': candidates}).all()) if candidates else {}
         for row in chunk:
             if row.outcome == Outcome.ACCEPTED and row.address.lower() in existing:
                 row.outcome, row.reason = Outcome.DUPLICATE, 'already a subscriber'
+            elif row.outcome == Outcome.ACCEPTED and row.address.lower() in suppressed:
+                row.outcome, row.reason = (Outcome.REJECTED,
+                                           f'on the suppression list ({suppressed[row.address.lower()]})')
             if row.outcome != Outcome.ACCEPTED:
                 report.add(row)
         yield [row for row in chunk if row.outcome == Outcome.ACCEPTED], chunk[-1].line, file_format.lines

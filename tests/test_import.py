@@ -19,6 +19,7 @@ from werkzeug.test import encode_multipart
 from app.database import utcnow
 from app.extensions import db
 from app.models import Client, Job
+from app.suppression import suppress
 from tests.support.forms import csrf_token
 from tests.support.jobs import run_due_jobs
 
@@ -206,6 +207,26 @@ def test_people_who_consented_are_subscribed_at_once_with_who_said_so_and_when_a
     page = text(admin.get(f'/admin/subscribers/{ann}').get_data(as_text=True))
     assert 'Imported as having consented already: admin@example.com said so on' in page
     assert 'confirmed: consent recorded by admin@example.com' in page
+
+
+def test_an_address_on_the_suppression_list_is_not_imported_even_as_having_consented(app, admin, smtp):
+    """Its owner asked never to hear from us, or it bounced: the sign-up stores no subscriber for it, and an
+    admin's word that they consented cannot outweigh theirs."""
+    with app.app_context():
+        suppress('gone@example.com', 'bounced', 'SendGrid bounce: 550 no such user')
+        suppress('blocked@example.com', 'blocked')
+        db.session.commit()
+    content = b'ann@example.com\nGone@example.com\nblocked@example.com\n'
+
+    checked = {consented: report_of(admin, content, consented=consented) for consented in (False, True)}
+    for report_url, _ in checked.values():
+        start_import(app, admin, report_url)
+
+    for _, page in checked.values():
+        assert counts(page) == {'accepted': 1, 'duplicate': 0, 'rejected': 2}
+        assert listed(page, 'rejected') == [('2', 'Gone@example.com', 'on the suppression list (bounced)'),
+                                            ('3', 'blocked@example.com', 'on the suppression list (blocked)')]
+    assert set(clients(app)) == {'ann@example.com'}
 
 
 def test_pressing_import_twice_imports_once(app, admin):
