@@ -509,10 +509,12 @@ def _names(upload, address):
 
 def sweep():
     """Delete what is older than KEPT_FOR in the folder (uploads never imported, reports of imports long
-    over), but the file of an import still queued or running."""
+    over), but the file of an import still queued or running.  :return: how many files."""
     waiting = set(db.session.scalars(sa.select(Job.unique_key).where(
         Job.task == import_subscribers.name, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))))
-    old = time.time() - KEPT_FOR.total_seconds()
+    old, swept = time.time() - KEPT_FOR.total_seconds(), 0
     for path in folder().iterdir():
         if _job_key(path.stem) not in waiting and path.stat().st_mtime < old:
             path.unlink(missing_ok=True)
+            swept += 1
+    return swept

@@ -1,17 +1,18 @@
 """What the app keeps, and for how long: finished jobs (their rows hold recipients and errors) are deleted
 JOB_RETENTION_DAYS after they ended, sign-ups never confirmed once their latest link has expired (the
-address's owner may never have asked; one who asked again near the end has a new link), and exports once
-EXPORT_KEEP_HOURS have passed. A `clean_up` job does it, queued by the workers' clock once an hour (one job
-per hour however many workers tick). The instance folder's files (the SQLite database, the
-generated key, the `.eml` mail) are readable by their owner only: app/database.py, app/links.py and
-app/transports.py create them so."""
+address's owner may never have asked; one who asked again near the end has a new link), exports once
+EXPORT_KEEP_HOURS have passed, and uploads never imported (and reports of imports over) once a day old:
+lists of addresses, which must not wait for an upload to come and sweep them. A `clean_up` job does it,
+queued by the workers' clock once an hour (one job per hour however many workers tick). The instance
+folder's files (the SQLite database, the generated key, the `.eml` mail) are readable by their owner only:
+app/database.py, app/links.py and app/transports.py create them so."""
 import logging
 from datetime import timedelta
 
 import sqlalchemy as sa
 from flask import current_app
 
-from app import exports
+from app import exports, imports
 from app.database import utcnow
 from app.extensions import db
 from app.jobs import define_task
@@ -29,7 +30,7 @@ def queue_clean_up():
 
 @define_task(queue='bulk')
 def clean_up():
-    """:return: how many jobs and unconfirmed sign-ups were deleted."""
+    """:return: how many jobs, unconfirmed sign-ups, export files and import files were deleted."""
     config, now = current_app.config, utcnow()
     jobs = db.session.execute(sa.delete(Job).where(
         Job.status.in_(OVER), Job.finished_at < now - timedelta(days=config['JOB_RETENTION_DAYS']),
@@ -41,6 +42,7 @@ def clean_up():
         < now - timedelta(seconds=config['CONFIRM_MAX_AGE']),
         ~sa.exists(sa.select(Delivery.id).where(Delivery.client_id == Client.id)))
         .execution_options(synchronize_session=False)).rowcount
-    files = exports.delete_expired()
-    log.info('clean-up: %d finished job(s), %d expired sign-up(s) and %d export file(s) deleted', jobs, expired, files)
-    return {'jobs': jobs, 'unconfirmed sign-ups': expired, 'export files': files}
+    files, uploads = exports.delete_expired(), imports.sweep()
+    log.info('clean-up: %d finished job(s), %d expired sign-up(s), %d export file(s) and %d import file(s) deleted',
+             jobs, expired, files, uploads)
+    return {'jobs': jobs, 'unconfirmed sign-ups': expired, 'export files': files, 'import files': uploads}

@@ -1,4 +1,6 @@
 """What the app keeps, and for how long (app/retention.py), and who may read its files."""
+import io
+import os
 import re
 import stat
 from datetime import timedelta
@@ -6,6 +8,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from app import imports
 from app.database import utcnow
 from app.extensions import db
 from app.jobs import run_due
@@ -92,6 +95,23 @@ def test_a_sign_up_with_a_delivery_is_never_deleted_as_expired(app, subscribers)
         app.config['CLEAN_UP'] = True
         run_due()
         assert db.session.scalar(sa.select(sa.func.count(Client.id))) == 1
+
+
+def test_the_hourly_clean_up_deletes_an_upload_never_imported_once_it_is_a_day_old(app):
+    """A list of addresses, and its dry run's report: kept a day for the admin to import it, and no longer,
+    whether or not anyone uploads another file."""
+    app.config['CLEAN_UP'] = True
+    with app.app_context():
+        upload = imports.receive(io.BytesIO(b'ann@example.com\nbob@example.com\n'), 'list.csv', 'admin@example.com',
+                                 consented=False)
+        folder = imports.folder()
+    a_day_ago = (utcnow() - timedelta(days=1, minutes=1)).timestamp()
+    for path in folder.iterdir():
+        os.utime(path, (a_day_ago, a_day_ago))
+
+    run_due_jobs(app)
+
+    assert [path.name for path in folder.iterdir()] == [], f'{upload.filename} is kept past its day'
 
 
 def test_the_instance_folders_files_are_readable_by_their_owner_only(settings, request):
