@@ -424,6 +424,28 @@ def test_deactivating_stops_the_mail_and_reactivating_asks_the_subscriber_to_con
         'Please confirm your subscription']
 
 
+def test_a_suppressed_subscriber_cannot_be_reactivated_and_the_admin_is_told_why(app, admin, smtp, subscribers):
+    """Their confirmation email would not go out (the address gets nothing from us): the page must not say
+    that it has."""
+    [email] = subscribers(1)
+    with app.app_context():
+        suppress(email, 'complained', 'SendGrid spamreport')
+        db.session.commit()
+        client_id = db.session.scalar(sa.select(Client.id))
+    page = admin.get(f'/admin/subscribers/{client_id}').get_data(as_text=True)
+
+    answer = admin.post(f'/admin/subscribers/{client_id}/reactivate',
+                        data={'csrf_token': csrf_token(admin, f'/admin/subscribers/{client_id}')})
+    run_due_jobs(app)
+
+    assert 'Reactivate' not in page
+    told = html.unescape(admin.get(answer.location).get_data(as_text=True))
+    assert f'{email} is on the suppression list' in told and 'is sent a fresh confirmation email' not in told
+    assert smtp.received_by(email) == []
+    with app.app_context():
+        assert db.session.scalars(sa.select(Job.task).where(Job.task == 'send_confirmation')).all() == []
+
+
 def test_a_mailings_ledger_lists_who_is_where_and_a_csv_of_who_did_not_get_it(app, admin, smtp, subscribers, runner):
     emails = subscribers(4)
     smtp.after_dot[emails[1]] = MailSink.DROP

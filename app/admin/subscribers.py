@@ -8,6 +8,7 @@ from app.database import as_integer
 from app.extensions import db
 from app.models import Client
 from app.subscribers import SubscriberState
+from app.suppression import is_suppressed
 
 
 @bp.route('/subscribers')
@@ -31,7 +32,13 @@ def subscriber(client_id):
 
 @bp.route('/subscribers/<int:client_id>/<any(deactivate, reactivate):action>', methods=['POST'])
 def subscriber_action(client_id, action):
+    """A suppressed address is not reactivated: its confirmation email would never go out
+    (app/main/email.py), and the admin would be told it had."""
     client = db.get_or_404(Client, client_id)
+    if action == 'reactivate' and is_suppressed(client.email):
+        flash(f'{client.email} is on the suppression list: it gets nothing from us, not even a confirmation email.',
+              'error')
+        return redirect(url_for('admin.subscriber', client_id=client_id))
     getattr(subscribers, action)(client)
     flash({'deactivate': f'{client.email} receives nothing more.',
            'reactivate': f'{client.email} is sent a fresh confirmation email: following it subscribes them again.'
