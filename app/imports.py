@@ -144,7 +144,7 @@ def read_format(path):
     sample = list(itertools.islice(_lines(path, CODECS[encoding]), SAMPLE_LINES))
     delimiter = _delimiter(sample)
     try:
-        first = next((row for row in csv.reader(sample, delimiter=delimiter) if any(cell.strip() for cell in row)),
+        first = next((row for row in _reader(sample, delimiter) if any(cell.strip() for cell in row)),
                      None)
     except csv.Error as exc:
         raise ImportFileError(f'The first lines cannot be read as CSV: {exc}.') from exc
@@ -201,12 +201,19 @@ def _lines(path, codec):
             yield line
 
 
+def _reader(lines, delimiter):
+    """CSV rows of `lines`. A file written by hand puts a space after each delimiter: skipped, it leaves a
+    quote opening the cell, so `jane@example.com, "Doe, Jane"` has a name of its own rather than `"Doe`
+    (and a stray `Jane"` cell), and `"jane@example.com"` is read without its quotes."""
+    return csv.reader(lines, delimiter=delimiter, skipinitialspace=True)
+
+
 def _delimiter(sample):
     """',' or ';': the one that leaves the cells holding an address free of spaces and of the other, on the
     most lines; then the one that splits more lines into columns; ',' when they tie."""
     def score(delimiter):
         try:
-            rows = list(csv.reader(sample, delimiter=delimiter))
+            rows = list(_reader(sample, delimiter))
         except csv.Error:
             return -1, -1
         clean = sum(all(not re.search(r'[\s,;]', cell.strip()) for cell in row if '@' in cell) for row in rows)
@@ -233,7 +240,7 @@ def _rows(path, file_format):
     that is too wide, that CSV cannot read, or that spans lines. No address or name holds a line break,
     and a stray quote (a name typed as `"Bobby`) would swallow every line up to the next quote, or to the
     end of the file, into one cell, with the people on those lines."""
-    reader = csv.reader(_lines(path, file_format.codec), delimiter=file_format.delimiter)
+    reader = _reader(_lines(path, file_format.codec), file_format.delimiter)
     header, line = file_format.header, 0
     try:
         for cells in reader:

@@ -118,6 +118,16 @@ def test_a_quoted_name_holding_the_delimiter_is_one_cell(app, admin):
     assert counts(page) == {'accepted': 2, 'duplicate': 0, 'rejected': 0}
 
 
+def test_a_quoted_cell_after_a_space_is_one_cell_too(app, admin):
+    """A file written by hand puts a space after each comma: the quotes then still enclose the cell."""
+    report_url, page = report_of(admin, b'name, email\n"Doe, Jane", "jane@example.com"\nRichard Roe, roe@example.com\n')
+    start_import(app, admin, report_url)
+
+    assert counts(page) == {'accepted': 2, 'duplicate': 0, 'rejected': 0}
+    assert {email: client.name for email, client in clients(app).items()} == {
+        'jane@example.com': 'Doe, Jane', 'roe@example.com': 'Richard Roe'}
+
+
 def test_the_dry_run_lists_duplicates_and_rejected_rows_with_their_line_and_reason_and_writes_nothing(
         app, admin, subscribers):
     existing, other = subscribers(2)
