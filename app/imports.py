@@ -7,9 +7,10 @@ code keeps its promises:
   counts its lines; then it is read a line at a time, its delimiter (`,` or `;`) and whether its first row
   is a header guessed from its first lines. An address column is needed; a name column is optional.
 - **A file that is no list of addresses says so, and writes nothing.** Empty, binary (NUL or other control
-  bytes, UTF-16, bytes neither encoding reads), absurd (a line over MAX_LINE characters, a row of more than
-  MAX_COLUMNS columns, a quote that runs on past its line) or without an address column: ImportFileError with the reason, found before
-  anything is written, or half-way, when the import's transaction is rolled back.
+  bytes, UTF-16, bytes neither encoding reads, or not UTF-8 after a UTF-8 BOM), absurd (a line over
+  MAX_LINE characters, a row of more than MAX_COLUMNS columns, a quote that runs on past its line) or
+  without an address column: ImportFileError with the reason, found before anything is written, or
+  half-way, when the import's transaction is rolled back.
 - **Every row as the sign-up checks an address** (normal_address, app/addresses.py), each domain's DNS
   asked once per file; a name, of at most MAX_NAME characters, and printable. A row is accepted, a
   duplicate (of a line above it, or of a subscriber, who is never changed), or rejected, with the reason;
@@ -179,6 +180,9 @@ def _scan(path):
     utf8 = utf8 and _decodes(decoder, b'', final=True)
     if not (utf8 or windows_1252):
         raise ImportFileError(NOT_TEXT)
+    if bom and not utf8:  # read as Latin-1, its BOM would open the first cell, and every UTF-8 name be garbled
+        raise ImportFileError('This file says it is UTF-8 (it starts with a BOM), but it holds bytes that UTF-8 does '
+                              'not (a part written by another program?): save it as "CSV UTF-8", and upload that.')
     # A line ends in \n, \r\n or (an old Mac's) \r; the last one may have no end.
     return ('UTF-8 with a BOM' if bom else 'UTF-8') if utf8 else 'Latin-1', max(newlines, returns) + (not ends_a_line)
 

@@ -345,6 +345,10 @@ def test_the_jobs_progress_is_on_the_report_and_in_its_json(app, admin):
     (b'email,name\n\n', 'The file has a header row, and no rows under it.'),
     (b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR', 'This is not a CSV file'),
     (b'a@example.com\n\x81\x8d@example.com\n', 'This is not a CSV file'),  # neither UTF-8 nor Latin-1
+    # Its BOM says UTF-8, and a line appended by another program is not: read as Latin-1, its header was no
+    # header, and every name in UTF-8 garbled (Zo\xc3\xab).
+    (b'\xef\xbb\xbfemail,name\njane@example.com,Zo\xc3\xab\nbob@example.com,Zo\xeb\n',
+     'This file says it is UTF-8 (it starts with a BOM), but it holds bytes that UTF-8 does not'),
     ('email\njane@example.com\n'.encode('utf-16'), 'This file is UTF-16'),
     (b'first name,last name\nJane,Doe\n', 'No address column'),
     (b'a@example.com' + b',x' * 2000 + b'\n', 'Line 1 has 2,001 columns'),
