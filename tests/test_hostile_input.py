@@ -2,6 +2,7 @@
 broadcast form and the webhook. Whatever comes in: never a 500, nothing written for invalid input, and
 no line break in any header of any email queued."""
 import base64
+import io
 import json
 import time
 
@@ -64,6 +65,20 @@ def test_the_sign_up_form_takes_anything_and_stores_only_clean_addresses(app, fo
     assert all(address.isascii() and '\r' not in address and '\n' not in address and ' ' not in address
                for address in stored)
     assert_no_header_injection(app)
+
+
+@pytest.mark.parametrize('url', ['/', '/admin/login'])
+def test_an_address_posted_as_a_file_gets_a_form_error_and_writes_nothing(app, url):
+    """A multipart body may carry a file under the field's name: the form read it as the address, and
+    email-validator's TypeError on it was a 500."""
+    client = app.test_client()
+    before = counts(app)
+
+    response = client.post(url, data={'email': (io.BytesIO(b'jane@example.com'), 'address.txt'),
+                                      'csrf_token': csrf_token(client, url)}, content_type='multipart/form-data')
+
+    assert response.status_code == 400 and 'role="alert"' in response.get_data(as_text=True)
+    assert counts(app) == before
 
 
 @EXAMPLES

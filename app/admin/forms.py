@@ -5,11 +5,11 @@ from flask_wtf.file import FileField, FileRequired
 from wtforms import BooleanField, DateTimeLocalField, SelectField, StringField, SubmitField, TextAreaField
 from wtforms.validators import DataRequired, Email, Length, ValidationError
 
-from app.main.forms import single_line
+from app.main.forms import TextField, single_line
 
 
 class LoginForm(FlaskForm):
-    email = StringField('Admin email address', validators=[DataRequired(), single_line, Email(), Length(max=254)])
+    email = TextField('Admin email address', validators=[DataRequired(), single_line, Email(), Length(max=254)])
     submit = SubmitField('Email me a sign-in link')
 
 

@@ -10,6 +10,14 @@ def _strip(value):
     return value.strip(' \t') if isinstance(value, str) else value
 
 
+class TextField(StringField):
+    """A text input that takes text alone: a multipart body may carry a file under the field's name, which
+    the form took as the value (email-validator's TypeError on it was a 500). Such a value counts as none."""
+
+    def process_formdata(self, valuelist):
+        super().process_formdata([value for value in valuelist if isinstance(value, str)])
+
+
 def single_line(form, field):
     """Checked on the raw value, before any trimming: a line break in an address is a header-injection
     attempt, not a typo to tidy away."""
@@ -25,7 +33,7 @@ def deliverable_address(form, field):
 
 
 class SubscribeForm(FlaskForm):
-    email = StringField('Email address', filters=[_strip], validators=[
+    email = TextField('Email address', filters=[_strip], validators=[
         DataRequired(message='Please enter your email address.'),
         deliverable_address,
     ])
