@@ -20,7 +20,7 @@ from app.models import AdminSession, Broadcast, Client, Delivery, Job, SendRun, 
 from app.main.email import queue_new_subscriber_notice
 from app.subscribers import erase
 from app.suppression import suppress
-from tests.support.forms import csrf_token, sign_in, sign_in_link, sign_up
+from tests.support.forms import confirm, csrf_token, sign_in, sign_in_link, sign_up
 from tests.support.smtp import MailSink
 from tests.support.jobs import queue_emails, run_due_jobs
 
@@ -668,7 +668,7 @@ def test_erasing_a_subscriber_deletes_the_admins_new_subscriber_notices_naming_t
         sign_up(reader, address)
         run_due_jobs(app)
         body = smtp.messages[-1].get_body(('plain',)).get_content()
-        reader.get(re.search(r'http://newsletter.test(/confirm/\S+)', body).group(1))
+        confirm(reader, re.search(r'http://newsletter.test(/confirm/\S+)', body).group(1))
     run_due_jobs(app)
     with app.app_context():
         jane_id = db.session.scalar(sa.select(Client.id).where(Client.email == 'jane@example.com'))

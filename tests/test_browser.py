@@ -172,6 +172,10 @@ def test_a_reader_signs_up_confirms_gets_week1_and_unsubscribes_on_a_phone(brows
     run_due_jobs(app)
     [confirmation] = smtp.received_by(address)
     browser.open(emailed_link(confirmation, browser.base_url, '/confirm/'), 'confirmation link')
+    assert browser.heading() == 'Confirm your subscription' and f'Send the newsletter to {address}?' in browser.text()
+    assert not subscriber(app, address).email_confirmed_at, 'opening the link asks; it changes nothing'
+    assert too_wide(browser) is None
+    browser.submit('button[type=submit]', 'confirmed')
     assert browser.heading() == 'You are subscribed'
     assert f'Thank you: {address} will receive the newsletter.' in browser.text()
 

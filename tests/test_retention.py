@@ -13,7 +13,7 @@ from app.database import utcnow
 from app.extensions import db
 from app.jobs import run_due
 from app.models import Client, Delivery, Job
-from tests.support.forms import csrf_token, sign_up
+from tests.support.forms import confirm, csrf_token, sign_up
 from tests.support.jobs import run_due_jobs
 
 
@@ -77,12 +77,12 @@ def test_a_confirmation_an_admin_sends_again_keeps_the_sign_up_while_its_link_wo
     admin.post(f'/admin/subscribers/{client_id}/reactivate',
                data={'csrf_token': csrf_token(admin, f'/admin/subscribers/{client_id}')})
     run_due_jobs(app)
-    confirm = re.search(r'http://newsletter.test(/confirm/\S+)', smtp.messages[-1].get_body(('plain',)).get_content())
+    link = re.search(r'http://newsletter.test(/confirm/\S+)', smtp.messages[-1].get_body(('plain',)).get_content())
 
     app.config['CLEAN_UP'] = True
     run_due_jobs(app)
 
-    answer = admin.get(confirm.group(1))
+    answer = confirm(admin, link.group(1))
     assert answer.status_code == 200 and 'You are subscribed' in answer.get_data(as_text=True)
 
 

@@ -10,7 +10,7 @@ from app.extensions import db
 from app.models import Client, Job, SuppressionReason
 from app.subscribers import deactivate
 from app.suppression import suppress
-from tests.support.forms import csrf_token, sign_up
+from tests.support.forms import confirm, csrf_token, sign_up
 from tests.support.jobs import run_due_jobs
 
 CHECK_INBOX = 'We have sent a confirmation link to'
@@ -36,7 +36,7 @@ def test_a_confirmation_link_is_made_as_its_email_goes_out_and_never_stored(app,
     token = confirm_link(confirmation).rsplit('/', 1)[1]
     assert all(token not in str(job.payload) for job in rows(app, Job))
     assert confirmation['Message-ID'] == job.payload['message_id'], 'the one made with the sign-up, whatever the tries'
-    assert 'You are subscribed' in client.get(confirm_link(confirmation)).get_data(as_text=True)
+    assert 'You are subscribed' in confirm(client, confirm_link(confirmation)).get_data(as_text=True)
 
 
 @pytest.mark.parametrize('meanwhile, why', [('blocked', 'the address is on the suppression list'),
@@ -86,16 +86,35 @@ def test_sign_up_sends_a_confirmation_and_the_link_confirms(app, client, smtp):
     assert confirmation['Subject'] == 'Please confirm your subscription'
     assert 'Hello Jane Doe,' in confirmation.get_body(('plain',)).get_content()
 
-    page = client.get(confirm_link(confirmation))
+    page = confirm(client, confirm_link(confirmation))
     assert page.status_code == 200 and 'You are subscribed' in page.get_data(as_text=True)
     [subscriber] = rows(app, Client)
     assert subscriber.email_confirmed_at is not None and subscriber.active
 
 
+def test_opening_a_confirmation_link_subscribes_nobody_until_its_button_is_pressed(app, client, smtp):
+    """Mail scanners (Safe Links, Mimecast) open every link of a message before its reader does: opening
+    the link subscribed whomever a stranger had signed up, without their word, and told the admins."""
+    sign_up(client, 'jane@example.com')
+    run_due_jobs(app)
+    link = confirm_link(smtp.messages[0])
+    scanner = app.test_client()
+
+    scanned = scanner.get(link)
+    assert rows(app, Client)[0].email_confirmed_at is None and run_due_jobs(app) == 0, 'no notice to the admins'
+    assert scanned.status_code == 200 and 'Confirm my subscription</button>' in scanned.get_data(as_text=True)
+    assert scanner.post(link).status_code == 400, 'no CSRF token'
+
+    pressed = client.post(link, data={'csrf_token': csrf_token(client, link)})
+
+    assert pressed.status_code == 200 and 'You are subscribed' in pressed.get_data(as_text=True)
+    assert rows(app, Client)[0].email_confirmed_at is not None
+
+
 def test_confirmation_notifies_the_admins(app, client, smtp):
     sign_up(client, 'new@example.com')
     run_due_jobs(app)
-    client.get(confirm_link(smtp.messages[0]))
+    confirm(client, confirm_link(smtp.messages[0]))
 
     assert run_due_jobs(app) == 1
     notice = smtp.messages[1]
@@ -107,8 +126,8 @@ def test_confirming_twice_notifies_the_admins_once(app, client, smtp):
     sign_up(client, 'new@example.com')
     run_due_jobs(app)
     link = confirm_link(smtp.messages[0])
-    assert client.get(link).status_code == 200
-    assert client.get(link).status_code == 200
+    assert confirm(client, link).status_code == 200
+    assert confirm(client, link).status_code == 200
     run_due_jobs(app)
     assert smtp.recipients().count('admin@example.com') == 1
 
@@ -117,7 +136,7 @@ def test_signing_up_again_never_reveals_whether_the_address_is_known(app, client
     new = sign_up(client, 'someone@example.com').get_data(as_text=True)
     again_unconfirmed = sign_up(client, 'someone@example.com').get_data(as_text=True)
     assert run_due_jobs(app) == 2, 'the unconfirmed address gets a fresh confirmation'
-    client.get(confirm_link(smtp.messages[-1]))
+    confirm(client, confirm_link(smtp.messages[-1]))
     assert run_due_jobs(app) == 1  # the admins' notice
     again_active = sign_up(client, 'someone@example.com').get_data(as_text=True)
 
@@ -133,7 +152,7 @@ def test_an_unsubscribed_reader_can_come_back_through_confirmation(app, client, 
     sign_up(client, 'reader0@example.com')
     assert rows(app, Client)[0].active is False, 'not back before confirming'
     run_due_jobs(app)
-    client.get(confirm_link(smtp.messages[0]))
+    confirm(client, confirm_link(smtp.messages[0]))
 
     [subscriber] = rows(app, Client)
     assert subscriber.active and subscriber.unsubscribed_at is None and subscriber.num_newsletter == 2
@@ -222,7 +241,7 @@ def test_an_old_confirmation_link_does_not_subscribe_again_someone_who_left_afte
     sign_up(client, 'jane@example.com')
     run_due_jobs(app)
     link = confirm_link(smtp.messages[0])
-    client.get(link)
+    confirm(client, link)
     with app.app_context():
         jane = db.session.scalar(sa.select(Client))
         jane.active, jane.unsubscribed_at = False, utcnow() + timedelta(seconds=1)  # she left after the link

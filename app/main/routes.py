@@ -92,9 +92,13 @@ def _may_send_confirmation(client):
         .values(confirmation_sent_at=now).execution_options(synchronize_session=False)).rowcount)
 
 
-@bp.route('/confirm/<token>')
+@bp.route('/confirm/<token>', methods=['GET', 'POST'])
 def confirm(token):
-    """:raise 400: for a forged, tampered or expired link, or one whose address has left or is suppressed
+    """Opening the link shows a button; only pressing it (a POST, CSRF-checked by CSRFProtect) subscribes:
+    mail scanners (Safe Links, Mimecast) open every link of a message before its reader does, and a GET
+    that subscribed let them confirm an address a stranger had signed up, without its owner's word. Both
+    check the link first, so a dead one says why at once.
+    :raise 400: for a forged, tampered or expired link, or one whose address has left or is suppressed
     since (the page says which)."""
     try:
         client_id, address, made = load_confirm_token(token)
@@ -116,6 +120,8 @@ def confirm(token):
                                message=f'{client.email} unsubscribed after this link was sent, so it does not '
                                        'subscribe it again. Sign up again to get a new link.'), 400
     if client.email_confirmed_at is None or not client.active:
+        if request.method == 'GET':
+            return render_template('confirm.html', email=client.email, token=token)
         client.email_confirmed_at = client.email_confirmed_at or utcnow()
         client.active, client.unsubscribed_at = True, None
         queue_new_subscriber_notice(client)

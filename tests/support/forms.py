@@ -15,6 +15,14 @@ def sign_up(client, email):
     return client.post('/', data={'email': email, 'csrf_token': csrf_token(client, '/')})
 
 
+def confirm(client, link):
+    """Open a confirmation link and press its button, as its reader does.  :return: the answer to pressing it;
+    or the page, when it has no button (a dead link, or an address subscribed already)."""
+    page = client.get(link)
+    token = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', page.get_data(as_text=True))
+    return client.post(link, data={'csrf_token': token.group(1)}) if token else page
+
+
 def sign_in_link(app, client, smtp, address='admin@example.com'):
     """Ask for a sign-in link as an admin does, and let the worker send it.  :return: the link's path."""
     client.post('/admin/login', data={'email': address, 'csrf_token': csrf_token(client, '/admin/login')})
