@@ -15,7 +15,7 @@ from app.extensions import limiter
 
 def init_app(app):
     config = app.config
-    config.setdefault('RATELIMIT_STORAGE_URI', config['REDIS_URL'] or 'memory://')
+    config.setdefault('RATELIMIT_STORAGE_URI', _storage_uri(config['REDIS_URL']) or 'memory://')
     config.setdefault('RATELIMIT_STORAGE_OPTIONS', {'socket_timeout': config['REDIS_TIMEOUT'],
                                                     'socket_connect_timeout': config['REDIS_TIMEOUT']}
                       if config['REDIS_URL'] else {})
@@ -24,6 +24,14 @@ def init_app(app):
     if proxies := config['PROXY_COUNT']:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)
     limiter.init_app(app)
+
+
+def _storage_uri(redis_url):
+    """REDIS_URL as the limits' storage names it: a unix socket (unix://, which Redis's client takes) is
+    redis+unix:// there, and unknown to it as it is."""
+    if redis_url and redis_url.startswith('unix://'):
+        return 'redis+' + redis_url
+    return redis_url
 
 
 def submitted_address():

@@ -1,8 +1,11 @@
 """Abuse limits on the public forms (app/limits.py): nobody can make the app mail a stranger over and
 over, or flood the sign-up and admin sign-in forms; a bot that fills the hidden field is dropped."""
 import re
+import subprocess
+import time
 
 import pytest
+import redis
 import sqlalchemy as sa
 
 from app.extensions import db, limiter
@@ -135,3 +138,30 @@ def test_behind_a_proxy_the_limit_counts_the_forwarded_client_not_the_proxy(sett
 
     assert [through_proxy(n, '203.0.113.7').status_code for n in range(3)] == [200, 200, 429]
     assert through_proxy(9, '198.51.100.4').status_code == 200
+
+
+@pytest.fixture
+def redis_socket(tmp_path):
+    """A redis-server of this test's own that listens on a unix socket alone.  :return: the socket's path."""
+    path = tmp_path / 'redis.sock'
+    process = subprocess.Popen(['redis-server', '--port', '0', '--unixsocket', str(path), '--save', '',
+                                '--appendonly', 'no', '--dir', str(tmp_path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield path
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_a_redis_reached_by_its_unix_socket_keeps_the_limits(settings, request, redis_socket):
+    """REDIS_URL=unix://... is a URL that Redis's client, and so the rate limit of the send and RQ, take: the
+    abuse limits' storage did not know the scheme, and the app did not start."""
+    settings.update(REDIS_URL=f'unix://{redis_socket}', RATELIMIT_ENABLED=True, SIGNUP_LIMIT_PER_CLIENT='2/minute',
+                    SIGNUP_LIMIT_PER_ADDRESS='100/minute')
+    client = request.getfixturevalue('app').test_client()
+
+    assert [post(client, '/', f'reader{n}@example.com').status_code for n in range(3)] == [200, 200, 429]
+    with redis.Redis(unix_socket_path=str(redis_socket)) as counts:
+        assert counts.keys('LIMITS*'), 'counted in that Redis'
