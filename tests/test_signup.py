@@ -1,5 +1,6 @@
 """Sign-up with double opt-in: the form, the confirmation email and link, and every bad input."""
 import re
+import threading
 from datetime import timedelta
 
 import pytest
@@ -267,3 +268,29 @@ def test_a_sign_up_that_cannot_be_stored_is_an_error_not_a_check_your_inbox(app,
     answer = sign_up(client, 'new@example.com')
 
     assert answer.status_code == 500
+
+
+@pytest.mark.parametrize('database_url', ['postgresql'], indirect=True)
+def test_one_address_signed_up_many_times_at_once_gets_the_usual_answer_each_time(app, smtp):
+    """A double click, or a bot. PostgreSQL's ON CONFLICT looks only at the index it is given (lower(email)):
+    a twin request that passed that look a moment before this one's row was in it met the row on the
+    exact-address constraint instead, and its reader got a 500."""
+    app.config.update(PROPAGATE_EXCEPTIONS=False, CONFIRM_RESEND_SECONDS=600)
+    answers = []
+
+    def sign_up_with(client, token, ready):
+        ready.wait()
+        answers.append(client.post('/', data={'email': address, 'csrf_token': token}).status_code)
+
+    for n in range(150):
+        address, ready = f'twin{n}@example.com', threading.Barrier(8)
+        clients = [app.test_client() for _ in range(8)]
+        twins = [threading.Thread(target=sign_up_with, args=(client, csrf_token(client, '/'), ready))
+                 for client in clients]
+        for twin in twins:
+            twin.start()
+        for twin in twins:
+            twin.join()
+
+    assert set(answers) == {200}
+    assert len(rows(app, Client)) == 150 and len(rows(app, Job)) == 150, 'one sign-up and one confirmation each'
