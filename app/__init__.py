@@ -8,8 +8,8 @@ from config import Config, check_ranges
 
 
 def create_app(config_class=Config):
-    from app import (broadcasts, database, drip, email, exports, imports, jobs, limits, links, models,  # noqa: F401
-                     retention, schedules, security, transports, webhooks)
+    from app import (addresses, broadcasts, database, drip, email, exports, imports, jobs, limits, links,  # noqa: F401
+                     models, retention, schedules, security, transports, webhooks)
     from app.admin import bp as admin_bp
     from app.cli import bp as cli_bp
     from app.errors import bp as errors_bp
@@ -24,6 +24,7 @@ def create_app(config_class=Config):
     Path(app.instance_path).mkdir(mode=0o700, parents=True, exist_ok=True)
 
     database.init_app(app)
+    addresses.init_app(app)
     security.init_app(app)
     limits.init_app(app)
     links.init_app(app)

@@ -1,9 +1,23 @@
 """The rules for an email address, one place for every door it comes in by: the sign-up form, a file of
-them (app/imports.py), and the abuse limit that counts one per address (app/limits.py)."""
+them (app/imports.py), the abuse limit that counts one per address (app/limits.py), and ADMINS."""
 from email_validator import EmailNotValidError, EmailSyntaxError, validate_email
 from flask import current_app
 
 MAX_EMAIL_LENGTH = 254  # RFC 5321's limit on a path, and our column's size
+
+
+def init_app(app):
+    """ADMINS in the form the app sends to: written with an international domain in its own letters, an
+    admin's sign-in link and notices needed SMTPUTF8, failed for good, and the admin was locked out. An
+    entry email-validator refuses stays as written."""
+    app.config['ADMINS'] = [_sendable(admin) for admin in app.config['ADMINS']]
+
+
+def _sendable(address):
+    try:
+        return validate_email(address, allow_smtputf8=False, check_deliverability=False).ascii_email
+    except EmailNotValidError:
+        return address
 
 
 def normal_address(value, check_deliverability=None):

@@ -49,6 +49,20 @@ def test_an_admin_is_known_whatever_the_case_their_address_is_typed_in(app, clie
     assert response.status_code == 302 and client.get('/admin/').status_code == 200
 
 
+@pytest.mark.parametrize('typed', ['ops@bücher.de', 'Ops@XN--BCHER-KVA.DE'])
+def test_an_admin_whose_domain_is_international_gets_the_link_and_signs_in(settings, request, smtp, typed):
+    """ADMINS as an operator writes it, the domain in its own letters: the link went to that address, which
+    needs SMTPUTF8 (which the app does not speak), so it failed for good and its admin was locked out."""
+    settings['ADMINS'] = ['ops@bücher.de']
+    app = request.getfixturevalue('app')
+    client = app.test_client()
+
+    response = sign_in(app, client, smtp, address=typed)
+
+    assert smtp.recipients() == ['ops@xn--bcher-kva.de'], 'the domain in the form SMTP takes'
+    assert response.status_code == 302 and client.get('/admin/').status_code == 200
+
+
 def test_opening_a_sign_in_link_neither_signs_in_nor_uses_it_up_until_its_button_is_pressed(app, client, smtp):
     """Mail scanners (Safe Links, Mimecast) open every link of a message before its reader does: opening
     it signed them in, and the admin's own click then found the link used."""

@@ -10,6 +10,7 @@ from itsdangerous import BadSignature, SignatureExpired
 from sqlalchemy.exc import IntegrityError
 
 from app.admin.blueprint import bp
+from app.addresses import mailbox
 from app.admin.forms import LoginForm
 from app.database import utcnow
 from app.email import make_message_id, queue_email, render_email
@@ -91,9 +92,9 @@ def sign_in(token):
 
 
 def _admin_named(address):
-    """:return: the address in ADMINS that `address` names, as ADMINS spells it, whatever the case of the
-    letters typed; or None."""
-    return next((admin for admin in current_app.config['ADMINS'] if admin.lower() == address.lower()), None)
+    """:return: the address in ADMINS that `address` names, as ADMINS spells it, however it is typed (the
+    case of its letters, its domain in its own letters or its xn-- form); or None."""
+    return next((admin for admin in current_app.config['ADMINS'] if mailbox(admin) == mailbox(address)), None)
 
 
 def _used():
