@@ -128,6 +128,22 @@ def test_the_broadcast_form_takes_anything_and_stores_only_what_can_be_sent(app,
     assert not any('\r' in stored or '\n' in stored for stored in subjects)
 
 
+
+@pytest.mark.parametrize('field', ['subject', 'text', 'html'])
+def test_a_broadcast_field_posted_as_a_file_gets_a_form_error_and_stores_nothing(app, broadcast_form, field):
+    """As with the sign-up's address: a file under a text field's name was taken as its text, and Length's
+    TypeError on it was a 500."""
+    admin, token = broadcast_form
+    before = counts(app)
+    data = {'subject': 'Sale', 'text': 'Hello', 'html': '<p>Hello</p>', 'send_at': '2031-01-01T09:00',
+            'timezone': 'UTC', 'schedule': 'schedule', 'csrf_token': token,
+            field: (io.BytesIO(b'Hello'), 'body.txt')}
+
+    response = admin.post('/admin/broadcasts/new', data=data, content_type='multipart/form-data')
+
+    assert response.status_code == 400 and 'This field is required.' in response.get_data(as_text=True)
+    assert counts(app) == before
+
 @pytest.mark.parametrize('path', ['/admin/subscribers?q=a%00b', '/admin/stages/week1/preview?subscriber=%00',
                                   '/admin/mailings/week1?state=failed%00'])
 def test_a_nul_in_a_query_is_refused_with_a_clear_error(admin, path):

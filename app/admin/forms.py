@@ -2,10 +2,10 @@ from zoneinfo import available_timezones
 
 from flask_wtf import FlaskForm
 from flask_wtf.file import FileField, FileRequired
-from wtforms import BooleanField, DateTimeLocalField, SelectField, StringField, SubmitField, TextAreaField
+from wtforms import BooleanField, DateTimeLocalField, SelectField, SubmitField
 from wtforms.validators import DataRequired, Email, Length, ValidationError
 
-from app.main.forms import TextField, single_line
+from app.main.forms import TextAreaField, TextField, single_line
 
 
 class LoginForm(FlaskForm):
@@ -20,7 +20,7 @@ def no_nul(form, field):
 
 
 class BroadcastForm(FlaskForm):
-    subject = StringField('Subject', validators=[DataRequired(), no_nul, Length(max=255)])
+    subject = TextField('Subject', validators=[DataRequired(), no_nul, Length(max=255)])
     text = TextAreaField('Text version', validators=[DataRequired(), no_nul])
     html = TextAreaField('HTML version', validators=[DataRequired(), no_nul])
     send_at = DateTimeLocalField('Send at', format='%Y-%m-%dT%H:%M', validators=[DataRequired()])

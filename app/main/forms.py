@@ -1,3 +1,4 @@
+import wtforms
 from email_validator import EmailNotValidError
 from flask_wtf import FlaskForm
 from wtforms import StringField, SubmitField
@@ -10,12 +11,21 @@ def _strip(value):
     return value.strip(' \t') if isinstance(value, str) else value
 
 
-class TextField(StringField):
-    """A text input that takes text alone: a multipart body may carry a file under the field's name, which
-    the form took as the value (email-validator's TypeError on it was a 500). Such a value counts as none."""
+class _TextOnly:
+    """A field that takes text alone: a multipart body may carry a file under the field's name, which the
+    form took as the value (a TypeError in its validators, email-validator's or Length's, was a 500). Such a
+    value counts as none."""
 
     def process_formdata(self, valuelist):
         super().process_formdata([value for value in valuelist if isinstance(value, str)])
+
+
+class TextField(_TextOnly, StringField):
+    pass
+
+
+class TextAreaField(_TextOnly, wtforms.TextAreaField):
+    pass
 
 
 def single_line(form, field):
