@@ -14,12 +14,12 @@ class TemporaryFailure(DeliveryFailure):
 
 class TransportFailure(TemporaryFailure):
     """The way out itself is down (refused or dropped connection before the message's end, rejected
-    credentials, an untrusted certificate, the rate limiter's Redis gone): nothing arrived, and nothing
-    else will get through either until it is back."""
+    credentials, an untrusted certificate, an API address that is not the API's, the rate limiter's Redis
+    gone): nothing arrived, and nothing else will get through either until it is back."""
 
 
 class PermanentFailure(DeliveryFailure):
-    """This message will never be accepted (SMTP 5xx, HTTP 4xx), or cannot even be built."""
+    """This message will never be accepted (SMTP 5xx, HTTP 400 or 413), or cannot even be built."""
 
 
 class OutcomeUnknown(DeliveryFailure):

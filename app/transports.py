@@ -134,7 +134,12 @@ class SendGridSender(Sender):
                 raise TemporaryFailure(f'{email.recipient}: {text}') from exc
             if exc.status_code >= 500:  # "an error occurred while SendGrid processed it": maybe after sending
                 raise OutcomeUnknown(f'{self.describe()} answered {text} while processing it') from exc
-            raise PermanentFailure(f'{email.recipient}: {text}') from exc
+            if exc.status_code in (400, 413):  # this message refused: what it says, or its size
+                raise PermanentFailure(f'{email.recipient}: {text}') from exc
+            # Not found, method not allowed, moved: an answer about where we post, which no message gets past
+            # until the setting changes; failing each subscriber for good would fail the whole list.
+            raise TransportFailure(f'{self.describe()} answered {text}: SENDGRID_API_URL must be SendGrid\'s '
+                                   'API, such as https://api.sendgrid.com, without a path') from exc
         except urllib.error.URLError as exc:
             raise TransportFailure(f'{self.describe()}: {exc.reason}') from exc
         except (OSError, http.client.HTTPException) as exc:

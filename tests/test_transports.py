@@ -94,6 +94,23 @@ class TestSendGrid:
         with app.app_context():
             assert db.session.scalars(sa.select(Delivery)).all() == []
 
+    @pytest.mark.parametrize('answer', [404, 405, 308])
+    def test_an_api_address_that_is_not_the_mail_send_endpoint_stops_the_run_and_loses_nothing(
+            self, app, runner, sendgrid_api, subscribers, answer):
+        # SENDGRID_API_URL with a path (https://api.sendgrid.com/v3, as SendGrid's docs write the
+        # endpoint) posts to /v3/v3/mail/send: 404. Another host answers 405, or moves us on (http to https).
+        emails = subscribers(3)
+        sendgrid_api.answers = {email: [answer] * 10 for email in emails}
+
+        result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+        assert result.exit_code == 1 and f'answered {answer}' in result.output and 'SENDGRID_API_URL' in result.output
+        tried = {r['body']['personalizations'][0]['to'][0]['email'] for r in sendgrid_api.requests}
+        assert tried == {'reader0@example.com'}, 'the run stopped at the first subscriber'
+        with app.app_context():
+            assert db.session.scalars(sa.select(Delivery)).all() == [], 'nobody failed for the address being wrong'
+            assert set(db.session.scalars(sa.select(Client.num_newsletter))) == {0}
+
     def test_a_rejected_api_key_stops_the_run_and_loses_nothing(self, app, runner, sendgrid_api, subscribers):
         emails = subscribers(3)
         sendgrid_api.answers = {email: [401] * 10 for email in emails}  # a rejected key refuses every request
