@@ -125,7 +125,7 @@ class SendGridSender(Sender):
                                                       FileName(attachment.filename), FileType(attachment.mimetype),
                                                       Disposition('attachment')))
         try:
-            self.client.client.mail.send.post(request_body=message.get(), timeout=self.config['MAIL_TIMEOUT'])
+            answer = self.client.client.mail.send.post(request_body=message.get(), timeout=self.config['MAIL_TIMEOUT'])
         except HTTPError as exc:
             text = f'{exc.status_code} {exc.body!r}'
             if exc.status_code in (401, 403):
@@ -144,6 +144,12 @@ class SendGridSender(Sender):
             raise TransportFailure(f'{self.describe()}: {exc.reason}') from exc
         except (OSError, http.client.HTTPException) as exc:
             raise OutcomeUnknown(f'{self.describe()}: no answer to the request: {exc or type(exc).__name__}') from exc
+        if answer.status_code != 202:
+            # SendGrid takes a message with 202 Accepted alone. Any other success came from something else:
+            # a server at a wrong SENDGRID_API_URL, or the page a redirect led to, which urllib fetched with
+            # a GET, without the message. Whether that sends it, nobody here can tell.
+            raise OutcomeUnknown(f'{self.describe()} answered {answer.status_code}, not SendGrid\'s 202 Accepted: '
+                                 'is SENDGRID_API_URL SendGrid\'s API?')
 
 
 class FolderSender(Sender):

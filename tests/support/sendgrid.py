@@ -1,6 +1,7 @@
 """A local HTTP server standing in for the SendGrid v3 API: it records each request and answers as
-SendGrid does (202, or the status a test asks for), or, once it has the whole request, hangs up or
-takes longer to answer than the client waits."""
+SendGrid does (202, or the status a test asks for), or, once it has the whole request, hangs up,
+takes longer to answer than the client waits, or sends the client elsewhere (a 301 to a page that any
+GET finds, as a web server in front of the wrong address would)."""
 import json
 import threading
 import time
@@ -8,12 +9,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class SendGridStandIn:
-    HANG_UP, SLOW = 'hang up', 'slow'
+    HANG_UP, SLOW, MOVED = 'hang up', 'slow', 'moved'
 
     def __init__(self):
         self.requests = []
-        # recipient address -> what to answer, in turn (then 202): an HTTP status, HANG_UP, or SLOW (202
-        # after `slow_seconds`)
+        # recipient address -> what to answer, in turn (then 202): an HTTP status, HANG_UP, SLOW (202
+        # after `slow_seconds`), or MOVED
         self.answers = {}
         self.slow_seconds = 3.0
         stand_in = self
@@ -31,12 +32,26 @@ class SendGridStandIn:
                 if status == stand_in.SLOW:
                     time.sleep(stand_in.slow_seconds)
                     status = 202
+                if status == stand_in.MOVED:
+                    self.send_response(301)
+                    self.send_header('Location', '/moved')
+                    self.send_header('Content-Length', '0')
+                    self.end_headers()
+                    return
                 self.send_response(status)
                 self.send_header('Content-Type', 'application/json')
                 reply = b'' if status == 202 else json.dumps({'errors': [{'message': 'refused'}]}).encode()
                 self.send_header('Content-Length', str(len(reply)))
                 self.end_headers()
                 self.wfile.write(reply)
+
+            def do_GET(self):
+                page = b'<html><body>Welcome</body></html>'
+                self.send_response(200)
+                self.send_header('Content-Type', 'text/html')
+                self.send_header('Content-Length', str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
 
             def log_message(self, *args):
                 pass
