@@ -126,7 +126,8 @@ class Config:
     RQ_QUEUE = os.environ.get('RQ_QUEUE') or 'newsletter'
     RQ_JOB_TIMEOUT = env_int('RQ_JOB_TIMEOUT', 24 * 3600)
     MAIL_FOLDER = os.environ.get('MAIL_FOLDER')  # default: <instance>/mail
-    SENDGRID_API_KEY = os.environ.get('SENDGRID_API_KEY')
+    # Without the line break a key file (a Kubernetes or Docker secret) ends in: no HTTP header may hold one.
+    SENDGRID_API_KEY = (os.environ.get('SENDGRID_API_KEY') or '').strip() or None
     SENDGRID_API_URL = os.environ.get('SENDGRID_API_URL') or 'https://api.sendgrid.com'
     UNSUBSCRIBE_MAILTO = os.environ.get('UNSUBSCRIBE_MAILTO')
     # SendGrid's Event Webhook verification key (Mail Settings, Signed Event Webhook): bounces and

@@ -113,6 +113,20 @@ class TestSendGrid:
             assert db.session.scalars(sa.select(Delivery)).all() == [], 'nobody failed for the address being wrong'
             assert set(db.session.scalars(sa.select(Client.num_newsletter))) == {0}
 
+    def test_an_api_key_read_from_a_file_with_its_last_line_break_is_taken_without_it(
+            self, app, sendgrid_api, subscribers, flask_command):
+        # A key kept in a file (a Kubernetes or Docker secret) comes with the file's last line break, which
+        # no HTTP header may hold: every request failed before it went, saying the key in the error.
+        subscribers(1)
+
+        command = flask_command('send-newsletter-email', 'week1', SENDGRID_API_KEY='SG.test-key\n',
+                                SENDGRID_API_URL=sendgrid_api.url)
+        out, err = command.communicate(timeout=60)
+
+        assert command.returncode == 0, out + err
+        [request] = sendgrid_api.requests
+        assert request['headers']['Authorization'] == 'Bearer SG.test-key'
+
     def test_a_rejected_api_key_stops_the_run_and_loses_nothing(self, app, runner, sendgrid_api, subscribers):
         emails = subscribers(3)
         sendgrid_api.answers = {email: [401] * 10 for email in emails}  # a rejected key refuses every request
