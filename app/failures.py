@@ -9,13 +9,14 @@ class DeliveryFailure(Exception):
 
 
 class TemporaryFailure(DeliveryFailure):
-    """Refused for now (SMTP 4xx, HTTP 429 or 503): nothing arrived; try again later."""
+    """Refused for now (SMTP 4xx): nothing arrived; try again later."""
 
 
 class TransportFailure(TemporaryFailure):
     """The way out itself is down (refused or dropped connection before the message's end, rejected
-    credentials, an untrusted certificate, an API address that is not the API's, the rate limiter's Redis
-    gone): nothing arrived, and nothing else will get through either until it is back."""
+    credentials, an untrusted certificate, an API address that is not the API's, an API that turns every
+    request away (HTTP 429, 503), the rate limiter's Redis gone): nothing arrived, and nothing else will
+    get through either until it is back."""
 
 
 class PermanentFailure(DeliveryFailure):

@@ -27,7 +27,7 @@ from sendgrid.helpers.mail import Disposition, FileContent, FileName, FileType, 
 from sendgrid.helpers.mail import Header as SendGridHeader
 
 from app.database import utcnow
-from app.failures import OutcomeUnknown, PermanentFailure, TemporaryFailure, TransportFailure
+from app.failures import OutcomeUnknown, PermanentFailure, TransportFailure
 from app.ratelimit import rate_limiter
 from app.sender import Sender
 from app.smtp import SmtpSender
@@ -130,8 +130,11 @@ class SendGridSender(Sender):
             text = f'{exc.status_code} {exc.body!r}'
             if exc.status_code in (401, 403):
                 raise TransportFailure(f'{self.describe()} refused the API key: {text}') from exc
-            if exc.status_code in (429, 503):  # turned away before any work: too many requests, or down
-                raise TemporaryFailure(f'{email.recipient}: {text}') from exc
+            if exc.status_code in (429, 503):
+                # Turned away before any work, whoever the message is for: too many requests from this
+                # account, or SendGrid down. Deferred one by one, the rest of the list would each wait out
+                # MAIL_RETRIES back-offs for the same answer.
+                raise TransportFailure(f'{self.describe()} turned the request away: {text}') from exc
             if exc.status_code >= 500:  # "an error occurred while SendGrid processed it": maybe after sending
                 raise OutcomeUnknown(f'{self.describe()} answered {text} while processing it') from exc
             if exc.status_code in (400, 413):  # this message refused: what it says, or its size

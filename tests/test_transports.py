@@ -96,6 +96,23 @@ class TestSendGrid:
         with app.app_context():
             assert db.session.scalars(sa.select(Delivery)).all() == []
 
+    @pytest.mark.parametrize('answer', [429, 503])
+    def test_an_api_that_stays_busy_or_down_stops_the_run_with_everyone_left_due(self, app, runner, sendgrid_api,
+                                                                                subscribers, answer):
+        # Too many requests from this account, or SendGrid unavailable: whoever the message is for, as an
+        # SMTP relay that refuses connections. Deferring each subscriber in turn took MAIL_RETRIES requests
+        # and their back-off for each one of the list, and the run ended with status 0.
+        emails = subscribers(3)
+        sendgrid_api.answers = {email: [answer] * 10 for email in emails}
+
+        result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+        assert result.exit_code == 1 and f'{answer} ' in result.output
+        tried = [r['body']['personalizations'][0]['to'][0]['email'] for r in sendgrid_api.requests]
+        assert tried == ['reader0@example.com'] * 4, 'tried again MAIL_RETRIES times, then the run stopped'
+        with app.app_context():
+            assert db.session.scalars(sa.select(Delivery)).all() == [], 'nobody deferred, all left due'
+
     @pytest.mark.parametrize('answer', [404, 405, 308])
     def test_an_api_address_that_is_not_the_mail_send_endpoint_stops_the_run_and_loses_nothing(
             self, app, runner, sendgrid_api, subscribers, answer):
