@@ -267,6 +267,26 @@ def test_a_stage_whose_delay_cannot_be_read_is_shown_with_the_reason_and_every_o
     assert all('<a href="/admin/">Back to the dashboard</a>' in page.get_data(as_text=True) for page in stage_pages)
 
 
+@pytest.mark.parametrize('text, html_part, reason', [
+    ('Week two, with no subject line.\n', '<p>Week two.</p>', 'stages/week2.txt must start with a "Subject: ..." line'),
+    ('Subject: Week 2\nWeek two.\n', '<p>{% if %}Week two.</p>', 'Expected an expression')])
+def test_a_stage_whose_template_cannot_be_composed_shows_why_on_its_preview_and_test(stage_templates, app, admin,
+                                                                                   text, html_part, reason):
+    """The stage being written, as an admin previews it: a 500 said nothing of what to fix, and its test
+    was a 500 too."""
+    stage_templates('week2', text, html_part)
+    app.config['PROPAGATE_EXCEPTIONS'] = False  # as deployed: a 500 is a page, not an exception in the test
+
+    pages = [admin.get('/admin/stages/week2/preview'),
+             admin.post('/admin/stages/week2/test', data={'csrf_token': csrf_token(admin, '/admin/')})]
+
+    assert [page.status_code for page in pages] == [409] * 2
+    assert all(f'week2 cannot be composed: {reason}' in html.unescape(page.get_data(as_text=True)) for page in pages)
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count(Job.id)).where(Job.task == 'send_email')) == 1, \
+            'no test queued: only the sign-in link'
+
+
 def test_a_sign_in_link_works_once(app, client, smtp):
     link = sign_in_link(app, client, smtp)
     assert client.post(link, data={'csrf_token': csrf_token(client, link)}).status_code == 302

@@ -12,7 +12,7 @@ from app import subscribers as people
 from app.admin.blueprint import bp
 from app.admin.forms import BroadcastForm
 from app.database import as_integer, utcnow
-from app.drip import DripStage, available_stages, send_stage, waiting
+from app.drip import UNSENDABLE, DripStage, available_stages, send_stage, waiting
 from app.email import make_message_id, queue_email
 from app.extensions import db, login
 from app.mailing import PREVIEW_RECIPIENT, Recipient
@@ -129,14 +129,14 @@ def stage_preview(stage):
             abort(404, f'There is no subscriber {wanted}.')
         recipient = Recipient(client.id, client.email)
     return render_template('admin/stage.html', title=f'{stage} preview', stage=stage, wanted=wanted,
-                           preview=mailing.compose(recipient), recipient=recipient)
+                           preview=compose_or_abort(mailing, recipient), recipient=recipient)
 
 
 @bp.route('/stages/<stage>/test', methods=['POST'])
 def stage_test(stage):
     """The stage, to the signed-in admin, marked as a test: it goes as a single email, not through the
     send, so no ledger and no subscriber's stage is touched."""
-    email = stage_or_abort(stage).compose(Recipient(0, current_user.email))
+    email = compose_or_abort(stage_or_abort(stage), Recipient(0, current_user.email))
     queue_email(dataclasses.replace(email, subject=f'[Test] {email.subject}',
                                     message_id=make_message_id('test', stage, secrets.token_hex(6))))
     db.session.commit()
@@ -164,6 +164,15 @@ def stage_or_abort(key):
     if unreadable:
         abort(409, f'{key} {unreadable}')
     return stage
+
+
+def compose_or_abort(stage, recipient):
+    """The stage's email for `recipient`.  :raise 409: its templates do not compose (no Subject: line, a
+    Jinja error): the admin writing a stage previews it to find out, and must be told what is wrong."""
+    try:
+        return stage.compose(recipient)
+    except UNSENDABLE as exc:
+        abort(409, f'{stage.key} cannot be composed: {exc}')
 
 
 @bp.app_template_global('progress')
