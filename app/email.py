@@ -14,7 +14,7 @@ from email.utils import formataddr, formatdate, parseaddr
 
 from flask import current_app
 
-from app.failures import PermanentFailure
+from app.failures import OutcomeUnknown, PermanentFailure
 from app.jobs import GiveUp, define_task, kept_open, upcoming
 from app.transports import open_sender
 
@@ -69,21 +69,26 @@ def queue_email(email):
 @define_task(queue='mail', forget=('text', 'html', 'headers'))
 def send_email(recipient, subject, text, html, message_id, headers):
     """A temporary failure (the server is down, a 4xx) is retried by the job's back-off; a permanent
-    one (a 5xx) fails the job at once. Once it is over, what the email said (a sign-in link among it) is
-    dropped from the job's row; whom it went to, and its subject, stay."""
+    one (a 5xx), or a lost answer once it went out (it may have arrived), fails the job at once. Once it
+    is over, what the email said (a sign-in link among it) is dropped from the job's row; whom it went to,
+    and its subject, stay."""
     deliver(Email(recipient, subject, text, html, message_id, headers))
 
 
 def deliver(email):
     """Send `email` from a mail job (send_email, or a task that builds its email as it runs). When the
     worker has claimed the next mail job already, its envelope goes out behind this one's end (pipelining):
-    every mail job names its recipient `recipient`.  :raise GiveUp: for a permanent refusal."""
+    every mail job names its recipient `recipient`.  :raise GiveUp: for a permanent refusal, or an outcome
+    unknown."""
     following = upcoming() or {}
     try:
         with kept_open('sender', open_sender) as sender:  # one connection for a worker's emails, back to back
             sender.send(email, then=following.get('recipient'))
     except PermanentFailure as refused:
         raise GiveUp(f'PermanentFailure: {refused}') from refused
+    except OutcomeUnknown as lost:
+        # The way out had all of it: tried again, it would go out once more each attempt the job has left.
+        raise GiveUp(f'OutcomeUnknown: it may have arrived, so it is not sent again: {lost}') from lost
 
 
 def render_email(template, recipient, message_id, headers=None, **context):

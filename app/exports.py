@@ -1,8 +1,8 @@
 """Every subscriber as a CSV, for an admin. A background job (its progress on the page) streams them, a
 batch at a time by id, into a file in the instance folder, gzipped above EXPORT_COMPRESS_ABOVE bytes;
-emails it to the admin who asked, attached; and keeps it for download for EXPORT_KEEP_HOURS, after
-which the hourly clean-up deletes it (app/retention.py). Cells a spreadsheet would run as formulas are
-escaped (app/csvfiles.py)."""
+emails it to the admin who asked, attached (or says why it was not, or may not have been); and keeps it
+for download for EXPORT_KEEP_HOURS, after which the hourly clean-up deletes it (app/retention.py). Cells
+a spreadsheet would run as formulas are escaped (app/csvfiles.py)."""
 import gzip
 import secrets
 import shutil
@@ -17,7 +17,7 @@ from app.csvfiles import csv_lines
 from app.database import utcnow
 from app.email import Attachment, Email, make_message_id
 from app.extensions import db
-from app.failures import PermanentFailure
+from app.failures import OutcomeUnknown, PermanentFailure
 from app.jobs import define_task, report_progress
 from app.models import Client, Job
 from app.subscribers import state_of, with_states
@@ -71,8 +71,12 @@ def export_subscribers(admin):
     result = {'file': path.name, 'rows': written - 1, 'bytes': path.stat().st_size}
     try:
         _email(admin, path, written - 1)
-    except PermanentFailure as refused:  # a relay's limit on a message's size, say: the download still serves
+    except PermanentFailure as refused:
+        # Too large for the relay, say: exported again it would be refused again, and a failed job's file
+        # is never offered for download, so the export would be lost to the admin altogether.
         result['not emailed'] = str(refused)
+    except OutcomeUnknown as lost:  # tried again, it would go out once more (app/email.py, deliver)
+        result['emailed perhaps'] = str(lost)
     except BaseException:
         path.unlink()  # the next attempt writes the list anew; this copy would be no export's, never withdrawn
         raise

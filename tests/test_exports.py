@@ -14,6 +14,7 @@ from app.models import Client, Job
 from app.suppression import suppress
 from tests.support.forms import csrf_token
 from tests.support.jobs import make_jobs_due_now, run_due_jobs
+from tests.support.smtp import MailSink
 
 
 def export(app, admin):
@@ -108,6 +109,7 @@ def test_an_export_the_relay_refuses_to_email_stays_downloadable_and_says_why(ap
     assert 'Message size exceeds' in job.result['not emailed']
     with admin.get(f'/admin/exports/{job.id}/download') as downloaded:
         assert downloaded.status_code == 200 and len(downloaded.data.decode().splitlines()) == 4
+    assert 'Message size exceeds' in admin.get('/admin/exports').get_data(as_text=True)
     assert os.listdir(os.path.join(app.instance_path, 'exports')) == [job.result['file']]
 
 
@@ -125,3 +127,19 @@ def test_an_export_whose_email_is_tried_again_leaves_no_copy_of_the_list_behind(
         job = db.session.get(Job, first.id)
     assert (first.status, job.status, job.attempts) == ('queued', 'done', 2)
     assert os.listdir(os.path.join(app.instance_path, 'exports')) == [job.result['file']]
+
+
+def test_an_export_whose_email_got_no_answer_once_it_went_out_is_not_exported_and_emailed_again(app, admin, smtp,
+                                                                                                subscribers):
+    subscribers(3)
+    smtp.after_dot['admin@example.com'] = MailSink.DROP  # takes it, then hangs up before answering
+
+    job = export(app, admin)
+    make_jobs_due_now(app)
+    run_due_jobs(app)
+
+    assert len([m for m in smtp.messages if m['Subject'].startswith('Subscriber export')]) == 1
+    assert job.status == 'done' and 'no answer after the end of the data' in job.result['emailed perhaps']
+    with admin.get(f'/admin/exports/{job.id}/download') as downloaded:
+        assert downloaded.status_code == 200
+    assert 'no answer after the end of the data' in admin.get('/admin/exports').get_data(as_text=True)

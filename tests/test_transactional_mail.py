@@ -16,6 +16,7 @@ from app.extensions import db
 from app.jobs import run_due
 from app.models import Job
 from tests.support.forms import sign_up
+from tests.support.smtp import MailSink
 from tests.support.jobs import make_jobs_due_now, queue_emails
 
 
@@ -92,6 +93,23 @@ def test_a_temporary_failure_is_retried_with_growing_back_off_then_kept_as_faile
     assert row.status == 'failed' and row.attempts == 3 and '451' in row.error
     assert 59 <= waits[0] <= 61 and 119 <= waits[1] <= 121, waits  # 60 s, then doubled
     assert email_jobs(app)['busy@example.com'] is not None, 'kept, for the admin to see'
+
+
+def test_an_email_whose_answer_is_lost_once_it_went_out_is_not_sent_again_and_its_job_says_so(app, smtp):
+    """It may have arrived (the server had all of it): tried again, it went out as many times as the job had
+    attempts (JOB_MAX_ATTEMPTS, 15), to a relay losing its answers, or a SendGrid slower than MAIL_TIMEOUT."""
+    smtp.after_dot['jane@example.com'] = MailSink.DROP  # takes it, then hangs up before answering
+    queue_emails(app, 'jane@example.com', 'b@example.com')
+
+    for _ in range(3):
+        deliver(app)
+        make_jobs_due_now(app)
+
+    assert [m['To'] for m in smtp.received_by('jane@example.com')] == ['jane@example.com']
+    row = email_jobs(app)['jane@example.com']
+    assert row.status == 'failed' and row.attempts == 1
+    assert 'may have arrived' in row.error and 'no answer after the end of the data' in row.error
+    assert email_jobs(app)['b@example.com'].status == 'done' and len(smtp.received_by('b@example.com')) == 1
 
 
 def test_two_workers_deliver_each_email_once(app, smtp, flask_command):
