@@ -6,6 +6,7 @@ rename); from then on, a missing answer is OutcomeUnknown, never a failure to re
 Which way out is used is decided once, by mail_transport(), and a deployment cannot fall into the folder
 by accident: once the settings look like a deployment, the folder must be chosen by name."""
 import base64
+import contextlib
 import http.client
 import logging
 import os
@@ -168,12 +169,17 @@ class FolderSender(Sender):
         folder = Path(self.config['MAIL_FOLDER'])
         name = re.sub(r'[^A-Za-z0-9.@-]+', '_', email.message_id.strip('<>'))
         path = folder / f'{utcnow():%Y%m%dT%H%M%S.%f}-{name}.eml'
+        writing = None
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder, prefix='.writing-', delete=False) as file:
+                writing = file.name
                 file.write(payload)
-            os.replace(file.name, path)
+            os.replace(writing, path)
         except OSError as exc:
+            if writing is not None:  # part-written on a full disk, it would keep the space it took
+                with contextlib.suppress(OSError):
+                    os.unlink(writing)
             raise TransportFailure(f'cannot write {path}: {exc}') from exc
         log.info('mail to %s written to %s', email.recipient, path)
 

@@ -1,7 +1,10 @@
 """The ways out beyond the drip's own tests: the SendGrid Web API (against a local stand-in), the .eml
 folder, and the SMTP exchange and MIME encoding details."""
 import base64
+import contextlib
+import os
 import re
+import resource
 from email import message_from_bytes, policy
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import sqlalchemy as sa
 
 from app.email import Attachment, Email
 from app.extensions import db
+from app.failures import TransportFailure
 from app.models import Client, Delivery
 from app.transports import open_sender
 
@@ -173,6 +177,32 @@ class TestMailFolder:
         messages = [message_from_bytes(f.read_bytes(), policy=policy.default) for f in files]
         assert sorted(m['To'] for m in messages) == emails
         assert all(m['List-Unsubscribe-Post'] == 'List-Unsubscribe=One-Click' for m in messages)
+
+    @pytest.fixture
+    def disk_full_above(self):
+        """Writes past `size` bytes in a file fail, as on a full disk (RLIMIT_FSIZE: Python ignores the
+        signal, so the write raises), until the block's end."""
+        @contextlib.contextmanager
+        def limit(size):
+            before = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size, before[1]))
+            try:
+                yield
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, before)
+        return limit
+
+    def test_a_message_that_cannot_be_written_whole_leaves_nothing_in_the_folder(self, app, disk_full_above):
+        # A part-written temporary file kept the space it took: on the disk that also holds the SQLite
+        # database (the instance folder), the app's own leftovers kept it full.
+        email = Email('jane@example.com', 'Large', 'word ' * 100_000, '<p>html</p>', '<large.1@example.com>')
+        with app.app_context(), open_sender() as sender:
+            email.mime  # built before the disk fills up
+            Path(app.config['MAIL_FOLDER']).mkdir(parents=True)
+            with disk_full_above(100_000), pytest.raises(TransportFailure, match='cannot write'):
+                sender.send(email)
+
+        assert os.listdir(app.config['MAIL_FOLDER']) == []
 
 
 def test_a_message_is_well_formed_mime_with_crlf_lines_and_survives_a_round_trip(app):
