@@ -117,8 +117,9 @@ class SendGridSender(Sender):
     def send(self, email, meanwhile=None, then=None):
         email.refuse_unsendable()
         name, address = parseaddr(self.config['MAIL_DEFAULT_SENDER'])
-        message = Mail(from_email=From(address, name or None), to_emails=email.recipient,
-                       subject=email.subject, plain_text_content=email.text, html_content=email.html)
+        # An empty part (a stage written in HTML alone) is left out: SendGrid refuses one with a 400.
+        message = Mail(from_email=From(address, name or None), to_emails=email.recipient, subject=email.subject,
+                       plain_text_content=email.text or None, html_content=email.html or None)
         for key, value in {**email.headers, 'Message-ID': email.message_id}.items():
             message.add_header(SendGridHeader(key, value))
         for attachment in email.attachments:

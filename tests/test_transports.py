@@ -46,6 +46,18 @@ class TestSendGrid:
         assert headers['List-Unsubscribe-Post'] == 'List-Unsubscribe=One-Click'
         assert headers['Message-ID'].startswith('<newsletter.week1.')
 
+    def test_a_stage_written_in_html_alone_goes_through_the_api_without_an_empty_text_part(
+            self, stage_templates, app, runner, sendgrid_api, subscribers):
+        # SendGrid refuses a part with no content (400): every subscriber failed for good.
+        stage_templates('week1', 'Subject: Welcome\n', '<p>Welcome, {{ greeting_name }}.</p>')
+        subscribers(2)
+
+        result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+        assert result.exit_code == 0, result.output
+        assert [r['body']['content'] for r in sendgrid_api.requests] == [
+            [{'type': 'text/html', 'value': '<p>Welcome, Reader.</p>'}]] * 2
+
     def test_an_attachment_goes_through_the_api_base64_encoded(self, app, sendgrid_api):
         with app.app_context(), open_sender() as sender:
             sender.send(Email('admin@example.com', 'Export', 'text', '<p>html</p>', '<export.1@example.com>',

@@ -1,7 +1,7 @@
 """A local HTTP server standing in for the SendGrid v3 API: it records each request and answers as
-SendGrid does (202, or the status a test asks for), or, once it has the whole request, hangs up,
-takes longer to answer than the client waits, or sends the client elsewhere (a 301 to a page that any
-GET finds, as a web server in front of the wrong address would)."""
+SendGrid does (202, 400 for a message with an empty part, or the status a test asks for), or, once it
+has the whole request, hangs up, takes longer to answer than the client waits, or sends the client
+elsewhere (a 301 to a page that any GET finds, as a web server in front of the wrong address would)."""
 import json
 import threading
 import time
@@ -26,6 +26,10 @@ class SendGridStandIn:
                 recipient = body['personalizations'][0]['to'][0]['email']
                 planned = stand_in.answers.get(recipient)
                 status = planned.pop(0) if planned else 202
+                error = {'message': 'refused'}
+                if empty := [n for n, part in enumerate(body.get('content', [])) if not part['value']]:
+                    status, error = 400, {'message': 'The content value must be a string at least one character in '
+                                                     'length.', 'field': f'content.{empty[0]}.value'}
                 if status == stand_in.HANG_UP:
                     self.close_connection = True
                     return
@@ -40,7 +44,7 @@ class SendGridStandIn:
                     return
                 self.send_response(status)
                 self.send_header('Content-Type', 'application/json')
-                reply = b'' if status == 202 else json.dumps({'errors': [{'message': 'refused'}]}).encode()
+                reply = b'' if status == 202 else json.dumps({'errors': [error]}).encode()
                 self.send_header('Content-Length', str(len(reply)))
                 self.end_headers()
                 self.wfile.write(reply)
