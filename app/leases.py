@@ -106,8 +106,9 @@ def renew(model, *conditions, owner, seconds, **values):
 class Heartbeat:
     """Calls `beat()` every `every` seconds, on a thread and in an app context of its own, from entering
     the `with` block to leaving it (or until `beat()` returns False): a lease it keeps never waits on
-    whatever the work itself is waiting on (a slow SMTP server, a long back-off). A database hiccup is
-    logged and tried again at the next beat, well within the lease."""
+    whatever the work itself is waiting on (a slow SMTP server, a long back-off). A beat that fails, however
+    (the database gone, every connection of the pool busy), is logged and tried again at the next beat, well
+    within the lease: a heartbeat that ended on it would let the lease run out under work still going on."""
 
     def __init__(self, beat, every, name):
         self.app = current_app._get_current_object()
@@ -124,13 +125,12 @@ class Heartbeat:
 
     def _run(self):
         while not self.stopped.wait(self.every):
-            with self.app.app_context():
-                try:
+            try:
+                with self.app.app_context():  # whose end removes its session, after a failure too
                     if self.beat() is False:
                         return
-                except sa.exc.DBAPIError:
-                    db.session.rollback()
-                    log.exception('%s: could not renew its lease; trying again at the next beat', self.name)
+            except Exception:
+                log.exception('%s: could not renew its lease; trying again at the next beat', self.name)
 
 
 class _BeatingThread:

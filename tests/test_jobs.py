@@ -66,10 +66,22 @@ def slow_counter(steps, step_seconds):
     return {'steps': steps}
 
 
+@define_task(queue='bulk')
+def holding_a_connection(hold_seconds, steps, step_seconds):
+    """Holds a connection of the pool for `hold_seconds` (a long read, a transaction left open), then counts."""
+    db.session.execute(sa.select(1))
+    time.sleep(hold_seconds)
+    db.session.commit()
+    for step in range(steps):
+        report_progress(step, steps)
+        time.sleep(step_seconds)
+    return {'steps': steps}
+
+
 @pytest.fixture
 def app(app):
     """The app, with this module's tasks registered beside its own, as the factory registers those."""
-    app.extensions['tasks'].add(add, flaky, subscribe_then, noted, slow_counter)
+    app.extensions['tasks'].add(add, flaky, subscribe_then, noted, slow_counter, holding_a_connection)
     ran.clear()
     halt.clear()
     return app
@@ -280,6 +292,39 @@ def test_a_long_job_keeps_its_lease_and_shows_its_progress_while_it_runs(app):
     assert job.status == 'done' and job.attempts == 1 and job.result == {'steps': 25}
     assert not any(stolen), 'its lease (1.5 s) was renewed through the 5 s it ran'
     assert len(seen - {None}) >= 3, f'progress was written as it went: {seen}'
+
+
+def test_a_heartbeat_that_waited_too_long_for_a_pooled_connection_beats_on_and_so_do_the_next_ones(
+        settings, request):
+    """A pool's every connection busy (sqlalchemy.exc.TimeoutError, not a DBAPIError) ended the heartbeat's
+    thread: the job's lease ran out while it still ran, for another worker to run it again, and the dead
+    thread, handed the next heartbeat, left the next job waiting for it for ever."""
+    settings.update(LEASE_SECONDS=1.5, JOB_PROGRESS_SECONDS=0.2,
+                    SQLALCHEMY_ENGINE_OPTIONS={'pool_size': 1, 'max_overflow': 0, 'pool_timeout': 0.1})
+    app = request.getfixturevalue('app')
+    with app.app_context():
+        holding_a_connection.apply(hold_seconds=0.6, steps=15, step_seconds=0.2)
+        db.session.commit()
+    worker = threading.Thread(target=run_due_jobs, args=(app,))
+    worker.start()
+    lapsed, watcher = [], sa.create_engine(settings['SQLALCHEMY_DATABASE_URI'])
+    while worker.is_alive():
+        with watcher.connect() as connection:
+            lease_until = connection.scalar(sa.select(Job.lease_until).where(Job.status == 'running'))
+        lapsed.append(lease_until is not None and lease_until < utcnow())
+        time.sleep(0.1)
+    worker.join()
+    watcher.dispose()
+    with app.app_context():
+        add.apply(a=1, b=1)
+        db.session.commit()
+    next_worker = threading.Thread(target=run_due_jobs, args=(app,), daemon=True)
+    next_worker.start()
+    next_worker.join(timeout=10)
+
+    assert not any(lapsed), 'its lease ran out while it ran'
+    assert not next_worker.is_alive(), 'the next job waited for ever for its heartbeat to end'
+    assert [(job.status, job.attempts) for job in jobs(app)] == [('done', 1), ('done', 1)]
 
 
 def test_a_worker_asked_to_stop_puts_its_running_job_back_without_counting_an_attempt(app):
