@@ -92,3 +92,30 @@ def test_a_run_killed_before_the_upgrade_still_leaves_unknown_only_its_claims_in
         engine.dispose()
     assert {owner: json.loads(ids) if isinstance(ids, str) else ids for owner, ids in sending.items()} == \
         {'dead': [2, 4, 5], 'done': None}, "its own claims in 1..5; not another run's, not the sent one"
+
+
+def test_a_downgrade_that_rebuilds_the_subscribers_table_keeps_the_send_log(settings, flask_command):
+    """SQLite drops a column by building the table anew and dropping the old one; with foreign keys on (as
+    the app's every connection has them), that drop deleted every subscriber's deliveries with it (ON DELETE
+    CASCADE), and the next upgrade and send mailed everyone again everything they had had."""
+    out, err = (upgrade := flask_command('db', 'upgrade')).communicate(timeout=60)
+    assert upgrade.returncode == 0, err
+    engine = sa.create_engine(settings['SQLALCHEMY_DATABASE_URI'])
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO clients (id, email, active, num_newsletter, created_at) VALUES "
+                                 "(1, 'jane@example.com', true, 2, '2026-11-01'), "
+                                 "(2, 'bob@example.com', true, 1, '2026-11-02')"))
+            conn.execute(sa.text("INSERT INTO deliveries (client_id, mailing, status, attempts, created_at) VALUES "
+                                 "(1, 'week1', 'sent', 1, '2026-11-08'), (1, 'week2', 'sent', 1, '2026-11-15'), "
+                                 "(2, 'week1', 'sent', 1, '2026-11-09')"))
+
+        out, err = (downgrade := flask_command('db', 'downgrade', '962f83363491')).communicate(timeout=60)
+
+        assert downgrade.returncode == 0, err
+        with engine.connect() as conn:
+            kept = conn.execute(sa.text('SELECT client_id, mailing FROM deliveries ORDER BY id')).all()
+            assert conn.scalar(sa.text('SELECT count(*) FROM clients')) == 2
+    finally:
+        engine.dispose()
+    assert kept == [(1, 'week1'), (1, 'week2'), (2, 'week1')]
