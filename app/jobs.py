@@ -428,12 +428,28 @@ def _record(running, give_back_attempt=False, **values):
             db.session.commit()
         else:
             db.session.rollback()
-    else:
-        with alone() as connection:  # the task left nothing to commit with it (sending an email writes nothing)
-            held = connection.execute(statement, params).rowcount
+    else:  # the task left nothing to commit with it (sending an email writes nothing)
+        held = _record_alone(running, statement, params)
     if not held:
         log.warning('job %d: its lease ran out and another worker took it over; this outcome is dropped',
                     running.job_id)
+
+
+def _record_alone(running, statement, params):
+    """Run the outcome's `statement` on a connection of its own, tried again while the job's lease may still
+    hold: an outcome that could not be written leaves the job to be taken over, and run again, once the lease
+    runs out, and a database that was back within seconds (restarted, failed over) would have an email that
+    went out sent twice.  :return: how many rows it changed (0: the job was taken over)."""
+    deadline = time.monotonic() + current_app.config['LEASE_SECONDS']
+    while True:
+        try:
+            with alone() as connection:
+                return connection.execute(statement, params).rowcount
+        except sa.exc.DBAPIError as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning('job %d: could not record its outcome (%s); trying again', running.job_id, exc.orig)
+            time.sleep(0.5)
 
 
 def _record_outcome(names, give_back_attempt):

@@ -22,6 +22,7 @@ from app.ledger import ledger, mailing_named  # noqa: E402
 from app.models import Client, Delivery  # noqa: E402
 from config import Config  # noqa: E402
 from tests.support.forms import sign_in  # noqa: E402
+from tests.support.proxy import CuttableProxy  # noqa: E402
 from tests.support.sendgrid import SendGridStandIn  # noqa: E402
 from tests.support.silent import SilentServer  # noqa: E402
 from tests.support.smtp import MailSink, free_port  # noqa: E402
@@ -154,6 +155,15 @@ def silent_server():
     server = SilentServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def postgresql_proxy(postgresql_server):
+    """A proxy in front of the tests' PostgreSQL, for a test to cut (tests/support/proxy.py)."""
+    url = postgresql_server.url
+    proxy = CuttableProxy(url.host, url.port or 5432).start()
+    yield proxy
+    proxy.stop()
 
 
 @pytest.fixture

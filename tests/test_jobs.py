@@ -439,6 +439,37 @@ def test_an_email_the_relay_took_is_not_sent_again_when_the_database_dropped_the
     assert smtp.recipients() == ['jane@example.com'] and (job.status, job.attempts) == ('done', 1)
 
 
+@pytest.mark.parametrize('database_url', ['postgresql'], indirect=True)  # a server that can be out of reach
+def test_an_email_the_relay_took_is_not_sent_again_when_the_database_was_out_of_reach_for_a_moment(
+        app, smtp, settings, postgresql_proxy, flask_command, tmp_path):
+    """PostgreSQL restarting, or failing over, for a few seconds just as the relay took an email: its outcome
+    could not be written then, and the job, left running, was taken over once its lease ran out and sent
+    again, though the database was back long before and its worker knew the email had gone."""
+    queue_emails(app, 'jane@example.com')
+    smtp.delay = 1.0  # the relay answers the final dot a second after the data
+    through_proxy = sa.make_url(settings['SQLALCHEMY_DATABASE_URI']).set(port=postgresql_proxy.port)
+    with open(tmp_path / 'worker.log', 'w+') as log:  # a pipe left unread fills with its tracebacks, and it waits
+        worker = flask_command('worker', '--queue', 'mail', LEASE_SECONDS='6', JOB_POLL_SECONDS='0.2', stderr=log,
+                               DATABASE_URL=through_proxy.render_as_string(hide_password=False))
+        try:
+            assert smtp.wait_for(1) == 1
+            postgresql_proxy.cut()
+            time.sleep(3)  # the relay's answer comes in meanwhile
+            postgresql_proxy.restore()
+            deadline = time.monotonic() + 10  # past its 6 s lease
+            while time.monotonic() < deadline and jobs(app)[0].status != 'done':
+                time.sleep(0.2)
+            time.sleep(7)  # what a take-over would do, it would have done by now
+        finally:
+            worker.terminate()
+            worker.communicate(timeout=30)
+        log.seek(0)
+        err = log.read()
+
+    [job] = jobs(app)
+    assert smtp.recipients() == ['jane@example.com'] and (job.status, job.attempts) == ('done', 1), err[-3000:]
+
+
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason="a signal to one thread: Linux's tgkill")
 @pytest.mark.parametrize('database_url', ['sqlite'], indirect=True)  # signals, whatever the database
 def test_a_worker_stops_on_sigterm_whichever_of_its_threads_takes_it(app, flask_command):
