@@ -17,7 +17,7 @@ from app.drip import DripStage, NoStages, available_stages, latest_first, queue_
 from app.email import TemplateError
 from app.extensions import db
 from app.imports import ImportFileError, Outcome, check, import_file
-from app.jobs import QUEUES, Worker, rq_queue, run_due
+from app.jobs import QUEUES, Worker, rq_queue, rq_worker_stopping, run_due
 from app.ledger import STATES, ledger, mailing_named, members
 from app.models import Broadcast, DeliveryStatus
 from app.scaleout import enqueue_stage
@@ -202,6 +202,14 @@ def mailing_status(key, state):
         sys.exit(1)
 
 
+class _StoppingWorker(rq.SimpleWorker):
+    """Told to stop, it also asks the job it runs to stop at its next safe point (app.jobs.rq_worker_stopping)."""
+
+    def handle_warm_shutdown_request(self):
+        rq_worker_stopping.set()
+        super().handle_warm_shutdown_request()
+
+
 @bp.cli.command('rq-worker')
 @click.option('--burst', is_flag=True, help='Exit once the queue is empty.')
 def rq_worker(burst):
@@ -216,7 +224,7 @@ def rq_worker(burst):
     # SimpleWorker runs each job in this process, inside the app context `flask` gave it. With RQ's
     # scheduler too: a retry (a send stopped on an error, tried again a minute later) waits among RQ's
     # scheduled jobs until a scheduler puts it back on the queue, and no other process runs one.
-    rq.SimpleWorker([work_queue], connection=work_queue.connection).work(burst=burst, with_scheduler=True)
+    _StoppingWorker([work_queue], connection=work_queue.connection).work(burst=burst, with_scheduler=True)
 
 
 @bp.cli.command('worker')

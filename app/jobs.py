@@ -331,10 +331,15 @@ def rq_queue():
     return rq.Queue(current_app.config['RQ_QUEUE'], connection=redis_client())
 
 
+# Set as `flask rq-worker` is told to stop (SIGTERM, Ctrl+C): RQ itself lets the job running finish, however
+# long, and a send would go on until the SIGKILL that follows a stop that takes too long.
+rq_worker_stopping = threading.Event()
+
+
 def run_handed_over(job_id, owner):
-    """The RQ job: runs inside `flask rq-worker`."""
+    """The RQ job: runs inside `flask rq-worker`, until its next safe point once that worker is told to stop."""
     try:
-        execute(job_id, owner, threading.Event())
+        execute(job_id, owner, rq_worker_stopping)
     finally:
         db.session.remove()
 

@@ -1,5 +1,6 @@
 """Sending at scale: parallel connections, the rate limit, and RQ workers on several processes."""
 import signal
+import subprocess
 import uuid
 from collections import Counter
 from datetime import timedelta
@@ -97,6 +98,31 @@ def test_four_rq_workers_send_every_subscriber_once_even_when_one_is_killed(rq_s
     with app.app_context():
         stages = Counter(db.session.scalars(sa.select(Client.num_newsletter)))
     assert stages == {1: 120 - len(unknown), **({0: len(unknown)} if unknown else {})}
+
+
+def test_an_rq_worker_told_to_stop_stops_its_send_after_the_batch_and_another_worker_carries_on(
+        rq_settings, request, smtp, subscribers, flask_command, promise_kept):
+    """On SIGTERM (systemd stopping or restarting it, a deploy) RQ lets the job running finish: a send of the
+    whole list, long past the few seconds systemd waits before its SIGKILL, which left what was on the wire
+    unknown. As `flask worker` does, the send stops after its batch, and another worker carries on."""
+    request.getfixturevalue('app')
+    emails = subscribers(200)
+    smtp.delay = 0.05
+    assert finish(flask_command('send-newsletter-email', 'week1', '--queue', '1'))[0] == 0
+    worker = flask_command('rq-worker', SEND_BATCH_SIZE='5')
+    assert smtp.wait_for(10) >= 10
+
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        worker.kill()  # as systemd does once its stop timeout is over
+        worker.communicate()
+    stopped_at = len(smtp.messages)
+    code, out, err = finish(flask_command('rq-worker', '--burst', SEND_BATCH_SIZE='5'))
+
+    assert stopped_at < 100 and worker.returncode == 0, 'it stopped on its own, well before the end of the list'
+    assert promise_kept('week1', emails) == {'sent': emails}, err
 
 
 def test_an_rq_send_stopped_by_lost_answers_waits_for_an_admin_instead_of_retrying(rq_settings, request, smtp,
