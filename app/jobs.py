@@ -443,17 +443,19 @@ def _record(running, give_back_attempt=False, **values):
 def _record_alone(running, statement, params):
     """Run the outcome's `statement` on a connection of its own, tried again while the job's lease may still
     hold: an outcome that could not be written leaves the job to be taken over, and run again, once the lease
-    runs out, and a database that was back within seconds (restarted, failed over) would have an email that
-    went out sent twice.  :return: how many rows it changed (0: the job was taken over)."""
+    runs out, and a database that was back within seconds (restarted, failed over), or a pool whose every
+    connection was busy for a moment, would have an email that went out sent twice.  :return: how many rows
+    it changed (0: the job was taken over)."""
     deadline = time.monotonic() + current_app.config['LEASE_SECONDS']
     while True:
         try:
             with alone() as connection:
                 return connection.execute(statement, params).rowcount
-        except sa.exc.DBAPIError as exc:
+        except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
             if time.monotonic() > deadline:
                 raise
-            log.warning('job %d: could not record its outcome (%s); trying again', running.job_id, exc.orig)
+            log.warning('job %d: could not record its outcome (%s); trying again', running.job_id,
+                        getattr(exc, 'orig', exc))
             time.sleep(0.5)
 
 

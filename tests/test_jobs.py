@@ -470,6 +470,29 @@ def test_an_email_the_relay_took_is_not_sent_again_when_the_database_was_out_of_
     assert smtp.recipients() == ['jane@example.com'] and (job.status, job.attempts) == ('done', 1), err[-3000:]
 
 
+def test_an_email_the_relay_took_is_not_sent_again_when_every_pooled_connection_was_busy_a_moment(
+        settings, request, smtp):
+    """Every connection of the pool busy (a web process's requests, its other job threads) just as the relay
+    took an email: its outcome waited for one no longer than the pool's time-out, sqlalchemy.exc.TimeoutError
+    (not a DBAPIError) left the job running, and once its lease ran out it was run, and sent, again."""
+    settings.update(LEASE_SECONDS=3, SQLALCHEMY_ENGINE_OPTIONS={'pool_size': 1, 'max_overflow': 0, 'pool_timeout': 0.2})
+    app = request.getfixturevalue('app')
+    queue_emails(app, 'jane@example.com')
+    smtp.delay = 0.5  # the relay answers the final dot half a second after the data
+    worker = threading.Thread(target=run_due_jobs, args=(app,))
+    worker.start()
+    assert smtp.wait_for(1) == 1
+    with app.app_context(), db.engine.connect():
+        time.sleep(1.5)  # the relay's answer comes in meanwhile
+    worker.join()
+
+    time.sleep(3.5)  # its lease (3 s) has run out
+    run_due_jobs(app)  # another worker, looking for jobs whose worker died
+
+    [job] = jobs(app)
+    assert smtp.recipients() == ['jane@example.com'] and (job.status, job.attempts) == ('done', 1)
+
+
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason="a signal to one thread: Linux's tgkill")
 @pytest.mark.parametrize('database_url', ['sqlite'], indirect=True)  # signals, whatever the database
 def test_a_worker_stops_on_sigterm_whichever_of_its_threads_takes_it(app, flask_command):
