@@ -51,7 +51,8 @@ def rows():
 @define_task(queue='bulk')
 def export_subscribers(admin):
     """:return: the file's name, its rows and size, for the page's download link; and why it was not emailed,
-    when the relay refused it for good (trying again would be refused again)."""
+    when the relay refused it for good (trying again would be refused again), or why it may not have been,
+    when its answer was lost once it went out (trying again would email it twice)."""
     config, total = current_app.config, db.session.scalar(sa.select(sa.func.count(Client.id)))
     path = folder() / f'subscribers-{utcnow():%Y%m%d-%H%M%S}-{secrets.token_hex(8)}.csv'
     written = 0

@@ -41,7 +41,7 @@ def subscriber_action(client_id, action):
         return redirect(url_for('admin.subscriber', client_id=client_id))
     getattr(subscribers, action)(client)
     flash({'deactivate': f'{client.email} receives nothing more.',
-           'reactivate': f'{client.email} is sent a fresh confirmation email: following it subscribes them again.'
+           'reactivate': f'{client.email} is sent a fresh confirmation email: its link, and the Confirm button it opens, subscribe them again.'
            }[action])
     return redirect(url_for('admin.subscriber', client_id=client_id))
 
