@@ -1,11 +1,13 @@
 """Commands for cron and admins. Attached with cli_group=None, so `flask <command>` runs them inside
 the app context with the app's own configuration, exactly as cron needs."""
+import contextlib
 import signal
 import sys
 import threading
 
 import click
 import jinja2
+import redis
 import rq
 import sqlalchemy as sa
 from flask import Blueprint, current_app, has_app_context
@@ -138,10 +140,21 @@ def _unsendable(why):
     return False
 
 
+@contextlib.contextmanager
+def _redis_in_reach():
+    """Redis down, or a REDIS_URL naming the wrong place, said in a line (and not the URL, which may hold
+    a password) rather than in redis's traceback."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise click.ClickException(f'cannot reach Redis (REDIS_URL): {exc}') from exc
+
+
 def _enqueue(stage, jobs):
     if not current_app.config['REDIS_URL']:
         raise click.UsageError('--queue needs REDIS_URL (the Redis that the RQ workers use)')
-    queued = enqueue_stage(stage, jobs)
+    with _redis_in_reach():
+        queued = enqueue_stage(stage, jobs)
     click.echo(f'{stage}: {len(queued)} job(s) queued; `flask rq-worker` on any machine sends them')
 
 
@@ -224,7 +237,8 @@ def rq_worker(burst):
     # SimpleWorker runs each job in this process, inside the app context `flask` gave it. With RQ's
     # scheduler too: a retry (a send stopped on an error, tried again a minute later) waits among RQ's
     # scheduled jobs until a scheduler puts it back on the queue, and no other process runs one.
-    _StoppingWorker([work_queue], connection=work_queue.connection).work(burst=burst, with_scheduler=True)
+    with _redis_in_reach():
+        _StoppingWorker([work_queue], connection=work_queue.connection).work(burst=burst, with_scheduler=True)
 
 
 @bp.cli.command('worker')

@@ -1,5 +1,6 @@
 """Sending at scale: parallel connections, the rate limit, and RQ workers on several processes."""
 import signal
+import socket
 import subprocess
 import uuid
 from collections import Counter
@@ -167,6 +168,20 @@ def test_queueing_without_redis_is_a_clear_error(runner, subscribers):
     subscribers(1)
     result = runner.invoke(args=['send-newsletter-email', 'week1', '--queue', '2'])
     assert result.exit_code == 2 and '--queue needs REDIS_URL' in result.output
+
+
+@pytest.mark.parametrize('command', [['send-newsletter-email', 'week1', '--queue', '2'], ['rq-worker', '--burst']])
+def test_queueing_or_working_with_redis_out_of_reach_is_a_clear_error(settings, request, command):
+    """A Redis that is down, or a REDIS_URL that names the wrong port: it was redis's traceback."""
+    with socket.socket() as closed:
+        closed.bind(('127.0.0.1', 0))
+        settings['REDIS_URL'] = f'redis://:secret@127.0.0.1:{closed.getsockname()[1]}/0'
+    request.getfixturevalue('subscribers')(1)
+
+    result = request.getfixturevalue('runner').invoke(args=command)
+
+    assert result.exit_code == 1 and 'Error: cannot reach Redis (REDIS_URL)' in result.output, result.output
+    assert 'Traceback' not in result.output and 'secret' not in result.output
 
 
 def test_a_run_starting_part_way_comes_back_round_for_everyone_before_its_start(app, smtp, subscribers):
