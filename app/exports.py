@@ -69,6 +69,11 @@ def export_subscribers(admin):
         path = Path(f'{path}.gz')
     path.chmod(0o600)
     report_progress(written - 1, total)
+    # The reading is over, and it wrote nothing: with no transaction left open, the job's outcome is written
+    # as a mail job's is, on a connection of its own and tried again while the database is away a moment
+    # (app/jobs.py, _record_alone). Written on the session's, a dropped connection left the job running, to
+    # be exported and emailed again once its lease ran out.
+    db.session.rollback()
     result = {'file': path.name, 'rows': written - 1, 'bytes': path.stat().st_size}
     try:
         _email(admin, path, written - 1)

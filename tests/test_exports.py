@@ -7,6 +7,7 @@ import os
 import time
 from datetime import timedelta
 
+import pytest
 import sqlalchemy as sa
 
 from app.extensions import db
@@ -143,3 +144,35 @@ def test_an_export_whose_email_got_no_answer_once_it_went_out_is_not_exported_an
     with admin.get(f'/admin/exports/{job.id}/download') as downloaded:
         assert downloaded.status_code == 200
     assert 'no answer after the end of the data' in admin.get('/admin/exports').get_data(as_text=True)
+
+
+@pytest.mark.parametrize('database_url', ['postgresql'], indirect=True)  # a server that can drop connections
+def test_an_export_the_relay_took_is_not_exported_and_emailed_again_when_the_database_dropped_the_workers_connections(
+        app, admin, smtp, subscribers, settings, postgresql_server, flask_command):
+    """PostgreSQL restarted, failed over, or a proxy closed idle connections as the relay took the export's
+    email: it is emailed once, and one file is kept. Its outcome was written on the session's dead connection:
+    the job, left running, was taken over once its lease ran out, exported and emailed again, and the first
+    file was left behind, no export's."""
+    subscribers(3)
+    admin.post('/admin/exports', data={'csrf_token': csrf_token(admin, '/admin/exports')})
+    already = len(smtp.messages)  # the sign-in link
+    smtp.delay = 1.0  # the relay answers the final dot a second after the data
+    name = f'worker-{time.time_ns()}'
+    worker = flask_command('worker', '--queue', 'bulk', LEASE_SECONDS='6', JOB_POLL_SECONDS='0.2',
+                           DATABASE_URL=f"{settings['SQLALCHEMY_DATABASE_URI']}&application_name={name}")
+    try:
+        assert smtp.wait_for(already + 1) == already + 1
+        with postgresql_server.begin() as connection:
+            dropped = connection.execute(sa.text('SELECT pg_terminate_backend(pid) FROM pg_stat_activity '
+                                                 'WHERE application_name = :name'), {'name': name}).scalars().all()
+        assert dropped and all(dropped)
+        time.sleep(16)  # past its 6 s lease, and what a take-over would do
+    finally:
+        worker.terminate()
+        worker.communicate(timeout=30)
+
+    exports = [m for m in smtp.messages if m['Subject'].startswith('Subscriber export')]
+    with app.app_context():
+        job = db.session.scalar(sa.select(Job).where(Job.task == 'export_subscribers'))
+    files = os.listdir(os.path.join(app.instance_path, 'exports'))
+    assert (len(exports), job.status, job.attempts, len(files)) == (1, 'done', 1, 1), files
