@@ -179,6 +179,19 @@ def test_permanent_failure_is_recorded_for_that_subscriber_and_the_rest_are_sent
     assert smtp.recipients().count('reader2@example.com') == 1
 
 
+def test_a_refusal_whose_text_holds_a_nul_is_recorded_and_the_rest_are_sent(app, runner, smtp, subscribers):
+    """A server's reply is its own to write; PostgreSQL's text refuses a NUL."""
+    emails = subscribers(3)
+    smtp.refuse_for_good['reader1@example.com'] = '550 5.1.1 No such user \x00here'
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert result.exit_code == 1 and 'week1: sent 2, skipped 0, failed 1' in result.output, result.output
+    assert sorted(smtp.recipients()) == sorted(set(emails) - {'reader1@example.com'})
+    status, error = deliveries(app)['reader1@example.com']
+    assert status == 'failed' and '550 5.1.1 No such user' in error
+
+
 def test_temporary_failure_is_retried_with_backoff(app, runner, smtp, subscribers):
     subscribers(3)
     smtp.refuse_for_now['reader1@example.com'] = 2  # 451 twice, then accepted
