@@ -390,6 +390,7 @@ def _run(job_id, name, payload, attempt, max_attempts, owner, worker_stopping, w
     except Exception as exc:
         db.session.rollback()
         error = str(exc) if isinstance(exc, GiveUp) else f'{type(exc).__name__}: {exc}'
+        error = error.replace('\x00', '\\x00')  # a NUL quoted from a server or a file: PostgreSQL's text refuses it
         if isinstance(exc, GiveUp) or attempt >= max_attempts:
             log.exception('job %d: %s failed for good', job_id, name)
             outcome = dict(status=JobStatus.FAILED, finished_at=utcnow(), error=error)
@@ -451,7 +452,8 @@ def _record_alone(running, statement, params):
         try:
             with alone() as connection:
                 return connection.execute(statement, params).rowcount
-        except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
+        # The way to the database, not what is written: an outcome it refuses would be refused again.
+        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError) as exc:
             if time.monotonic() > deadline:
                 raise
             log.warning('job %d: could not record its outcome (%s); trying again', running.job_id,

@@ -125,6 +125,19 @@ def test_a_failing_job_is_retried_with_growing_back_off_then_kept_as_failed_with
     assert 59 <= waits[0] <= 61 and 119 <= waits[1] <= 121, waits
 
 
+def test_an_error_holding_a_nul_is_kept_as_its_job_outcome(app):
+    """A server's answer or a file's line quoted in an exception may hold a NUL, which PostgreSQL's text
+    refuses: the outcome could not be written, and the job stayed running for another worker to take over."""
+    with app.app_context():
+        flaky.apply(message='line 3: \x00')
+        db.session.commit()
+
+    run_due_jobs(app)
+
+    [job] = jobs(app)
+    assert (job.status, job.attempts, job.error) == ('queued', 1, 'ValueError: line 3: \\x00')
+
+
 @pytest.mark.parametrize('fail', [False, True])
 def test_a_jobs_database_writes_are_committed_with_its_success_and_not_at_all_if_it_fails(app, fail):
     with app.app_context():
