@@ -73,12 +73,18 @@ def _suppressing(event):
 
 
 def _detail(event):
-    return f"SendGrid {event['event']}: {event.get('reason') or ''}".replace('\x00', '').strip()
+    return _storable(f"SendGrid {event['event']}: {event.get('reason') or ''}").strip()
 
 
 def _text(value):
-    """`value` if it is a string a database can store (PostgreSQL refuses NUL in text), else None."""
-    return value if isinstance(value, str) and value and '\x00' not in value else None
+    """`value` if it is a string a database can store, else None."""
+    return value if isinstance(value, str) and value and _storable(value) == value else None
+
+
+def _storable(text):
+    """`text` as a database can store it: PostgreSQL's text refuses a NUL, and a lone surrogate (which
+    JSON's "\\ud800" makes) has no UTF-8 for either database."""
+    return text.replace('\x00', '').encode('utf-8', 'replace').decode()
 
 
 def _verify(request):
