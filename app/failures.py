@@ -5,7 +5,12 @@ answer tells, and without one the message may have arrived."""
 
 
 class DeliveryFailure(Exception):
-    pass
+    """Its text quotes what the way out said (a relay's reply, an HTTP status line) and becomes the
+    delivery's or the run's outcome, where a NUL, which PostgreSQL's text refuses, is shown as \\x00: else
+    the outcome could not be written, and the run stopped for everyone after it."""
+
+    def __init__(self, text):
+        super().__init__(text.replace('\x00', '\\x00'))
 
 
 class TemporaryFailure(DeliveryFailure):

@@ -219,7 +219,6 @@ class SmtpSender(Sender):
 
     def _failure(self, code, reply, email):
         text = f'{code} {reply.decode(errors="replace") if isinstance(reply, bytes) else reply}'
-        text = text.replace('\x00', '\\x00')  # a reply may hold a NUL, which PostgreSQL's text (the send log's) refuses
         if code == 421:  # the server is closing the connection
             self.close()
             return TransportFailure(f'{self.describe()}: {text}')

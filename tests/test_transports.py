@@ -80,11 +80,12 @@ class TestSendGrid:
         delivered = [r['body']['personalizations'][0]['to'][0]['email'] for r in sendgrid_api.requests]
         assert delivered == ['reader0@example.com'] + ['reader1@example.com'] * 3 + ['reader2@example.com']
 
-    @pytest.mark.parametrize('answer', [500, 'hang up', 'slow', 200, 'moved'])
+    @pytest.mark.parametrize('answer', [500, 'hang up', 'slow', 200, 'moved', 'garbled'])
     def test_a_request_that_went_out_without_a_clear_answer_is_unknown_and_not_sent_again(
             self, app, runner, sendgrid_api, subscribers, answer):
         # 500: "an error occurred while SendGrid processed it"; or the whole request went out and the
-        # connection closed, or the answer took longer than MAIL_TIMEOUT: any of them may have sent it.
+        # connection closed, or the answer took longer than MAIL_TIMEOUT, or was no HTTP (its line, NUL
+        # and all, is the outcome's text): any of them may have sent it.
         # SendGrid accepts a message with 202 alone: a 200, or a page found once a redirect was followed
         # (as a GET, without the message), came from something else, which may or may not send it.
         app.config['MAIL_TIMEOUT'] = 1

@@ -1,7 +1,8 @@
 """A local HTTP server standing in for the SendGrid v3 API: it records each request and answers as
 SendGrid does (202, 400 for a message with an empty part, or the status a test asks for), or, once it
-has the whole request, hangs up, takes longer to answer than the client waits, or sends the client
-elsewhere (a 301 to a page that any GET finds, as a web server in front of the wrong address would)."""
+has the whole request, hangs up, takes longer to answer than the client waits, sends the client
+elsewhere (a 301 to a page that any GET finds, as a web server in front of the wrong address would), or
+answers with a line that is no HTTP (a NUL in it, as a server of another protocol may send)."""
 import json
 import threading
 import time
@@ -9,12 +10,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class SendGridStandIn:
-    HANG_UP, SLOW, MOVED = 'hang up', 'slow', 'moved'
+    HANG_UP, SLOW, MOVED, GARBLED = 'hang up', 'slow', 'moved', 'garbled'
 
     def __init__(self):
         self.requests = []
         # recipient address -> what to answer, in turn (then 202): an HTTP status, HANG_UP, SLOW (202
-        # after `slow_seconds`), or MOVED
+        # after `slow_seconds`), MOVED or GARBLED
         self.answers = {}
         self.slow_seconds = 3.0
         stand_in = self
@@ -31,6 +32,10 @@ class SendGridStandIn:
                     status, error = 400, {'message': 'The content value must be a string at least one character in '
                                                      'length.', 'field': f'content.{empty[0]}.value'}
                 if status == stand_in.HANG_UP:
+                    self.close_connection = True
+                    return
+                if status == stand_in.GARBLED:
+                    self.wfile.write(b'\x00\x15\x03 not HTTP\r\n')
                     self.close_connection = True
                     return
                 if status == stand_in.SLOW:
