@@ -103,6 +103,10 @@ def render_email(template, recipient, message_id, headers=None, **context):
         text = text.partition('\n')[2]
     subject = first_line[len('Subject:'):].strip()
     html = env.get_template(f'{template}.html').render(subject=subject, **context)
+    # No email needs a NUL, and a queued one keeps its subject and text in its job's JSON payload, where
+    # PostgreSQL then refuses to read any field of it (erasing a subscriber reads every mail job's).
+    if '\x00' in subject + text + html:
+        raise TemplateError(f'{template} holds a NUL character, which no email needs')
     return Email(recipient, subject, text.lstrip('\n'), html, message_id, dict(headers or {}))
 
 

@@ -695,6 +695,28 @@ def test_erasing_a_subscriber_removes_their_address_everywhere_and_keeps_the_ano
     assert sorted(path.name for path in mail.iterdir()) == ['b.eml'], "only jane's own mail file"
 
 
+def test_a_stage_holding_a_nul_is_sent_to_nobody_not_even_as_a_test_and_subscribers_can_still_be_erased(
+        stage_templates, app, admin, runner, subscribers):
+    """No email needs a NUL. Its test email's job kept it (in its subject), and PostgreSQL, asked for any field of
+    a mail job's payload (as erasing does), refuses to read a payload holding one: nobody could be erased."""
+    stage_templates('week1', 'Subject: Week 1\x00\nHello\n', '<p>Hello</p>')
+    [jane] = subscribers(1)
+    with app.app_context():
+        jane_id = db.session.scalar(sa.select(Client.id).where(Client.email == jane))
+    token = csrf_token(admin, f'/admin/subscribers/{jane_id}')  # the stage's own page says what is wrong
+
+    tested = admin.post('/admin/stages/week1/test', data={'csrf_token': token})
+    sent = runner.invoke(args=['send-newsletter-email', 'week1'])
+    run_due_jobs(app)
+    erased = admin.post(f'/admin/subscribers/{jane_id}/erase', data={'csrf_token': token, 'confirm': jane})
+
+    assert tested.status_code == 409 and b'NUL' in tested.data
+    assert sent.exit_code == 1 and 'NUL' in sent.output
+    assert erased.status_code == 302 and erased.location.endswith('/admin/subscribers')
+    with app.app_context():
+        assert db.session.scalars(sa.select(Client)).all() == []
+
+
 def test_erasing_a_subscriber_deletes_the_admins_new_subscriber_notices_naming_them(app, admin, smtp):
     """The notice goes to the admin, and its job keeps its subject, the address, once it is sent."""
     reader = app.test_client()
