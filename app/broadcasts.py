@@ -104,6 +104,8 @@ def preview(broadcast):
         raise BroadcastError(f'the broadcast cannot be rendered: {exc}') from exc
     if not email.subject or '\n' in email.subject or '\r' in email.subject:
         raise BroadcastError('the subject must be one line of text')
+    if '\x00' in email.subject + email.text + email.html:  # from `flask broadcast create`'s files: the form refuses it
+        raise BroadcastError('a broadcast cannot hold a NUL character: no email needs one, and the database refuses it')
     return email
 
 

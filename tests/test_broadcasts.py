@@ -217,6 +217,17 @@ def test_a_send_time_with_an_offset_is_refused_rather_than_read_in_the_time_zone
         assert db.session.scalars(sa.select(Broadcast)).all() == []
 
 
+def test_a_broadcast_file_holding_a_nul_is_refused_with_a_clear_error_and_nothing_is_stored(app, runner, tmp_path):
+    """As the admin's form refuses it: no email needs a NUL, and PostgreSQL's text refuses one (a traceback)."""
+    (tmp_path / 'sale.txt').write_text(TEXT + '\x00')
+    (tmp_path / 'sale.html').write_text(HTML)
+    result = runner.invoke(args=['broadcast', 'create', '--subject', 'Sale', '--text', str(tmp_path / 'sale.txt'),
+                                 '--html', str(tmp_path / 'sale.html'), '--at', '2031-12-01 09:00'])
+    assert result.exit_code == 1 and 'NUL' in result.output, result.output
+    with app.app_context():
+        assert db.session.scalars(sa.select(Broadcast)).all() == []
+
+
 @pytest.mark.parametrize('verb', ['cancel', 'pause', 'resume'])
 def test_each_broadcast_command_says_what_it_does(runner, verb):
     shown = runner.invoke(args=['broadcast', verb, '--help'])
