@@ -77,32 +77,40 @@ def test_a_run_killed_while_moving_from_new_claims_to_older_ones_leaves_only_wha
     run declares its first group of deliveries deferred earlier (low ids). Everything the run holds in
     between went nowhere, and must stay due: one kill, at most a group and what is on the wire unknown."""
     settings.update(MAIL_CONCURRENCY=2, SEND_BATCH_SIZE=50, SEND_RECORD_EVERY=10, LEASE_SECONDS=2)
-    greylisted = subscribers(60)
-    with app.app_context():
-        an_hour_ago = utcnow() - timedelta(hours=1)
-        db.session.execute(sa.insert(Delivery), [
-            {'client_id': client_id, 'mailing': 'week1', 'status': 'deferred', 'attempts': 1,
-             'message_id': f'<newsletter.week1.{client_id}@example.com>', 'error': '451 4.7.1 Greylisted',
-             'next_attempt_at': an_hour_ago, 'deferred_since': an_hour_ago, 'created_at': an_hour_ago}
-            for client_id in db.session.scalars(sa.select(Client.id))])
-        db.session.commit()
-    newcomers = subscribers(60, start=60)  # no row yet: claimed first, with higher ids
-    smtp.delay = 0.05
-    report = tmp_path / 'kill.json'
+    everyone, report = [], tmp_path / 'kill.json'
+    for _ in range(3):
+        greylisted = subscribers(60, start=len(everyone))
+        with app.app_context():
+            an_hour_ago = utcnow() - timedelta(hours=1)
+            db.session.execute(sa.insert(Delivery), [
+                {'client_id': client_id, 'mailing': 'week1', 'status': 'deferred', 'attempts': 1,
+                 'message_id': f'<newsletter.week1.{client_id}@example.com>', 'error': '451 4.7.1 Greylisted',
+                 'next_attempt_at': an_hour_ago, 'deferred_since': an_hour_ago, 'created_at': an_hour_ago}
+                for client_id in db.session.scalars(sa.select(Client.id).where(Client.email.in_(greylisted)))])
+            db.session.commit()
+        newcomers = subscribers(60, start=len(everyone) + 60)  # no row yet: claimed first, with higher ids
+        everyone += greylisted + newcomers
+        smtp.delay = 0.05
 
-    code, out, err = finish(flask_command('send-newsletter-email', 'week1', KILL_REPORT=str(report),
-                                          program=[sys.executable, '-m', 'tests.support.killed_at_a_checkpoint']))
+        code, out, err = finish(flask_command('send-newsletter-email', 'week1', KILL_REPORT=str(report),
+                                              program=[sys.executable, '-m', 'tests.support.killed_at_a_checkpoint']))
+        if report.exists():
+            break
+        # On a machine busy enough, the claim the run makes ahead can come back empty at the seam, and the run
+        # then records what is on the wire before it claims the older ones: the moment never came, and the
+        # run sent everyone. A fresh list tries again.
+        assert code == 0, (out, err)
     assert code == -signal.SIGKILL and report.exists(), (out, err)
     declared = json.loads(report.read_text())['declared']
     time.sleep(2.5)  # its lease runs out
     smtp.delay = 0
     code, out, err = finish(flask_command('send-newsletter-email', 'week1'))
 
-    outcome = promise_kept('week1', greylisted + newcomers)
+    outcome = promise_kept('week1', everyone)
     with app.app_context():
         unknown = set(db.session.scalars(sa.select(Delivery.id).where(Delivery.status == 'unknown')))
     assert unknown <= set(declared), 'unknown: only what the killed run said was going out'
-    assert len(outcome['sent']) + len(outcome.get('unknown', [])) == 120
+    assert len(outcome['sent']) + len(outcome.get('unknown', [])) == len(everyone)
 
 
 def read_terminal(primary):
