@@ -51,7 +51,8 @@ from app.database import among, insert_ignoring_conflicts, utcnow
 from app.extensions import db
 from app.jobs import GiveUp, Interrupted, define_task, report_progress, stopping
 from app.main.email import queue_confirmation_email
-from app.models import Client, Job, JobStatus, Suppression
+from app.models import Client, Job, JobStatus
+from app.suppression import reasons_among
 
 MAX_LINE = 10_000  # characters
 MAX_COLUMNS = 100
@@ -323,8 +324,7 @@ def _sorted_chunks(path, report, seen=None):
         lowered = sa.func.lower(Client.email, type_=sa.String)
         existing = set(db.session.scalars(sa.select(lowered).where(among(lowered, 'addresses')),
                                           {'addresses': candidates})) if candidates else set()
-        suppressed = dict(db.session.execute(sa.select(Suppression.email, Suppression.reason).where(
-            among(Suppression.email, 'addresses')), {'addresses': candidates}).all()) if candidates else {}
+        suppressed = reasons_among(candidates)
         for row in chunk:
             if row.outcome == Outcome.ACCEPTED and row.address.lower() in existing:
                 row.outcome, row.reason = Outcome.DUPLICATE, 'already a subscriber'

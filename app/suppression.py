@@ -6,7 +6,7 @@ an unsubscribe (app/webhooks.py), or when our relay refuses it for good SUPPRESS
 import sqlalchemy as sa
 from flask import current_app
 
-from app.database import RowsParameter, built_once, insert_ignoring_conflicts, utcnow
+from app.database import RowsParameter, among, built_once, insert_ignoring_conflicts, utcnow
 from app.extensions import db
 from app.models import Client, Delivery, DeliveryStatus, Suppression, SuppressionReason
 
@@ -19,6 +19,15 @@ def not_suppressed():
 
 def is_suppressed(email):
     return db.session.scalar(sa.select(Suppression.id).where(Suppression.email == email.lower())) is not None
+
+
+def reasons_among(addresses):
+    """{address: why it is on the list} of those of `addresses` (lower-case) that are: in one query, for a
+    batch of them (an import's chunk)."""
+    if not addresses:
+        return {}
+    return dict(db.session.execute(sa.select(Suppression.email, Suppression.reason).where(
+        among(Suppression.email, 'addresses')), {'addresses': addresses}).all())
 
 
 def suppress(email, reason, detail=None):
