@@ -153,9 +153,10 @@ def browser_sessions(port, count, folder):
     return path
 
 
-def run_wrk(port, seconds, args, mode, folder, *script_args):
+def run_wrk(port, seconds, args, mode, folder, *script_args, server=None):
     """One wrk run with bench/signups.lua.  :return: its figures (see done() there), with the accepted
-    addresses in 'addresses'."""
+    addresses in 'addresses', and with `server`'s CPU seconds during it in 'cpu', when given."""
+    cpu = server.cpu_seconds() if server else 0.0
     accepted = Path(folder) / 'accepted.txt'
     result = subprocess.run(
         ['wrk', '--threads', str(args.threads), '--connections', str(args.connections), '--duration', f'{seconds}s',
@@ -164,6 +165,7 @@ def run_wrk(port, seconds, args, mode, folder, *script_args):
         env={**os.environ, 'SIGNUPS_ACCEPTED_FILE': str(accepted)}, capture_output=True, text=True, check=True)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     figures['addresses'] = accepted.read_text().split()
+    figures['cpu'] = server.cpu_seconds() - cpu if server else None
     figures['errors'] = sum(figures[kind] for kind in ('connect', 'read', 'write', 'timeout', 'refused'))
     return figures
 
@@ -213,10 +215,14 @@ def main():
     parser.add_argument('--seconds', type=int, default=30,
                         help="the app's run; the bare endpoint's too, in two halves (at least 2)")
     parser.add_argument('--warm-up', type=int, default=3, help='seconds of load on each server before measuring')
+    parser.add_argument('--app', choices=['newsletter', 'lean'], default='newsletter',
+                        help="the app's sign-up, or bench/lean_signup.py's: the floor under it on this stack")
     parser.add_argument('--jobs', choices=['thread', 'process'], default='thread',
                         help="who sends the confirmation emails: the web processes' own threads, or one "
                              "`flask worker --queue mail` process beside them")
     args = parser.parse_args()
+    if args.app == 'lean' and args.jobs == 'process':
+        parser.error('--app lean sends its emails from its own threads only')
     if not shutil.which('wrk'):
         raise SystemExit('wrk is not installed, and this benchmark drives the load with it: apt-get install wrk')
     load_before = ' '.join(f'{load:.2f}' for load in os.getloadavg())
@@ -232,7 +238,9 @@ def main():
         run_flask(env, 'db', 'upgrade')
         engine = sa.create_engine(database.url)
         with Gunicorn('bench.bare_flask:app', args.workers, env, folder, 'bare') as bare, \
-                Gunicorn('main:app', args.workers, env, folder, 'app', '--config', 'app/serving.py') as app, \
+                Gunicorn(*(('main:app', args.workers, env, folder, 'app', '--config', 'app/serving.py')
+                           if args.app == 'newsletter' else ('bench.lean_signup:app', args.workers, env, folder,
+                                                             'app'))) as app, \
                 mail_worker(args.jobs, env, folder) as worker:
             worker_cpu = (lambda: _cpu_seconds(worker.pid)) if worker else (lambda: 0.0)
             sessions = browser_sessions(app.port, args.connections, folder)
@@ -240,7 +248,7 @@ def main():
             warm = run_wrk(app.port, args.warm_up, args, 'signup', folder, sessions, 'warm')
             wait_for_mail(engine, 120)
 
-            bare_runs = [run_wrk(bare.port, args.seconds // 2, args, 'bare', folder)]
+            bare_runs = [run_wrk(bare.port, args.seconds // 2, args, 'bare', folder, server=bare)]
             stored_before, delivered_before = count_clients(engine), sink.progress()[0]
             cpu, sink_cpu, database_cpu = app.cpu_seconds(), _cpu_seconds(sink.process.pid), postgresql_cpu_seconds()
             mailer_cpu = worker_cpu()
@@ -250,7 +258,7 @@ def main():
             cpu, sink_cpu = app.cpu_seconds() - cpu, _cpu_seconds(sink.process.pid) - sink_cpu
             mailer_cpu = worker_cpu() - mailer_cpu
             database_cpu = postgresql_cpu_seconds() - database_cpu
-            bare_runs.append(run_wrk(bare.port, args.seconds - args.seconds // 2, args, 'bare', folder))
+            bare_runs.append(run_wrk(bare.port, args.seconds - args.seconds // 2, args, 'bare', folder, server=bare))
             stored_in_run = count_clients(engine) - stored_before
             errors_logged = app.errors_logged() + (errors_in(Path(folder) / 'worker.log') if worker else 0)
             results = check(engine, sink, warm['addresses'] + run['addresses'])
@@ -260,7 +268,7 @@ def main():
     rate = len(run['addresses']) / run['seconds']
     with_mail = stored_in_run / (run['seconds'] + drained)
     load_after = ' '.join(f'{load:.2f}' for load in os.getloadavg())
-    print(f'sign-ups under load, {args.database}, gunicorn --workers {args.workers} (sync), mail sent by '
+    print(f'sign-ups under load{"" if args.app == "newsletter" else " (bench/lean_signup.py)"}, {args.database}, gunicorn --workers {args.workers} (sync), mail sent by '
           f'{"their threads" if args.jobs == "thread" else "one flask worker"}, wrk {args.threads} '
           f'threads x {args.connections} connections, {args.seconds} s; load average before {load_before}, '
           f'after {load_after}')
@@ -270,7 +278,9 @@ def main():
     print(f'  {"app":14} {rate:8.1f} sign-ups/s  p50 {run["p50_ms"]:7.1f} ms  p99 {run["p99_ms"]:7.1f} ms  '
           f'errors {run["errors"]}  (max {run["max_ms"]:.0f} ms; {len(run["addresses"])} accepted of '
           f'{run["requests"]} answered; server errors and warnings logged {errors_logged})')
-    print(f'  ratio:         {rate / bare_rate:.3f} of the bare endpoint ({bare_rate:.1f} req/s)')
+    bare_cpu = sum(r['cpu'] for r in bare_runs) / sum(r['requests'] for r in bare_runs)
+    print(f'  ratio:         {rate / bare_rate:.3f} of the bare endpoint ({bare_rate:.1f} req/s, its web processes\' '
+          f'CPU {bare_cpu * 1000:.3f} ms a request)')
     per_sign_up = {'web processes': cpu, 'SMTP sink': sink_cpu,
                    **({'flask worker': mailer_cpu} if args.jobs == 'process' else {}),
                    **({'PostgreSQL': database_cpu} if args.database == 'postgresql' else {})}
