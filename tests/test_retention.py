@@ -12,7 +12,7 @@ from app import imports
 from app.database import utcnow
 from app.extensions import db
 from app.jobs import run_due
-from app.models import Client, Delivery, Job
+from app.models import AdminSession, Client, Delivery, Job
 from tests.support.forms import confirm, csrf_token, sign_up
 from tests.support.jobs import run_due_jobs
 
@@ -128,3 +128,28 @@ def test_the_instance_folders_files_are_readable_by_their_owner_only(settings, r
     assert len(files) == 5, 'the folder, the database, the key, the mail folder, the confirmation'
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, f'{path} is readable by others'
+
+
+def test_the_hourly_clean_up_deletes_admin_sessions_once_over_and_their_sign_in_links_dead(app, admin):
+    """Each sign-in leaves a row naming the admin; without this they piled up for ever. A row goes only
+    once its session can sign nobody in (logged out, or past ADMIN_SESSION_HOURS) and its link is past
+    its quarter of an hour: the row is what tells a used link from a fresh one."""
+    app.config.update(CLEAN_UP=True)
+    now = utcnow()
+    with app.app_context():
+        [signed_in] = db.session.scalars(sa.select(AdminSession.id)).all()
+        db.session.add_all([
+            AdminSession(id='logged-out', email='admin@example.com', link_nonce='a', created_at=now - timedelta(hours=2),
+                         expires_at=now + timedelta(hours=6), ended_at=now - timedelta(hours=1)),
+            AdminSession(id='expired', email='admin@example.com', link_nonce='b', created_at=now - timedelta(hours=9),
+                         expires_at=now - timedelta(hours=1)),
+            AdminSession(id='link-alive', email='admin@example.com', link_nonce='c', created_at=now - timedelta(minutes=5),
+                         expires_at=now - timedelta(minutes=1), ended_at=now - timedelta(minutes=1))])
+        db.session.commit()
+
+    run_due_jobs(app)
+
+    with app.app_context():
+        kept = set(db.session.scalars(sa.select(AdminSession.id)))
+    assert kept == {signed_in, 'link-alive'}
+    assert admin.get('/admin/').status_code == 200, 'the session in use goes on'
