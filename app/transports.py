@@ -14,6 +14,7 @@ import re
 import tempfile
 import threading
 import urllib.error
+import urllib.request
 from collections import deque
 from concurrent.futures import Future
 from email.utils import parseaddr
@@ -21,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from flask import current_app
+import python_http_client
 from python_http_client.exceptions import HTTPError
 from sendgrid import SendGridAPIClient
 from sendgrid.helpers.mail import Attachment as SendGridAttachment
@@ -36,12 +38,18 @@ from app.smtp import SmtpSender
 log = logging.getLogger(__name__)
 
 TRANSPORTS = ('smtp', 'sendgrid', 'folder')
+LOOPBACK = ('localhost', '127.0.0.1', '::1')
 
 
 def init_app(app):
     """Say no at start-up, not at the first send: a way out chosen badly, or none for a deployment (see
-    mail_transport); and say loudly, at every start, that TLS is not being verified."""
+    mail_transport), or a SendGrid API that would get the API key in clear; and say loudly, at every start,
+    that TLS is not being verified."""
     app.config['MAIL_FOLDER'] = app.config.get('MAIL_FOLDER') or str(Path(app.instance_path) / 'mail')
+    api = urlsplit(app.config['SENDGRID_API_URL'])
+    if mail_transport(app.config) == 'sendgrid' and api.scheme != 'https' and api.hostname not in LOOPBACK:
+        raise ValueError(f'SENDGRID_API_URL must be https:// (every request carries the API key), not '
+                         f'{app.config["SENDGRID_API_URL"]!r}')
     if mail_transport(app.config) == 'smtp' and not app.config['MAIL_TLS_VERIFY']:
         app.logger.warning('MAIL_TLS_VERIFY is off: the certificate of %s is not checked, so anyone on the way '
                            'to it can read MAIL_PASSWORD and every email', app.config['MAIL_SERVER'])
@@ -75,7 +83,7 @@ def mail_transport(config):
 def looks_deployed(config):
     """:return: what makes the settings look like a deployment rather than a first try, or ''."""
     host = urlsplit(config['BASE_URL']).hostname or ''
-    if host not in ('localhost', '127.0.0.1', '::1'):
+    if host not in LOOPBACK:
         return f'BASE_URL is {config["BASE_URL"]}'
     if not config['SQLALCHEMY_DATABASE_URI'].startswith('sqlite'):
         return 'DATABASE_URL is a database server'
@@ -102,6 +110,24 @@ def retry_delay(attempt, cap=None):
     return min(delay, cap) if cap else delay
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args):
+        return None  # the 3xx is raised as an HTTPError, as any other answer that is not a success
+
+
+class _MailSendEndpoint(python_http_client.Client):
+    """POST /v3/mail/send as the `sendgrid` package makes it, through an opener that follows no redirect:
+    urllib's would repeat the request as a GET carrying every header, the API key's Authorization
+    included, to whatever host the Location names."""
+
+    def __init__(self, api):
+        super().__init__(host=api.client.host, request_headers=api.client.request_headers, version=3,
+                         url_path=['mail', 'send'])
+
+    def _make_request(self, opener, request, timeout=None):
+        return super()._make_request(urllib.request.build_opener(_NoRedirect), request, timeout)
+
+
 class SendGridSender(Sender):
     """The SendGrid v3 Web API: one HTTPS request per message, through the `sendgrid` package. urllib
     wraps in URLError only what fails while the request is being sent; a failure after that, while
@@ -109,7 +135,8 @@ class SendGridSender(Sender):
 
     def __init__(self, config):
         super().__init__(config)
-        self.client = SendGridAPIClient(api_key=config['SENDGRID_API_KEY'], host=config['SENDGRID_API_URL'])
+        self.endpoint = _MailSendEndpoint(SendGridAPIClient(api_key=config['SENDGRID_API_KEY'],
+                                                            host=config['SENDGRID_API_URL']))
 
     def describe(self):
         return f'SendGrid API {self.config["SENDGRID_API_URL"]}'
@@ -127,7 +154,7 @@ class SendGridSender(Sender):
                                                       FileName(attachment.filename), FileType(attachment.mimetype),
                                                       Disposition('attachment')))
         try:
-            answer = self.client.client.mail.send.post(request_body=message.get(), timeout=self.config['MAIL_TIMEOUT'])
+            answer = self.endpoint.post(request_body=message.get(), timeout=self.config['MAIL_TIMEOUT'])
         except HTTPError as exc:
             text = f'{exc.status_code} {exc.body!r}'
             if exc.status_code in (401, 403):
@@ -141,8 +168,9 @@ class SendGridSender(Sender):
                 raise OutcomeUnknown(f'{self.describe()} answered {text} while processing it') from exc
             if exc.status_code in (400, 413):  # this message refused: what it says, or its size
                 raise PermanentFailure(f'{email.recipient}: {text}') from exc
-            # Not found, method not allowed, moved: an answer about where we post, which no message gets past
-            # until the setting changes; failing each subscriber for good would fail the whole list.
+            # Not found, method not allowed, moved (a redirect is not followed): an answer about where we
+            # post, which no message gets past until the setting changes; failing each subscriber for good
+            # would fail the whole list.
             raise TransportFailure(f'{self.describe()} answered {text}: SENDGRID_API_URL must be SendGrid\'s '
                                    'API, such as https://api.sendgrid.com, without a path') from exc
         except urllib.error.URLError as exc:
@@ -150,9 +178,8 @@ class SendGridSender(Sender):
         except (OSError, http.client.HTTPException) as exc:
             raise OutcomeUnknown(f'{self.describe()}: no answer to the request: {exc or type(exc).__name__}') from exc
         if answer.status_code != 202:
-            # SendGrid takes a message with 202 Accepted alone. Any other success came from something else:
-            # a server at a wrong SENDGRID_API_URL, or the page a redirect led to, which urllib fetched with
-            # a GET, without the message. Whether that sends it, nobody here can tell.
+            # SendGrid takes a message with 202 Accepted alone. Any other success came from something else,
+            # a server at a wrong SENDGRID_API_URL: whether that sends it, nobody here can tell.
             raise OutcomeUnknown(f'{self.describe()} answered {answer.status_code}, not SendGrid\'s 202 Accepted: '
                                  'is SENDGRID_API_URL SendGrid\'s API?')
 

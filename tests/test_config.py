@@ -108,6 +108,18 @@ def test_a_duration_of_no_time_stops_the_app_at_start_up(tmp_path, name, value):
         create_app(settings)
 
 
+@pytest.mark.parametrize('url', ['http://api.sendgrid.com', 'http://sendgrid-proxy.internal:8080'])
+def test_a_sendgrid_api_url_that_would_carry_the_api_key_in_clear_stops_at_start_up(tmp_path, url):
+    class Settings(config.Config):
+        INSTANCE_PATH = str(tmp_path)
+        SQLALCHEMY_DATABASE_URI = f'sqlite:///{tmp_path}/x.db'
+        SENDGRID_API_KEY = 'SG.a-real-key'
+        SENDGRID_API_URL = url
+
+    with pytest.raises(ValueError, match=f"^SENDGRID_API_URL must be https:// .*not '{url}'$"):
+        create_app(Settings)
+
+
 @pytest.mark.parametrize('key', [None, '', 'change-me', 'dev', 'too-short'])
 def test_a_deployment_without_a_secret_key_of_its_own_stops_at_start_up(tmp_path, key):
     class Settings(config.Config):

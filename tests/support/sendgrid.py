@@ -1,8 +1,9 @@
 """A local HTTP server standing in for the SendGrid v3 API: it records each request and answers as
 SendGrid does (202, 400 for a message with an empty part, or the status a test asks for), or, once it
 has the whole request, hangs up, takes longer to answer than the client waits, sends the client
-elsewhere (a 301 to a page that any GET finds, as a web server in front of the wrong address would), or
-answers with a line that is no HTTP (a NUL in it, as a server of another protocol may send)."""
+elsewhere (a redirect, by default a 301 to a page of its own that any GET finds, as a web server in front of
+the wrong address would; it records each GET that comes), or answers with a line that is no HTTP (a NUL in
+it, as a server of another protocol may send)."""
 import json
 import threading
 import time
@@ -18,6 +19,7 @@ class SendGridStandIn:
         # after `slow_seconds`), MOVED or GARBLED
         self.answers = {}
         self.slow_seconds = 3.0
+        self.moved_status, self.moved_to, self.gets = 301, '/moved', []
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -42,8 +44,8 @@ class SendGridStandIn:
                     time.sleep(stand_in.slow_seconds)
                     status = 202
                 if status == stand_in.MOVED:
-                    self.send_response(301)
-                    self.send_header('Location', '/moved')
+                    self.send_response(stand_in.moved_status)
+                    self.send_header('Location', stand_in.moved_to)
                     self.send_header('Content-Length', '0')
                     self.end_headers()
                     return
@@ -55,6 +57,7 @@ class SendGridStandIn:
                 self.wfile.write(reply)
 
             def do_GET(self):
+                stand_in.gets.append({'path': self.path, 'headers': dict(self.headers)})
                 page = b'<html><body>Welcome</body></html>'
                 self.send_response(200)
                 self.send_header('Content-Type', 'text/html')
