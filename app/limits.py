@@ -35,8 +35,11 @@ def _storage_uri(redis_url):
 
 
 def submitted_address():
-    """The key of a limit per email address: the mailbox the form was posted with, however spelled."""
-    return 'address:' + mailbox(request.form.get('email') or '')
+    """The key of a limit per email address: the inbox the form was posted with, however spelled, and
+    without a plus tag (jane+1@ and jane+2@ reach jane@'s inbox at most providers, RFC 5233), so that
+    numbering them does not multiply what one inbox can be sent."""
+    local, at, domain = mailbox(request.form.get('email') or '').rpartition('@')
+    return f'address:{local.split("+", 1)[0] or local}{at}{domain}'
 
 
 def per_client(setting):

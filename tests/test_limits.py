@@ -67,6 +67,17 @@ def test_the_limit_per_address_counts_every_spelling_of_it(limited):
     assert answers == [200, 200, 200, 429, 429]
 
 
+def test_the_limit_per_address_counts_its_plus_tags_as_the_one_mailbox_they_reach(limited):
+    # jane+1@, jane+2@, ... are separate sign-ups, each with a confirmation of its own, but one inbox
+    # (RFC 5233 subaddresses, as Gmail, Outlook and Fastmail deliver them): counted apart, a stranger's
+    # inbox got as many confirmations as anyone cared to number.
+    client = limited.test_client()
+    answers = [post(client, '/', f'stranger+{n}@example.com', address=f'10.0.4.{n}').status_code for n in range(5)]
+
+    assert answers == [200, 200, 200, 429, 429]
+    assert post(client, '/', 'other+1@example.com', address='10.0.4.99').status_code == 200, 'other inboxes are not'
+
+
 def test_naming_one_address_too_often_is_refused_whoever_asks(limited):
     client = limited.test_client()
     for n in range(3):
