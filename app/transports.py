@@ -8,6 +8,7 @@ by accident: once the settings look like a deployment, the folder must be chosen
 import base64
 import contextlib
 import http.client
+import json
 import logging
 import os
 import re
@@ -166,8 +167,12 @@ class SendGridSender(Sender):
                 raise TransportFailure(f'{self.describe()} turned the request away: {text}') from exc
             if exc.status_code >= 500:  # "an error occurred while SendGrid processed it": maybe after sending
                 raise OutcomeUnknown(f'{self.describe()} answered {text} while processing it') from exc
-            if exc.status_code in (400, 413):  # this message refused: what it says, or its size
-                raise PermanentFailure(f'{email.recipient}: {text}') from exc
+            if exc.status_code == 413 or exc.status_code == 400 and _refuses_the_recipient(exc.body):
+                raise PermanentFailure(f'{email.recipient}: {text}') from exc  # this message: its address, or its size
+            if exc.status_code == 400:
+                # The sender, the subject, a header: what every subscriber's copy holds, so each would be
+                # refused in turn, and failing each for good would fail the whole list.
+                raise TransportFailure(f'{self.describe()} refused the message itself: {text}') from exc
             # Not found, method not allowed, moved (a redirect is not followed): an answer about where we
             # post, which no message gets past until the setting changes; failing each subscriber for good
             # would fail the whole list.
@@ -182,6 +187,17 @@ class SendGridSender(Sender):
             # a server at a wrong SENDGRID_API_URL: whether that sends it, nobody here can tell.
             raise OutcomeUnknown(f'{self.describe()} answered {answer.status_code}, not SendGrid\'s 202 Accepted: '
                                  'is SENDGRID_API_URL SendGrid\'s API?')
+
+
+def _refuses_the_recipient(body):
+    """:return: whether a 400's errors are all about the recipient's address (their `field`, as SendGrid
+    names it, personalizations.0.to.0.email), rather than about what the message holds."""
+    try:
+        errors = json.loads(body)['errors']
+        return bool(errors) and all(re.match(r'personalizations\.\d+\.to\b', error.get('field') or '')
+                                    for error in errors)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return False
 
 
 class FolderSender(Sender):

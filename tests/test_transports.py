@@ -80,6 +80,24 @@ class TestSendGrid:
         delivered = [r['body']['personalizations'][0]['to'][0]['email'] for r in sendgrid_api.requests]
         assert delivered == ['reader0@example.com'] + ['reader1@example.com'] * 3 + ['reader2@example.com']
 
+    @pytest.mark.parametrize('field', ['from.email', 'subject', 'content.0.value', 'headers', None])
+    def test_a_400_about_the_message_rather_than_its_recipient_stops_the_run_and_fails_nobody(
+            self, app, runner, sendgrid_api, subscribers, field):
+        # A sender address SendGrid will not take, a subject or header it refuses: the same message goes
+        # to every subscriber, so each would be refused for the same reason, and failing each one for good
+        # failed the whole list (a broadcast has no --retry-failed).
+        emails = subscribers(3)
+        sendgrid_api.answers = {email: [(400, field)] * 10 for email in emails}
+
+        result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+        assert result.exit_code == 1 and 'refused the message itself' in result.output
+        tried = {r['body']['personalizations'][0]['to'][0]['email'] for r in sendgrid_api.requests}
+        assert tried == {'reader0@example.com'}, 'the run stopped at the first subscriber'
+        with app.app_context():
+            assert db.session.scalars(sa.select(Delivery)).all() == [], 'nobody failed for what the message holds'
+            assert set(db.session.scalars(sa.select(Client.num_newsletter))) == {0}
+
     @pytest.mark.parametrize('answer', [500, 'hang up', 'slow', 200, 'garbled'])
     def test_a_request_that_went_out_without_a_clear_answer_is_unknown_and_not_sent_again(
             self, app, runner, sendgrid_api, subscribers, answer):

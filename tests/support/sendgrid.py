@@ -15,8 +15,8 @@ class SendGridStandIn:
 
     def __init__(self):
         self.requests = []
-        # recipient address -> what to answer, in turn (then 202): an HTTP status, HANG_UP, SLOW (202
-        # after `slow_seconds`), MOVED or GARBLED
+        # recipient address -> what to answer, in turn (then 202): an HTTP status (or a status and the
+        # field its error names), HANG_UP, SLOW (202 after `slow_seconds`), MOVED or GARBLED
         self.answers = {}
         self.slow_seconds = 3.0
         self.moved_status, self.moved_to, self.gets = 301, '/moved', []
@@ -29,7 +29,9 @@ class SendGridStandIn:
                 recipient = body['personalizations'][0]['to'][0]['email']
                 planned = stand_in.answers.get(recipient)
                 status = planned.pop(0) if planned else 202
-                error = {'message': 'refused'}
+                # A 400 names the field it refuses: this recipient's address, unless the test names another.
+                status, field = status if isinstance(status, tuple) else (status, 'personalizations.0.to.0.email')
+                error = {'message': 'Does not contain a valid address.', 'field': field}
                 if empty := [n for n, part in enumerate(body.get('content', [])) if not part['value']]:
                     status, error = 400, {'message': 'The content value must be a string at least one character in '
                                                      'length.', 'field': f'content.{empty[0]}.value'}
