@@ -4,6 +4,7 @@ stage; one subscriber's timeline, from sign-up through every message to unsubscr
 may do to one subscriber. Nothing here sends: a resend goes back through the send log (app/sendlog.py)
 and the next run or job, with all of its guarantees."""
 import enum
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -171,9 +172,9 @@ def erase(client):
     """The subscriber, and their address and personal data everywhere the app keeps it: their row and
     their send log (deliveries), the emails queued or sent to them or about them (mail job rows; the
     admins' "New subscriber: <address>" notices keep that subject once sent, and are known by their
-    Message-ID), their address in any job's error, their `.eml` files in the mail folder and the admins'
-    notices of them there, their suppression-list entry, and the uploaded import files and reports that
-    name them (app/imports.py). The kept exports hold them too: the caller withdraws those (app/exports.py
+    Message-ID), their address in any job's error and any send run's reason for stopping, their `.eml`
+    files in the mail folder and the admins' notices of them there, their suppression-list entry, and the
+    uploaded import files and reports that name them (app/imports.py). The kept exports hold them too: the caller withdraws those (app/exports.py
     withdraw), as exports are built on this module. What stays is anonymous: each send run's counts.
     :return: what was erased, in words."""
     email, client_id = client.email, client.id
@@ -182,14 +183,25 @@ def erase(client):
         Job.payload['recipient'].as_string() == email,
         Job.payload['message_id'].as_string().startswith(f'<admin.{client_id}.'))  # queue_new_subscriber_notice
     ).execution_options(synchronize_session=False)).rowcount
-    db.session.execute(sa.update(Job).where(Job.error.contains(email, autoescape=True))
-                       .values(error=sa.func.replace(Job.error, email, '[erased]')).execution_options(synchronize_session=False))
+    _erase_from_texts(email)
     db.session.execute(sa.delete(Suppression).where(Suppression.email == email.lower()))
     db.session.delete(client)
     db.session.commit()
     files, uploads = _erase_mail_files(email, client_id), imports.withdraw_naming(email)
     return (f'{email}: the subscriber, {deliveries} delivery record(s), {jobs} email job(s), {files} mail file(s) '
             f'and {uploads} import upload(s)')
+
+
+def _erase_from_texts(email):
+    """`email` out of the texts that quote it: job errors, and why send runs stopped. Written by a relay's
+    reply, they spell it as the relay likes (JANE@...), so any case of its letters goes."""
+    spelled = re.compile(re.escape(email), re.IGNORECASE)
+    for column in (Job.error, SendRun.stopped):
+        for row_id, text in db.session.execute(sa.select(column.class_.id, column).where(
+                sa.func.lower(column).contains(email.lower(), autoescape=True))).all():
+            db.session.execute(sa.update(column.class_).where(column.class_.id == row_id)
+                               .values({column.key: spelled.sub('[erased]', text)})
+                               .execution_options(synchronize_session=False))
 
 
 def _erase_mail_files(email, client_id):

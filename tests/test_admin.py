@@ -695,6 +695,24 @@ def test_erasing_a_subscriber_removes_their_address_everywhere_and_keeps_the_ano
     assert sorted(path.name for path in mail.iterdir()) == ['b.eml'], "only jane's own mail file"
 
 
+def test_erasing_a_subscriber_removes_their_address_from_errors_and_stopped_runs_in_any_letters_case(app, subscribers):
+    # A relay quotes the address as it was given in RCPT, or as it likes (JANE@...), in a job's error and in
+    # why a send run stopped; the erase replaced it only in job errors, and only as the row spells it.
+    jane, other = subscribers(2)
+    with app.app_context():
+        db.session.add_all([
+            Job(task='send_email', queue='mail', payload={}, max_attempts=3, status='failed',
+                error=f'PermanentFailure: {jane.upper()}: 550 no such user; {other}: 550 neither'),
+            SendRun(mailing='week1', trigger='cli', via='SMTP', owner='erase-test',
+                    stopped=f'the relay hung up after RCPT TO:<{jane.title()}>')])
+        db.session.commit()
+
+        erase(db.session.scalar(sa.select(Client).where(Client.email == jane)))
+
+        texts = ' '.join(db.session.scalars(sa.select(Job.error))) + ' '.join(db.session.scalars(sa.select(SendRun.stopped)))
+    assert jane not in texts.lower() and other in texts and texts.count('[erased]') == 2
+
+
 def test_a_stage_holding_a_nul_is_sent_to_nobody_not_even_as_a_test_and_subscribers_can_still_be_erased(
         stage_templates, app, admin, runner, subscribers):
     """No email needs a NUL. Its test email's job kept it (in its subject), and PostgreSQL, asked for any field of
