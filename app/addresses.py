@@ -1,9 +1,12 @@
 """The rules for an email address, one place for every door it comes in by: the sign-up form, a file of
 them (app/imports.py), the abuse limit that counts one per address (app/limits.py), and ADMINS."""
+import re
+
 from email_validator import EmailNotValidError, EmailSyntaxError, validate_email
 from flask import current_app
 
 MAX_EMAIL_LENGTH = 254  # RFC 5321's limit on a path, and our column's size
+_AROUND = re.compile(r'^[\s\u200b-\u200d\u2060\ufeff]+|[\s\u200b-\u200d\u2060\ufeff]+$')  # any spaces, visible or not
 
 
 def init_app(app):
@@ -23,11 +26,13 @@ def _sendable(address):
 def normal_address(value, check_deliverability=None):
     """One line, at most MAX_EMAIL_LENGTH characters, and what email-validator accepts, including (outside
     tests, or unless `check_deliverability` is False) a domain that can receive mail.  :return: the normal
-    form we store: trimmed, domain lower-cased, and in ASCII (an international domain in its xn-- form),
+    form we store: trimmed (of spaces and zero-width characters too: an address copied from a web page or
+    a document often ends in one, which its reader cannot see), domain lower-cased, and in ASCII (an international domain in its xn-- form),
     which every SMTP server and mail header takes as it is.  :raise EmailNotValidError: (a ValueError)
     saying what is wrong; EmailUndeliverableError when it is the domain."""
     if '\r' in value or '\n' in value:
         raise EmailSyntaxError('An email address cannot contain line breaks.')
+    value = _AROUND.sub('', value)
     if len(value) > MAX_EMAIL_LENGTH:
         raise EmailSyntaxError(f'An email address has at most {MAX_EMAIL_LENGTH} characters.')
     if check_deliverability is None:

@@ -175,6 +175,21 @@ def test_a_bad_address_gets_a_form_error_and_writes_nothing(app, client, email, 
     assert rows(app, Client) == [] and rows(app, Job) == []
 
 
+@pytest.mark.parametrize('pasted', ['jane@example.com\u00a0', '\u200bjane@example.com', '\ufeffjane@example.com\u2009'])
+def test_an_address_pasted_with_invisible_characters_around_it_is_taken_without_them(app, client, pasted):
+    # Copied from a web page or a document, an address comes with a no-break space or a zero-width one
+    # at its end, which its reader cannot see, and was refused for "unsafe characters".
+    assert sign_up(client, pasted).status_code == 200
+    assert [client.email for client in rows(app, Client)] == ['jane@example.com']
+
+
+def test_an_invisible_character_inside_an_address_is_refused_by_its_name(app, client):
+    response = sign_up(client, 'jane\u00a0doe@example.com')
+
+    assert response.status_code == 400 and 'NO-BREAK SPACE' in response.get_data(as_text=True)
+    assert rows(app, Client) == []
+
+
 def test_a_post_without_csrf_token_is_refused_and_writes_nothing(app, client):
     response = client.post('/', data={'email': 'jane@example.com'})
 
