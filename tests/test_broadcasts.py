@@ -12,7 +12,9 @@ import sqlalchemy as sa
 from app import broadcasts
 from app.database import utcnow
 from app.extensions import db
+from app.ledger import ledger, mailing_named
 from app.models import Broadcast, Delivery, Job
+from tests.support.forms import confirm, confirm_link, sign_up
 from tests.support.jobs import make_jobs_due_now, run_due_jobs
 
 TEXT = 'Hello {{ greeting_name }},\n\nOur winter sale starts today.'
@@ -153,6 +155,34 @@ def test_subscribers_who_confirm_after_a_broadcast_started_do_not_get_it(app, sm
     run_due_jobs(app)
 
     assert Counter(smtp.recipients()) == Counter(emails)
+
+
+def test_a_subscriber_who_comes_back_after_a_broadcast_started_does_not_get_it_and_its_ledger_balances(
+        app, client, smtp, subscribers):
+    """Coming back keeps the first confirmation's time: the broadcast took someone who had left before it
+    started, and came back while it was paused, for one of its audience, sent it to them on resume, and its
+    ledger then counted them: once it was sent, as pending ('marked sent while 1 are still pending')."""
+    emails = subscribers(5)
+    subscribers(1, start=50, active=False, unsubscribed_at=utcnow() - timedelta(days=1))
+    broadcast_id = schedule(app)
+    make_jobs_due_now(app)
+    with app.app_context():
+        db.session.execute(sa.update(Broadcast).values(status='paused', started_at=utcnow()))
+        db.session.commit()
+    sign_up(client, 'reader50@example.com')  # comes back while it is paused
+    run_due_jobs(app)
+    assert confirm(client, confirm_link(smtp.messages[-1])).status_code == 200
+    run_due_jobs(app)  # the admins' notice of them
+    smtp.messages.clear()
+
+    with app.app_context():
+        broadcasts.resume(broadcast_id)
+    run_due_jobs(app)
+
+    assert Counter(smtp.recipients()) == Counter(emails)
+    with app.app_context():
+        account = ledger(mailing_named(f'broadcast{broadcast_id}'))
+    assert (account.audience, account.sent, account.pending, account.balances) == (5, 5, 0, True), account
 
 
 def test_a_broadcast_resumes_after_its_worker_is_killed(app, smtp, subscribers, flask_command, promise_kept):

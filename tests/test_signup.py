@@ -1,5 +1,4 @@
 """Sign-up with double opt-in: the form, the confirmation email and link, and every bad input."""
-import re
 import threading
 from datetime import timedelta
 
@@ -11,7 +10,7 @@ from app.extensions import db
 from app.models import Client, Job, SuppressionReason
 from app.subscribers import deactivate
 from app.suppression import suppress
-from tests.support.forms import confirm, csrf_token, sign_up
+from tests.support.forms import confirm, confirm_link, csrf_token, sign_up
 from tests.support.jobs import run_due_jobs
 
 CHECK_INBOX = 'We have sent a confirmation link to'
@@ -20,10 +19,6 @@ CHECK_INBOX = 'We have sent a confirmation link to'
 def rows(app, model):
     with app.app_context():
         return db.session.scalars(sa.select(model).order_by(model.id)).all()
-
-
-def confirm_link(message):
-    return re.search(r'http://newsletter.test(/confirm/\S+)', message.get_body(('plain',)).get_content()).group(1)
 
 
 def test_a_confirmation_link_is_made_as_its_email_goes_out_and_never_stored(app, client, smtp):

@@ -134,10 +134,12 @@ def confirm(token):
     if client.email_confirmed_at is None or not client.active:
         if request.method == 'GET':
             return render_template('confirm.html', email=client.email, token=token)
+        # Someone coming back is confirmed as of now, not as of their first time: a broadcast's audience is
+        # those confirmed by the time it started (app/broadcasts.py), and they had left by then.
         if db.session.execute(sa.update(Client).where(
                 Client.id == client.id, sa.or_(Client.email_confirmed_at.is_(None), Client.active.is_(False)))
-                .values(email_confirmed_at=sa.func.coalesce(Client.email_confirmed_at, utcnow()), active=True,
-                        unsubscribed_at=None).execution_options(synchronize_session=False)).rowcount:
+                .values(email_confirmed_at=utcnow(), active=True, unsubscribed_at=None)
+                .execution_options(synchronize_session=False)).rowcount:
             db.session.refresh(client)  # the notice tells when they confirmed
             queue_new_subscriber_notice(client)
         db.session.commit()

@@ -22,6 +22,11 @@ def confirm(client, link):
     return client.post(link) if 'Confirm my subscription</button>' in page.get_data(as_text=True) else page
 
 
+def confirm_link(message):
+    """The path of the confirmation link in a confirmation email (`message`, as the SMTP sink got it)."""
+    return re.search(r'http://newsletter.test(/confirm/\S+)', message.get_body(('plain',)).get_content()).group(1)
+
+
 def sign_in_link(app, client, smtp, address='admin@example.com'):
     """Ask for a sign-in link as an admin does, and let the worker send it.  :return: the link's path."""
     client.post('/admin/login', data={'email': address, 'csrf_token': csrf_token(client, '/admin/login')})
