@@ -22,6 +22,13 @@ DELAY_LINE = re.compile(r'Delay:(.*)')
 WINDOW = re.compile(r'\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*')
 
 
+# The longest delay a stage may declare. The wait is worked out on the database's clock, as now minus the
+# delay: SQLite's calendar starts at the year 0 (before it, its answer was NULL, and a weekN with such a delay
+# went out at once), PostgreSQL's in 4713 BC (before it, every run of every stage failed), and Python's
+# timedelta holds a little under 2.74 million years.
+MAX_DELAY = timedelta(days=36525)
+
+
 class TimingError(ValueError):
     """A delay or a window written so that it cannot be read, in words for the operator."""
 
@@ -31,7 +38,10 @@ def parse_duration(text):
     parts = DURATION.findall(text)
     if not parts or DURATION.sub('', text).strip(' ,and'):
         raise TimingError(f'{text.strip()!r} is not a duration such as "7 days", "36 hours" or "1 week 2 days"')
-    return timedelta(seconds=sum(int(count) * UNITS[unit.lower()] for count, unit in parts))
+    seconds = sum(int(count) * UNITS[unit.lower()] for count, unit in parts)
+    if seconds > MAX_DELAY.total_seconds():
+        raise TimingError(f'{text.strip()!r} is longer than a drip can wait ({MAX_DELAY.days // 365} years at most)')
+    return timedelta(seconds=seconds)
 
 
 def stage_delay(template):

@@ -254,6 +254,12 @@ def test_a_stage_whose_delay_cannot_be_read_is_not_sent_and_the_command_says_why
 UNSENDABLE_WEEK3 = [  # the newest stage, with a mistake in it: (its .txt, the reason it is not sent)
     pytest.param('Subject: Week 3\nDelay: next week\nWeek three.\n', "week3.txt: Delay: 'next week'", id='delay'),
     pytest.param('Week three, and no subject line.\n', 'week3.txt must start with a "Subject: ..." line', id='template'),
+    # Longer than Python's timedelta holds (every run failed, on both databases), or than a database's calendar
+    # reaches back from now: SQLite sent week3 at once, and on PostgreSQL every run failed, week1's and week2's too.
+    pytest.param('Subject: Week 3\nDelay: 1000000000 days\nWeek three.\n', "week3.txt: Delay: '1000000000 days' is "
+                 'longer than a drip can wait', id='past timedelta'),
+    pytest.param('Subject: Week 3\nDelay: 1000000 weeks\nWeek three.\n', "week3.txt: Delay: '1000000 weeks' is "
+                 'longer than a drip can wait', id='past the calendar'),
 ]
 
 
