@@ -47,16 +47,20 @@ class BroadcastMailing:
     text: str
     html: str
     started_at: datetime | None = None
+    cancelled: bool = False
 
     @classmethod
     def of(cls, broadcast):
-        return cls(broadcast.id, broadcast.subject, broadcast.text, broadcast.html, broadcast.started_at)
+        return cls(broadcast.id, broadcast.subject, broadcast.text, broadcast.html, broadcast.started_at,
+                   broadcast.status == BroadcastStatus.CANCELLED)
 
     @property
     def key(self):
         return f'broadcast{self.id}'
 
     def conditions(self, after=0):
+        if self.cancelled:  # it will never go: its ledger counts whom it reached, and nobody as due it
+            return (sa.false(),)
         return Client.active, Client.email_confirmed_at <= (self.started_at or utcnow()), not_suppressed()
 
     def compose(self, recipient):

@@ -1,8 +1,11 @@
 """`flask mailing status`: a mailing's ledger (audience = sent + failed + unknown + deferred + pending),
 counted against the subscribers' own records, so that a gap between the two is seen."""
+from datetime import datetime
+
 import pytest
 import sqlalchemy as sa
 
+from app import broadcasts
 from app.extensions import db
 from app.models import Client, Delivery
 from tests.support.smtp import MailSink
@@ -88,6 +91,23 @@ def test_a_broadcasts_ledger_counts_its_audience(app, runner, smtp, subscribers)
 
     assert result.exit_code == 0, result.output
     assert 'audience 4' in result.output and 'balances: 3 + 0 + 1 + 0 + 0 = 4' in result.output
+
+
+def test_a_cancelled_broadcast_is_due_to_nobody(app, runner, subscribers):
+    """Its ledger said everyone active was pending, due it (and its not-received CSV listed them so), for a
+    broadcast that will never go: an audience that grew with every sign-up, long after it was cancelled."""
+    subscribers(3)
+    with app.app_context():
+        broadcast_id = broadcasts.schedule_broadcast('Sale', 'Hi', '<p>Hi</p>', datetime(2031, 1, 1, 9, 0), 'UTC',
+                                                     'admin@example.com').id
+        broadcasts.cancel(broadcast_id)
+
+    result = runner.invoke(args=['mailing', 'status', f'broadcast{broadcast_id}'])
+    pending = runner.invoke(args=['mailing', 'status', f'broadcast{broadcast_id}', '--list', 'pending'])
+
+    assert result.exit_code == 0, result.output
+    assert 'audience 0' in result.output and 'pending         0 (0 due' in result.output, result.output
+    assert 'reader' not in pending.output, pending.output
 
 
 def test_an_unknown_mailing_is_a_clear_error(runner):
