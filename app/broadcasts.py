@@ -212,10 +212,13 @@ def resume(broadcast_id):
 
 def resend_unknown(broadcast_id, client_ids=None):
     """Its unknown deliveries (of `client_ids`, or all) sent again, at an admin's explicit request (after
-    finding they did not arrive).  :return: how many.  :raise BroadcastError:"""
+    finding they did not arrive).  :return: how many.  :raise BroadcastError: for a cancelled one, which
+    nothing sends again."""
     broadcast = db.session.get(Broadcast, broadcast_id)
     if broadcast is None:
         raise BroadcastError(f'there is no broadcast {broadcast_id}')
+    if broadcast.status == BroadcastStatus.CANCELLED:
+        raise BroadcastError(f'broadcast {broadcast_id} is cancelled: nothing of it is sent again')
     count = requeue(broadcast.mailing, [DeliveryStatus.UNKNOWN], client_ids)
     if count:
         _move(broadcast_id, 'reopen', finished_at=None)

@@ -126,7 +126,8 @@ def reactivate(client):
 
 def resend_unknown(client, mailing_key):
     """Their copy of `mailing_key`, whose outcome is unknown, sent again (an admin found that it did not
-    arrive), by a job of its own, now.  :return: whether there was one."""
+    arrive), by a job of its own, now.  :return: whether there was one.  :raise BroadcastError: for a
+    cancelled broadcast, which nothing sends again."""
     if mailing_key.startswith('broadcast'):
         return bool(broadcasts.resend_unknown(int(mailing_key.removeprefix('broadcast')), client_ids=[client.id]))
     if not requeue(mailing_key, [DeliveryStatus.UNKNOWN], client_ids=[client.id]):

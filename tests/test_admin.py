@@ -22,7 +22,7 @@ from app.subscribers import erase
 from app.suppression import suppress
 from tests.support.forms import confirm, csrf_token, sign_in, sign_in_link, sign_up
 from tests.support.smtp import MailSink
-from tests.support.jobs import queue_emails, run_due_jobs
+from tests.support.jobs import make_jobs_due_now, queue_emails, run_due_jobs
 
 
 def test_the_admin_pages_need_a_signed_in_admin(client):
@@ -439,6 +439,36 @@ def test_an_admin_resends_a_message_that_did_not_arrive_and_it_goes_once(app, ad
     with app.app_context():
         assert db.session.scalar(sa.select(Delivery.status)) == 'sent'
         assert db.session.get(Client, client.id).num_newsletter == 1
+
+
+def test_a_cancelled_broadcasts_unknown_copy_is_not_sent_again_and_the_admin_is_told_why(app, admin, smtp, subscribers,
+                                                                                         runner):
+    """Its copy was moved to deferred and the page said it went again 'by a job now'; the job found the
+    broadcast cancelled and sent nothing, and its ledger said deferred for ever."""
+    [email] = subscribers(1)
+    smtp.after_dot[email] = MailSink.DROP
+    with app.app_context():
+        broadcast_id = broadcasts.schedule_broadcast('Sale', 'Hi', '<p>Hi</p>', utcnow() + timedelta(minutes=5), 'UTC',
+                                                     'admin@example.com').id
+    make_jobs_due_now(app)
+    run_due_jobs(app)
+    smtp.after_dot.clear()
+    with app.app_context():  # paused after that batch, then cancelled, as an admin's buttons leave it
+        db.session.execute(sa.update(Broadcast).values(status='cancelled'))
+        db.session.commit()
+        client_id = db.session.scalar(sa.select(Client.id))
+
+    answer = admin.post(f'/admin/subscribers/{client_id}/resend/broadcast{broadcast_id}',
+                        data={'csrf_token': csrf_token(admin, f'/admin/subscribers/{client_id}')})
+    command = runner.invoke(args=['broadcast', 'resend-unknown', str(broadcast_id)])
+    run_due_jobs(app)
+
+    told = html.unescape(admin.get(answer.location).get_data(as_text=True))
+    assert f'broadcast {broadcast_id} is cancelled' in told and 'again, by a job now' not in told, told
+    assert command.exit_code == 1 and f'broadcast {broadcast_id} is cancelled' in command.output, command.output
+    assert len(smtp.received_by(email)) == 1, 'the copy whose answer was lost, and no other'
+    with app.app_context():
+        assert db.session.scalar(sa.select(Delivery.status)) == 'unknown'
 
 
 def test_deactivating_stops_the_mail_and_reactivating_asks_the_subscriber_to_confirm(app, admin, smtp, subscribers):

@@ -1,7 +1,7 @@
 """The subscribers' pages: find one, see what happened to them, and act on them (app/subscribers.py)."""
 from flask import abort, flash, redirect, render_template, request, url_for
 
-from app import exports, subscribers
+from app import broadcasts, exports, subscribers
 from app.admin.blueprint import bp
 from app.admin.mailings import mailing_or_abort
 from app.database import as_integer
@@ -66,8 +66,11 @@ def subscriber_resend(client_id, mailing):
     a stage that cannot be read."""
     client = db.get_or_404(Client, client_id)
     mailing_or_abort(mailing)
-    if subscribers.resend_unknown(client, mailing):
-        flash(f'{mailing} goes to {client.email} again, by a job now.')
-    else:
-        flash(f'{client.email} has no {mailing} whose outcome is unknown.', 'error')
+    try:
+        if subscribers.resend_unknown(client, mailing):
+            flash(f'{mailing} goes to {client.email} again, by a job now.')
+        else:
+            flash(f'{client.email} has no {mailing} whose outcome is unknown.', 'error')
+    except broadcasts.BroadcastError as exc:
+        flash(f'{exc}.', 'error')
     return redirect(url_for('admin.subscriber', client_id=client_id))
