@@ -108,4 +108,5 @@ def _send_due():
             connection.execute(DONE, {'ids': [job_id for job_id, _ in due]})
 
 
-threading.Thread(target=_send_due, daemon=True, name='lean-sender').start()
+if os.environ.get('LEAN_SENDER', 'on') == 'on':  # off: the request alone, its emails left queued
+    threading.Thread(target=_send_due, daemon=True, name='lean-sender').start()
