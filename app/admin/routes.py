@@ -97,8 +97,12 @@ def broadcast(broadcast_id):
     jobs = db.session.scalars(
         sa.select(Job).where(Job.task == 'send_broadcast', Job.payload['broadcast_id'].as_integer() == item.id)
         .order_by(Job.id.desc())).all()
+    try:
+        preview, unshown = broadcasts.preview(item), None
+    except broadcasts.BroadcastError as exc:  # stored before today's checks, or rendering only some of the time
+        preview, unshown = None, str(exc)
     return render_template('admin/broadcast.html', title=f'Broadcast {item.id}', broadcast=item,
-                           counts=broadcasts.delivery_counts(item), preview=broadcasts.preview(item),
+                           counts=broadcasts.delivery_counts(item), preview=preview, unshown=unshown,
                            send_at=broadcasts.utc_to_local(item.send_at, item.timezone),
                            jobs=jobs, moves=BROADCAST_MOVES)
 
