@@ -14,6 +14,9 @@ How each message keeps an outcome of its own (app/failures.py), in the order sen
 - Replies come in the order of the commands, and each send() reads those of its own message alone: its
   envelope's three and its dot's. A refused RCPT fails that message (5xx) or defers it (4xx); the
   server then refuses its DATA (RFC 2920 3.1) and the transaction is reset for the next message.
+- A reply to RCPT or DATA that is no refusal (no 4xx or 5xx) and not the one expected (a line that is no
+  SMTP reply, a 250 where DATA's 354 belongs) refuses nobody: the server is off the protocol, so we hang
+  up, and the subscriber is left due (TransportFailure), never failed for good.
 - A server that answers 354 to a DATA none of whose recipients it took is off the RFC: it would have us
   send a lone dot, an empty message we would then trust it not to deliver. We hang up instead, which
   delivers nothing for certain and costs one reconnect.
@@ -177,6 +180,13 @@ class SmtpSender(Sender):
             self.close(hang_up=go is not None and go[0] == 354)
             raise TransportFailure(f'{self.describe()} refused sender: {mail[0]} {mail[1]!r}')
         refusal = rcpt if rcpt[0] not in (250, 251) else go if go[0] != 354 else None
+        if refusal is not None and refusal[0] // 100 not in (4, 5):
+            # No refusal (a line that is no reply, a 250 where DATA's 354 belongs): the server is off the
+            # protocol, in a state nobody can vouch for, DATA mode maybe. Nobody was refused, nothing went.
+            self.close(hang_up=True)
+            command = 'RCPT' if refusal is rcpt else 'DATA'
+            raise TransportFailure(f'{self.describe()} answered {command} with no SMTP reply to it: '
+                                   f'{refusal[0]} {refusal[1]!r}')
         if refusal is not None:
             if go is not None and go[0] == 354:
                 self.close(hang_up=True)  # see the module's docstring: no lone dot

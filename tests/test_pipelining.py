@@ -10,9 +10,12 @@ import time
 from collections import Counter
 
 import pytest
+import sqlalchemy as sa
 
 from app.drip import DripStage
 from app.email import Email
+from app.extensions import db
+from app.models import Client, Delivery
 from app.sending import send
 from app.smtp import SmtpSender
 from tests.support.flights import FlightServer
@@ -158,6 +161,27 @@ def test_a_server_that_takes_data_for_no_recipient_gets_no_empty_message(flights
     assert 'sent 2, skipped 0, failed 1' in result.output and '550 5.1.1' in result.output
     assert server.recipients() == [emails[0], emails[2]] and server.empty_messages == 0
     assert len(server.conversations) == 2
+
+
+@pytest.mark.parametrize('pipelined', [False, True], ids=['classic', 'pipelined'])
+@pytest.mark.parametrize('misbehaviour', ['rcpt-garbled', 'data-250', 'data-garbled'])
+def test_a_reply_to_rcpt_or_data_that_is_no_refusal_fails_nobody_and_stops_the_run_with_the_rest_due(
+        flights, app, runner, subscribers, pipelined, misbehaviour):
+    """Neither a line that is no SMTP reply nor a 250 where DATA's 354 belongs refuses anyone: the relay
+    is off the protocol, and nothing of the message went."""
+    server = flights
+    server.pipelining = pipelined
+    emails = subscribers(3)
+    reply = {'rcpt-garbled': 'Recipient OK', 'data-250': '250 2.0.0 OK', 'data-garbled': 'Go ahead'}[misbehaviour]
+    (server.refuse if misbehaviour.startswith('rcpt') else server.answer_data)[emails[1]] = reply
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    with app.app_context():
+        recorded = dict(db.session.execute(sa.select(Client.email, Delivery.status).join(Delivery)).all())
+    assert recorded == {emails[0]: 'sent'}, result.output  # the others left due, to be sent once it is mended
+    assert result.exit_code == 1 and 'failed 0' in result.output and 'left due' in result.output, result.output
+    assert server.recipients() == [emails[0]] and server.empty_messages == 0
 
 
 def test_a_message_retried_after_its_dot_is_refused_for_now_does_not_land_in_the_announced_envelope(

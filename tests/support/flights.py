@@ -5,8 +5,10 @@ and records, per connection, each flight: the commands that arrived before it an
 message's end). A client that waits for each reply sends flights of one; one that pipelines sends
 MAIL, RCPT and DATA together, and the next message's envelope behind a message's dot.
 
-`refuse` maps an address to the reply its RCPT gets. With `data_without_recipients`, it says 354 to a
-DATA none of whose recipients it took (off RFC 2920 3.1), and counts the empty messages it is then sent."""
+`refuse` maps an address to the reply its RCPT gets, and `answer_data` to the reply a DATA for it gets in
+place of 354 (a server off the RFC: a 250, a line that is no reply). With `data_without_recipients`, it
+says 354 to a DATA none of whose recipients it took (off RFC 2920 3.1), and counts the empty messages it
+is then sent."""
 import select
 import socket
 import threading
@@ -16,7 +18,7 @@ from tests.support.smtp import accept_until, free_port
 
 class FlightServer:
     def __init__(self, pipelining=True, refuse=None, data_without_recipients=False, settle=0.2):
-        self.pipelining, self.refuse = pipelining, dict(refuse or {})
+        self.pipelining, self.refuse, self.answer_data = pipelining, dict(refuse or {}), {}
         self.data_without_recipients, self.settle = data_without_recipients, settle
         self.conversations = []  # per connection, its flights: [['MAIL', 'RCPT', 'DATA'], ['DOT', ...], ...]
         self.messages = []  # (recipients, data) of each message taken
@@ -99,6 +101,8 @@ class FlightServer:
         if verb == 'DATA':
             if not session['recipients'] and not self.data_without_recipients:
                 return b'554 5.5.1 No valid recipients'
+            if answers := [self.answer_data[address] for address in session['recipients'] if address in self.answer_data]:
+                return answers[0].encode()
             session['data'] = []
             return b'354 End data with <CR><LF>.<CR><LF>'
         if verb == 'NOOP':
