@@ -106,8 +106,10 @@ def describe_transport():
 
 
 def retry_delay(attempt, cap=None):
-    """Seconds to wait before attempt number `attempt + 1`: MAIL_RETRY_BACKOFF, doubling each time."""
-    delay = current_app.config['MAIL_RETRY_BACKOFF'] * 2 ** (attempt - 1)
+    """Seconds to wait before attempt number `attempt + 1`: MAIL_RETRY_BACKOFF, doubling each time. The
+    doubling stops at 2**64, far past any cap: from 2**1024 on, a float cannot hold it, and a delivery
+    sent again after giving up (its attempts kept) can have had a thousand answers."""
+    delay = current_app.config['MAIL_RETRY_BACKOFF'] * 2 ** min(attempt - 1, 64)
     return min(delay, cap) if cap else delay
 
 

@@ -226,6 +226,30 @@ def test_one_deferred_for_longer_than_the_give_up_age_fails_with_the_reason(app,
     assert 'reader1@example.com' not in smtp.recipients()
 
 
+def test_one_greylisted_after_a_thousand_answers_is_deferred_an_hour_and_the_run_goes_on(app, runner, smtp, subscribers,
+                                                                                        ledger_of):
+    """Sent again after giving up (--retry-failed keeps a delivery's attempts), a subscriber whose server
+    greylisted them for days has a thousand answers behind them: the back-off is an hour, as after ten."""
+    emails = subscribers(3)
+    with app.app_context():
+        greylisted = db.session.scalar(sa.select(Client).where(Client.email == emails[1]))
+        db.session.add(Delivery(client_id=greylisted.id, mailing='week1', status='deferred', attempts=1100,
+                                error='451 4.7.1 Greylisted', next_attempt_at=utcnow() - timedelta(minutes=1),
+                                deferred_since=utcnow() - timedelta(hours=1)))
+        db.session.commit()
+    smtp.refuse_for_now[emails[1]] = 99
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    assert result.exit_code == 0, result.output
+    assert 'sent 2, skipped 0, failed 0, unknown 0, deferred 1' in result.output
+    ledger = ledger_of()
+    assert ledger[emails[1]][:2] == ('deferred', 1104) and sorted(smtp.recipients()) == [emails[0], emails[2]]
+    with app.app_context():
+        next_attempt = db.session.scalar(sa.select(Delivery.next_attempt_at).where(Delivery.status == 'deferred'))
+    assert timedelta(minutes=59) < next_attempt - utcnow() <= timedelta(hours=1)
+
+
 # 3. A live run stuck in one transaction for longer than its lease.
 
 def test_a_run_stuck_in_one_transaction_for_longer_than_its_lease_keeps_its_claims(app, smtp, subscribers,
