@@ -390,19 +390,16 @@ class MailingSend:
         if not held:
             self.report.aborted = ('stopped: another run took this one over (it was stalled for longer than '
                                    'LEASE_SECONDS); what it was sending is recorded unknown')
-        lost = 0
+        # An outcome not recorded was on a delivery that is no longer this run's: taken over with the run
+        # (said above), or gone with its subscriber, whom an admin erased while their message was on the
+        # wire, which is no reason to stop sending to everyone else.
         for outcome in outcomes:
             status = recorded.get(outcome.delivery_id)
-            if status is None:
-                lost += 1
-            elif status == DeliveryStatus.SENT:
+            if status == DeliveryStatus.SENT:
                 self.report.sent += 1
-            else:
+            elif status is not None:
                 {DeliveryStatus.FAILED: self.report.failed, DeliveryStatus.UNKNOWN: self.report.unknown,
                  DeliveryStatus.DEFERRED: self.report.deferred}[status].append((outcome.recipient.email, outcome.error))
-        if lost and not self.report.aborted:
-            self.report.aborted = (f'stopped: {lost} outcome(s) could not be recorded, another run took this one '
-                                   'over (it was stalled for longer than LEASE_SECONDS): they are recorded unknown')
         return held
 
     def _judge(self, outcome, stop):

@@ -22,6 +22,7 @@ from app.database import utcnow
 from app.extensions import db
 from app.mailing import Recipient
 from app.models import Broadcast, Client, Delivery, Job, SendRun
+from app.subscribers import erase
 from tests.support.jobs import run_due_jobs
 from tests.support.processes import finish
 from tests.support.smtp import MailSink, free_port
@@ -301,6 +302,30 @@ def test_a_run_whose_database_connection_drops_leaves_its_claims_to_the_next_run
     with app.app_context():
         first = db.session.scalar(sa.select(SendRun.stopped).order_by(SendRun.id).limit(1))
     assert 'the database failed' in first and 'taken over by run' in first, 'the admin sees why, and what came of it'
+
+
+# 3c. An admin erases a subscriber whose message is on the wire.
+
+def test_a_subscriber_erased_while_their_message_is_on_the_wire_stops_nobody_else(app, runner, smtp, subscribers,
+                                                                                   ledger_of, stages):
+    emails = subscribers(20)
+    erased = emails[3]
+    smtp.after_dot[erased] = 1.0  # taken at once, answered a second later: erased in between
+
+    def erase_once_taken():
+        assert smtp.wait_for(4) >= 4 and smtp.received_by(erased)
+        with app.app_context():
+            erase(db.session.scalar(sa.select(Client).where(Client.email == erased)))
+    eraser = threading.Thread(target=erase_once_taken)
+    eraser.start()
+
+    result = runner.invoke(args=['send-newsletter-email', 'week1'])
+
+    eraser.join()
+    assert result.exit_code == 0 and 'took this one over' not in result.output, result.output
+    assert Counter(smtp.recipients()) == Counter(emails), 'the run went on to everyone after them, once'
+    assert {status for status, _, _ in ledger_of().values()} == {'sent'} and erased not in ledger_of()
+    assert set(stages().values()) == {1} and erased not in stages()
 
 
 # 4. The rate limiter's Redis is gone.
