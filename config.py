@@ -52,7 +52,7 @@ COUNTS = ('SEND_BATCH_SIZE', 'SEND_RECORD_EVERY', 'MAIL_CONCURRENCY', 'JOB_MAIL_
 # Durations with no "off" at 0, where no time at all breaks what they time: WEBHOOK_MAX_AGE=0 refuses every
 # signed batch (SendGrid then drops its bounces), CONFIRM_MAX_AGE=0 expires each link as it goes out,
 # SCHEDULE_MAX_LATE=0 skips every due time, a time-out of 0 fails every connection.
-DURATIONS = ('MAIL_TIMEOUT', 'MAIL_DATA_TIMEOUT', 'REDIS_TIMEOUT', 'LEASE_SECONDS', 'JOB_POLL_SECONDS',
+DURATIONS = ('MAIL_TIMEOUT', 'MAIL_DATA_TIMEOUT', 'REDIS_TIMEOUT', 'DATABASE_CONNECT_TIMEOUT', 'LEASE_SECONDS', 'JOB_POLL_SECONDS',
              'WEBHOOK_MAX_AGE', 'CONFIRM_MAX_AGE', 'EMAIL_DNS_TIMEOUT', 'ADMIN_SESSION_HOURS', 'RQ_JOB_TIMEOUT',
              'SCHEDULE_MAX_LATE')
 
@@ -88,6 +88,9 @@ class Config:
     # statement may be a job's outcome, the email already taken by the relay: failed, it left the job to be
     # taken over and the email sent again.
     SQLALCHEMY_ENGINE_OPTIONS = {'pool_pre_ping': True}
+    # Seconds to wait for PostgreSQL to take a new connection (libpq's connect_timeout, unless DATABASE_URL
+    # sets it): without one, a server that accepts and never answers holds every run and worker for ever.
+    DATABASE_CONNECT_TIMEOUT = env_float('DATABASE_CONNECT_TIMEOUT', 10)
     BASE_URL = (os.environ.get('BASE_URL') or 'http://localhost:5000').rstrip('/')
     MAX_CONTENT_LENGTH = 64 * 1024  # a request body, at most; the broadcast form takes BROADCAST_MAX_BYTES
     BROADCAST_MAX_BYTES = env_int('BROADCAST_MAX_BYTES', 2 * 1024 * 1024)

@@ -2,6 +2,7 @@
 (PostgreSQL and SQLite, and no other: their SQL differs where it matters), how each is set up, and the
 few statements written differently for each."""
 import json
+import math
 import os
 import re
 from datetime import datetime, timezone
@@ -26,7 +27,7 @@ def as_integer(text):
 
 def init_app(app):
     """Say no at start-up to a database the app does not speak, instead of sending it SQLite's SQL at
-    the first claim."""
+    the first claim; and give PostgreSQL's connections a time-out (DATABASE_CONNECT_TIMEOUT)."""
     url = app.config['SQLALCHEMY_DATABASE_URI']
     try:
         dialect = make_url(url).get_backend_name()
@@ -35,6 +36,10 @@ def init_app(app):
     if dialect not in DIALECTS:
         raise ValueError(f'DATABASE_URL: {dialect!r} is not supported; use PostgreSQL (postgresql://...) '
                          'or SQLite (sqlite:///...)')
+    if dialect == 'postgresql' and 'connect_timeout' not in make_url(url).query:
+        options = app.config['SQLALCHEMY_ENGINE_OPTIONS']
+        app.config['SQLALCHEMY_ENGINE_OPTIONS'] = {**options, 'connect_args': {
+            **options.get('connect_args', {}), 'connect_timeout': math.ceil(app.config['DATABASE_CONNECT_TIMEOUT'])}}
 
 
 def is_postgresql():

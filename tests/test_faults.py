@@ -345,6 +345,19 @@ def test_a_rate_limiter_whose_redis_is_gone_stops_the_run_and_records_nobody_fai
     assert set(stages().values()) == {0}
 
 
+def test_a_database_server_that_accepts_and_never_answers_stops_the_run_at_its_connect_timeout(
+        flask_command, silent_server):
+    # libpq waits for ever for a server that took the connection and says nothing (a hung PostgreSQL, a
+    # proxy with nothing behind it): cron's runs piled up, each waiting, where the README promises every
+    # connection a time-out of its own.
+    command = flask_command('send-newsletter-email', 'week1', DATABASE_CONNECT_TIMEOUT='2',
+                            DATABASE_URL=f'postgresql://postgres@127.0.0.1:{silent_server.port}/test')
+
+    code, out, err = finish(command, timeout=60)
+
+    assert code == 1 and 'timeout expired' in err, (out, err)
+
+
 # 5. Several connections at once, for a broadcast.
 
 def test_a_broadcast_over_several_connections_reaches_everyone(app, smtp, subscribers, broadcast, promise_kept):
