@@ -214,12 +214,23 @@ def resend_unknown(broadcast_id, client_ids=None):
     """Its unknown deliveries (of `client_ids`, or all) sent again, at an admin's explicit request (after
     finding they did not arrive).  :return: how many.  :raise BroadcastError: for a cancelled one, which
     nothing sends again."""
+    return _send_again(broadcast_id, DeliveryStatus.UNKNOWN, client_ids)
+
+
+def retry_failed(broadcast_id):
+    """Its deliveries refused for good sent again, at an admin's explicit request, once the cause is fixed:
+    a relay that refuses every recipient for a reason of its own (our credentials missing, "554 5.7.1 Relay
+    access denied") fails the whole list.  :return: how many.  :raise BroadcastError: as resend_unknown."""
+    return _send_again(broadcast_id, DeliveryStatus.FAILED)
+
+
+def _send_again(broadcast_id, status, client_ids=None):
     broadcast = db.session.get(Broadcast, broadcast_id)
     if broadcast is None:
         raise BroadcastError(f'there is no broadcast {broadcast_id}')
     if broadcast.status == BroadcastStatus.CANCELLED:
         raise BroadcastError(f'broadcast {broadcast_id} is cancelled: nothing of it is sent again')
-    count = requeue(broadcast.mailing, [DeliveryStatus.UNKNOWN], client_ids)
+    count = requeue(broadcast.mailing, [status], client_ids)
     if count:
         _move(broadcast_id, 'reopen', finished_at=None)
         send_broadcast.apply(broadcast_id=broadcast_id)

@@ -326,16 +326,21 @@ for _name, _action in (('cancel', broadcasts.cancel), ('pause', broadcasts.pause
     _broadcast_action(_name, _action)
 
 
-@broadcast_group.command('resend-unknown')
-@click.argument('broadcast_id', type=BROADCAST_ID)
-def broadcast_resend_unknown(broadcast_id):
-    """Send broadcast ID again to those whose copy may or may not have arrived (unknown): only once you
-    know it did not."""
-    try:
-        count = broadcasts.resend_unknown(broadcast_id)
-    except broadcasts.BroadcastError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f'broadcast {broadcast_id}: {count} to send again; a job worker sends them')
+def _send_again(name, again, doc):
+    @broadcast_group.command(name, help=doc)
+    @click.argument('broadcast_id', type=BROADCAST_ID)
+    def command(broadcast_id):
+        try:
+            count = again(broadcast_id)
+        except broadcasts.BroadcastError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f'broadcast {broadcast_id}: {count} to send again; a job worker sends them')
+
+
+_send_again('resend-unknown', broadcasts.resend_unknown, 'Send broadcast ID again to those whose copy may or may not '
+            'have arrived (unknown): only once you know it did not.')
+_send_again('retry-failed', broadcasts.retry_failed, 'Send broadcast ID again to those whose copy was refused for good '
+            '(failed): once you have fixed the cause.')
 
 
 @bp.cli.command('import-subscribers')

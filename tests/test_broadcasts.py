@@ -209,6 +209,28 @@ def test_a_broadcast_resumes_after_its_worker_is_killed(app, smtp, subscribers, 
     assert state(app, broadcast_id) == ('sent', expected), (out, err)
 
 
+def test_a_broadcast_every_copy_of_which_the_relay_refused_is_sent_again_once_the_cause_is_fixed(
+        app, runner, smtp, subscribers, promise_kept):
+    """A relay that refuses every recipient for a reason of its own (our credentials missing: Postfix's '554
+    5.7.1 Relay access denied', at RCPT) fails each copy for good, and the broadcast ends 'sent'. The drip
+    has --retry-failed for that; a broadcast had no way to send again, and the whole list never got it."""
+    emails = subscribers(12)
+    for email in emails:
+        smtp.refuse_for_good[email] = f'554 5.7.1 <{email}>: Relay access denied'
+    broadcast_id = schedule(app)
+    make_jobs_due_now(app)
+    run_due_jobs(app)
+    assert state(app, broadcast_id) == ('sent', {'failed': 12}) and smtp.messages == []
+
+    smtp.refuse_for_good.clear()  # the operator sets MAIL_USERNAME and MAIL_PASSWORD
+    again = runner.invoke(args=['broadcast', 'retry-failed', str(broadcast_id)])
+    run_due_jobs(app)
+
+    assert again.exit_code == 0 and f'broadcast {broadcast_id}: 12 to send again' in again.output, again.output
+    assert state(app, broadcast_id) == ('sent', {'sent': 12})
+    assert promise_kept(f'broadcast{broadcast_id}', emails) == {'sent': emails}
+
+
 def test_flask_broadcast_previews_schedules_lists_and_cancels(app, runner, tmp_path):
     (tmp_path / 'sale.txt').write_text(TEXT)
     (tmp_path / 'sale.html').write_text(HTML)
@@ -265,7 +287,7 @@ def test_each_broadcast_command_says_what_it_does(runner, verb):
     assert 'None' not in shown.output
 
 
-@pytest.mark.parametrize('verb', ['cancel', 'pause', 'resume', 'resend-unknown'])
+@pytest.mark.parametrize('verb', ['cancel', 'pause', 'resume', 'resend-unknown', 'retry-failed'])
 @pytest.mark.parametrize('number', [str(2 ** 31), '9' * 20], ids=['past PostgreSQL', 'past SQLite'])
 def test_a_broadcast_id_no_row_can_have_is_a_usage_error(runner, verb, number):
     """Past PostgreSQL's integer (our ids' type) the database refused the query, and the command was a
