@@ -140,8 +140,8 @@ class Config:
     # SendGrid posts its events in batches of up to 768 KB (its Event Webhook's documentation): refused, a
     # batch is retried for a while and then dropped, with the bounces in it.
     WEBHOOK_MAX_BYTES = env_int('WEBHOOK_MAX_BYTES', 2 * 1024 * 1024)
-    # An address our relay refuses for good as a bad address (5xx, status 5.1.x) in this many mailings is
-    # suppressed (0: never).
+    # An address our relay refuses for good as a bad address (5xx, status 5.1.1, 5.1.2, 5.1.3, 5.1.6 or 5.1.10)
+    # in this many mailings is suppressed (0: never).
     SUPPRESS_AFTER_FAILURES = env_int('SUPPRESS_AFTER_FAILURES', 3)
     ADMINS = env_list('ADMINS')
     ADMIN_SESSION_HOURS = env_float('ADMIN_SESSION_HOURS', 8)  # an admin signs in again after this

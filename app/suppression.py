@@ -3,6 +3,9 @@ addresses out when they look for whom a mailing is due (so a suppressed subscrib
 made), and sign-up sends them no confirmation. An address gets on it when its owner asks (the block link
 in the confirmation email), when the provider reports a bounce, a drop for the address, a spam complaint or
 an unsubscribe (app/webhooks.py), or when our relay refuses it for good SUPPRESS_AFTER_FAILURES times."""
+import re
+from collections import Counter
+
 import sqlalchemy as sa
 from flask import current_app
 
@@ -64,22 +67,28 @@ def _listing_statements():
     return listed, insert, leave
 
 
+# RFC 3463's statuses saying the recipient's address is bad (5.1.1 no such mailbox, 5.1.2 no such domain,
+# 5.1.3 its syntax, 5.1.6 moved, 5.1.10 null MX), in the error as a send records it ("address: 550 5.1.1 ...").
+# Not 5.1.7 and 5.1.8, our sender's address, nor 5.1.0, which Postfix answers at RCPT for the sender too.
+BAD_RECIPIENT = re.compile(r': 5\d\d 5\.1\.(1|2|3|6|10)\b')
+
+
 def suppress_refused(emails):
     """After a send: of `emails` (refused for good in it), those our relay has now refused for good in
     SUPPRESS_AFTER_FAILURES mailings, each time saying the address itself is bad (an enhanced status
-    5.1.x: no such mailbox, no such domain), go on the list.  :return: them.
+    5.1.x: no such mailbox, no such domain: BAD_RECIPIENT), go on the list.  :return: them.
 
     Only those: a relay that refuses every recipient for a reason of its own ("554 5.7.1 relay access
     denied") must not put the whole list on it, and --retry-failed must still reach them once it is fixed."""
     limit = current_app.config['SUPPRESS_AFTER_FAILURES']
     if not limit or not emails:
         return []
-    counted = db.session.execute(
-        sa.select(Client.email, sa.func.count(Delivery.id)).join(Delivery, Delivery.client_id == Client.id)
+    failures = db.session.execute(
+        sa.select(Client.email, Delivery.error).join(Delivery, Delivery.client_id == Client.id)
         .where(Client.email.in_(emails), Delivery.status == DeliveryStatus.FAILED,
-               Delivery.error.like('%: 5__ 5.1.%'))
-        .group_by(Client.email)).all()
-    refused = [email for email, count in counted if count >= limit]
+               Delivery.error.like('%: 5__ 5.1.%'))).all()
+    counted = Counter(email for email, error in failures if BAD_RECIPIENT.search(error))
+    refused = [email for email, count in counted.items() if count >= limit]
     suppress_all((email, SuppressionReason.REFUSED, f'refused for good in {limit} mailing(s)') for email in refused)
     db.session.commit()
     return refused

@@ -309,3 +309,25 @@ def test_an_address_the_relay_refuses_as_bad_in_so_many_mailings_is_suppressed(a
 
     assert after_one == {}, 'not after one mailing'
     assert suppressed(app) == {emails[0]: 'refused'}
+
+
+def test_a_relay_refusing_our_sender_address_at_every_recipient_suppresses_nobody(app, runner, smtp, subscribers):
+    """Postfix checks the sender at RCPT, and says so with a 5.1.x of the sender's (RFC 3463: 5.1.7 its
+    syntax, 5.1.8 its domain; 5.1.0 with 'Sender address rejected'): each such refusal counted as the
+    recipient's address being bad, so a MAIL_DEFAULT_SENDER with a typo in its domain put the whole list on
+    the suppression list after SUPPRESS_AFTER_FAILURES mailings, for good."""
+    app.config['SUPPRESS_AFTER_FAILURES'] = 2
+    emails = subscribers(3)
+    for email, status in zip(emails, ('5.1.8', '5.1.7', '5.1.0')):
+        smtp.refuse_for_good[email] = f'553 {status} <news@exmaple.com>: Sender address rejected: Domain not found'
+
+    runner.invoke(args=['send-newsletter-email', 'week1'])
+    runner.invoke(args=['send-newsletter-email', 'week1', '--retry-failed'])  # same mailing: counted once
+    with app.app_context():
+        db.session.execute(sa.update(Client).values(num_newsletter=1))  # as if week1 had reached them
+        db.session.commit()
+    runner.invoke(args=['send-newsletter-email', 'week2'])
+
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(Delivery).where(Delivery.status == 'failed')) == 6
+    assert suppressed(app) == {}
