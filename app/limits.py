@@ -7,6 +7,7 @@ to trust for the client's address, or every client would share the proxy's.
 Sign-up also sends at most one confirmation per address every CONFIRM_RESEND_SECONDS, whatever the
 limits allow (app/main/routes.py)."""
 from flask import current_app, request
+from limits import parse_many
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.addresses import mailbox
@@ -21,9 +22,23 @@ def init_app(app):
                       if config['REDIS_URL'] else {})
     config.update(RATELIMIT_HEADERS_ENABLED=True, RATELIMIT_SWALLOW_ERRORS=True,
                   RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=True)
+    for name in LIMITS:
+        _check(name, config[name])
     if proxies := config['PROXY_COUNT']:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)
     limiter.init_app(app)
+
+
+LIMITS = ('SIGNUP_LIMIT_PER_CLIENT', 'SIGNUP_LIMIT_PER_ADDRESS', 'SIGN_IN_LIMIT_PER_CLIENT', 'SIGN_IN_LIMIT_PER_ADDRESS')
+
+
+def _check(name, value):
+    """:raise ValueError: for a limit Flask-Limiter cannot read: it reads them at each request, and lets through
+    the requests of one it cannot (logging an error), so a typo would turn that limit off without a word."""
+    try:
+        parse_many(value)
+    except ValueError:
+        raise ValueError(f'{name}: {value!r} is not a limit Flask-Limiter reads, such as "10/minute;50/hour"') from None
 
 
 def _storage_uri(redis_url):

@@ -8,9 +8,11 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+from app import create_app
 from app.extensions import db, limiter
 from app.jobs import run_due
 from app.models import Client, Job
+from config import Config
 from tests.support.forms import csrf_token
 
 
@@ -125,6 +127,17 @@ def test_people_do_not_see_the_hidden_field(client):
     page = client.get('/').get_data(as_text=True)
     assert re.search(r'<div class="trap" aria-hidden="true">.*name="website".*tabindex="-1"', page)
     assert '.trap { position: absolute; left: -10000px' in page
+
+
+@pytest.mark.parametrize('name', ['SIGNUP_LIMIT_PER_CLIENT', 'SIGNUP_LIMIT_PER_ADDRESS', 'SIGN_IN_LIMIT_PER_CLIENT',
+                                  'SIGN_IN_LIMIT_PER_ADDRESS'])
+@pytest.mark.parametrize('value', ['2 per minut', '5/minute;'])
+def test_a_limit_flask_limiter_cannot_read_stops_the_app_at_start_up(settings, name, value):
+    """Flask-Limiter reads a limit at each request, logs the one it cannot read, and lets the request through:
+    a typo turned that limit off, every sign-up got a 200 and nothing at start-up said so."""
+    settings.update(RATELIMIT_ENABLED=True, **{name: value})
+    with pytest.raises(ValueError, match=f"^{name}: {re.escape(repr(value))} is not a limit Flask-Limiter reads"):
+        create_app(type('TestConfig', (Config,), settings))
 
 
 def test_the_limits_can_be_turned_off(settings, request):
