@@ -56,13 +56,27 @@ DURATIONS = ('MAIL_TIMEOUT', 'MAIL_DATA_TIMEOUT', 'REDIS_TIMEOUT', 'DATABASE_CON
              'WEBHOOK_MAX_AGE', 'CONFIRM_MAX_AGE', 'EMAIL_DNS_TIMEOUT', 'ADMIN_SESSION_HOURS', 'RQ_JOB_TIMEOUT',
              'SCHEDULE_MAX_LATE')
 
+# The largest bodies a request may send: at 0, WEBHOOK_MAX_BYTES refuses every batch of SendGrid's events,
+# which it drops after a while, bounces and complaints included.
+SIZES = ('BROADCAST_MAX_BYTES', 'IMPORT_MAX_BYTES', 'WEBHOOK_MAX_BYTES')
+# Settings whose 0 means something ("no retries", "no limit", "never") and a negative nothing: MAIL_RETRY_BACKOFF=-1
+# stops every run at its first greylisted subscriber, PROXY_COUNT=-1 takes the client's address from the part
+# of X-Forwarded-For the client writes, SUPPRESS_AFTER_FAILURES=-1 suppresses an address at its first refusal.
+NON_NEGATIVE = ('MAIL_RETRIES', 'MAIL_RETRY_BACKOFF', 'MAIL_GIVE_UP_AFTER', 'MAIL_RATE_LIMIT', 'MAIL_MAX_EMAILS',
+                'PROXY_COUNT', 'SUPPRESS_AFTER_FAILURES', 'CONFIRM_RESEND_SECONDS', 'JOB_RETRY_BACKOFF',
+                'JOB_MAX_BACKOFF', 'JOB_RETENTION_DAYS', 'EXPORT_KEEP_HOURS', 'EXPORT_COMPRESS_ABOVE')
+
 
 def check_ranges(config):
-    """:raise ValueError: for the first of COUNTS below 1, or of DURATIONS at 0 or below, so that the app
-    stops at start-up, whatever settings class it is given, instead of failing quietly later."""
-    for name in COUNTS:
+    """:raise ValueError: for the first of COUNTS or SIZES below 1, of DURATIONS at 0 or below, or of
+    NON_NEGATIVE below 0, so that the app stops at start-up, whatever settings class it is given, instead
+    of failing quietly later."""
+    for name in (*COUNTS, *SIZES):
         if config[name] < 1:
             raise ValueError(f'{name} must be at least 1, not {config[name]}')
+    for name in NON_NEGATIVE:
+        if (config[name] or 0) < 0:
+            raise ValueError(f'{name} must be 0 or more, not {config[name]}')
     for name in DURATIONS:
         if config[name] <= 0:
             raise ValueError(f'{name} must be more than 0, not {config[name]}')

@@ -108,6 +108,34 @@ def test_a_duration_of_no_time_stops_the_app_at_start_up(tmp_path, name, value):
         create_app(settings)
 
 
+@pytest.mark.parametrize('name', ['MAIL_RETRIES', 'MAIL_RETRY_BACKOFF', 'MAIL_GIVE_UP_AFTER', 'MAIL_RATE_LIMIT',
+                                  'MAIL_MAX_EMAILS', 'PROXY_COUNT', 'SUPPRESS_AFTER_FAILURES', 'CONFIRM_RESEND_SECONDS',
+                                  'JOB_RETRY_BACKOFF', 'JOB_MAX_BACKOFF', 'JOB_RETENTION_DAYS', 'EXPORT_KEEP_HOURS',
+                                  'EXPORT_COMPRESS_ABOVE'])
+def test_a_negative_setting_that_has_no_meaning_stops_the_app_at_start_up(tmp_path, name):
+    """Each was taken: MAIL_RETRY_BACKOFF=-1 stopped every run at its first greylisted subscriber with 'an
+    unexpected error' (time.sleep's ValueError), PROXY_COUNT=-1 took the client's address from the part of
+    X-Forwarded-For the client writes (any sign-up limit dodged), SUPPRESS_AFTER_FAILURES=-1 (for "never")
+    suppressed an address at its first refusal."""
+    settings = type('Settings', (config.Config,), {
+        'INSTANCE_PATH': str(tmp_path), 'SQLALCHEMY_DATABASE_URI': f'sqlite:///{tmp_path}/x.db', name: -1})
+
+    with pytest.raises(ValueError, match=f'^{name} must be 0 or more, not -1$'):
+        create_app(settings)
+
+
+@pytest.mark.parametrize('name', ['BROADCAST_MAX_BYTES', 'IMPORT_MAX_BYTES', 'WEBHOOK_MAX_BYTES'])
+@pytest.mark.parametrize('value', [0, -1])
+def test_a_largest_body_of_no_bytes_stops_the_app_at_start_up(tmp_path, name, value):
+    """WEBHOOK_MAX_BYTES=0 refused every batch of SendGrid's events (413), which drops them, bounces and
+    complaints included, after retrying for a while; the broadcast form and the import took nothing."""
+    settings = type('Settings', (config.Config,), {
+        'INSTANCE_PATH': str(tmp_path), 'SQLALCHEMY_DATABASE_URI': f'sqlite:///{tmp_path}/x.db', name: value})
+
+    with pytest.raises(ValueError, match=f'^{name} must be at least 1, not {value}$'):
+        create_app(settings)
+
+
 @pytest.mark.parametrize('url', ['http://api.sendgrid.com', 'http://sendgrid-proxy.internal:8080'])
 def test_a_sendgrid_api_url_that_would_carry_the_api_key_in_clear_stops_at_start_up(tmp_path, url):
     class Settings(config.Config):
