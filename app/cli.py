@@ -64,7 +64,7 @@ class StageName(click.Choice):
 @click.option('--resend-unknown', is_flag=True,
               help='Send again to subscribers whose STAGE may or may not have arrived (unknown): only once you '
                    'know it did not.')
-@click.option('--queue', 'jobs', type=int, default=None, metavar='JOBS',
+@click.option('--queue', 'jobs', type=click.IntRange(min=1), default=None, metavar='JOBS',
               help='Hand the send to RQ workers (`flask rq-worker`) as JOBS jobs instead; needs REDIS_URL.')
 def send_newsletter_email(stage, due, dry_run, retry_failed, resend_unknown, jobs):
     """Send drip STAGE to every active, confirmed subscriber who has received the stage before it (and

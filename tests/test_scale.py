@@ -77,6 +77,19 @@ def rq_settings(settings, redis_url):
     return settings
 
 
+@pytest.mark.parametrize('jobs', ['0', '-3'])
+def test_queueing_no_jobs_or_fewer_is_a_usage_error_and_queues_nothing(rq_settings, request, redis_client, subscribers,
+                                                                      flask_command, jobs):
+    """`--queue 0` queued one job (and -3 one), and said so: the operator who meant "none" had the stage sent."""
+    request.getfixturevalue('app')
+    subscribers(3)
+
+    code, out, err = finish(flask_command('send-newsletter-email', 'week1', '--queue', jobs))
+
+    assert code == 2 and f"Invalid value for '--queue': {jobs} is not in the range x>=1" in err, (out, err)
+    assert not redis_client.exists(f"rq:queue:{rq_settings['RQ_QUEUE']}")
+
+
 def test_four_rq_workers_send_every_subscriber_once_even_when_one_is_killed(rq_settings, request, smtp,
                                                                             subscribers, flask_command, promise_kept):
     app = request.getfixturevalue('app')
