@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import ssl
 import tempfile
 import threading
 import urllib.error
@@ -51,9 +52,26 @@ def init_app(app):
     if mail_transport(app.config) == 'sendgrid' and api.scheme != 'https' and api.hostname not in LOOPBACK:
         raise ValueError(f'SENDGRID_API_URL must be https:// (every request carries the API key), not '
                          f'{app.config["SENDGRID_API_URL"]!r}')
+    if mail_transport(app.config) == 'smtp':
+        _check_smtp(app.config)
     if mail_transport(app.config) == 'smtp' and not app.config['MAIL_TLS_VERIFY']:
         app.logger.warning('MAIL_TLS_VERIFY is off: the certificate of %s is not checked, so anyone on the way '
                            'to it can read MAIL_PASSWORD and every email', app.config['MAIL_SERVER'])
+
+def _check_smtp(config):
+    """:raise ValueError: for SMTP settings that cannot work: a user name without its password (or the other
+    way round), with which the app would send without signing in, and a relay that wants it refuse every
+    recipient for good; or a CA file it cannot read, which would stop every run."""
+    for name, other in (('MAIL_USERNAME', 'MAIL_PASSWORD'), ('MAIL_PASSWORD', 'MAIL_USERNAME')):
+        if config[name] and not config[other]:
+            raise ValueError(f'{name} needs {other}: with one and not the other, the app does not sign in to '
+                             f'{config["MAIL_SERVER"]}')
+    if ca_file := config['MAIL_TLS_CA_FILE']:
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f'MAIL_TLS_CA_FILE: cannot read {ca_file!r} as certificates: {exc}') from None
+
 
 def mail_transport(config):
     """'smtp', 'sendgrid' or 'folder': MAIL_TRANSPORT if set, else SendGrid when SENDGRID_API_KEY is set,

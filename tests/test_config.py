@@ -148,6 +148,22 @@ def test_a_sendgrid_api_url_that_would_carry_the_api_key_in_clear_stops_at_start
         create_app(Settings)
 
 
+@pytest.mark.parametrize('given, error', [
+    ({'MAIL_USERNAME': 'news@example.com'}, 'MAIL_USERNAME needs MAIL_PASSWORD'),
+    ({'MAIL_PASSWORD': 'secret'}, 'MAIL_PASSWORD needs MAIL_USERNAME'),
+    ({'MAIL_TLS_CA_FILE': '/no/such/ca.pem'}, "MAIL_TLS_CA_FILE: cannot read '/no/such/ca.pem'")])
+def test_smtp_settings_that_cannot_work_stop_the_app_at_start_up(tmp_path, given, error):
+    """A user name without its password (or the other way round) was skipped without a word, and the app sent
+    without signing in: a relay that wants it refused every recipient ('554 5.7.1 Relay access denied'), each
+    failed for good. A CA file that is not there stopped every run 'by an unexpected error'."""
+    settings = type('Settings', (config.Config,), {
+        'INSTANCE_PATH': str(tmp_path), 'SQLALCHEMY_DATABASE_URI': f'sqlite:///{tmp_path}/x.db',
+        'MAIL_SERVER': 'smtp.example.com', 'MAIL_USERNAME': None, 'MAIL_PASSWORD': None, **given})
+
+    with pytest.raises(ValueError, match=f'^{error}'):
+        create_app(settings)
+
+
 @pytest.mark.parametrize('key', [None, '', 'change-me', 'dev', 'too-short'])
 def test_a_deployment_without_a_secret_key_of_its_own_stops_at_start_up(tmp_path, key):
     class Settings(config.Config):
