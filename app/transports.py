@@ -48,15 +48,16 @@ def init_app(app):
     mail_transport), or a SendGrid API that would get the API key in clear; and say loudly, at every start,
     that TLS is not being verified."""
     app.config['MAIL_FOLDER'] = app.config.get('MAIL_FOLDER') or str(Path(app.instance_path) / 'mail')
-    api = urlsplit(app.config['SENDGRID_API_URL'])
-    if mail_transport(app.config) == 'sendgrid' and api.scheme != 'https' and api.hostname not in LOOPBACK:
+    transport, api = mail_transport(app.config), urlsplit(app.config['SENDGRID_API_URL'])
+    if transport == 'sendgrid' and api.scheme != 'https' and api.hostname not in LOOPBACK:
         raise ValueError(f'SENDGRID_API_URL must be https:// (every request carries the API key), not '
                          f'{app.config["SENDGRID_API_URL"]!r}')
-    if mail_transport(app.config) == 'smtp':
+    if transport == 'smtp':
         _check_smtp(app.config)
-    if mail_transport(app.config) == 'smtp' and not app.config['MAIL_TLS_VERIFY']:
+    if transport == 'smtp' and not app.config['MAIL_TLS_VERIFY']:
         app.logger.warning('MAIL_TLS_VERIFY is off: the certificate of %s is not checked, so anyone on the way '
                            'to it can read MAIL_PASSWORD and every email', app.config['MAIL_SERVER'])
+
 
 def _check_smtp(config):
     """:raise ValueError: for SMTP settings that cannot work: a user name without its password (or the other
