@@ -11,7 +11,7 @@ the rate limits, the security headers, the suppression list, a resend to a known
 ORM, and the job runner's leases, attempts, outcomes and checks before sending. Each gunicorn worker
 has a thread that claims the due emails in batches of up to 100, sends them over one SMTP connection it
 keeps open, and marks them done, in the app's own `jobs` table, so that bench/signups.py checks them as
-it checks the app's."""
+it checks the app's; with LEAN_SENDER=off (`bench/signups.py --jobs none`) nobody sends them."""
 import json
 import os
 import smtplib

@@ -5,6 +5,10 @@ was stored and got exactly one confirmation email.
     .venv/bin/python bench/signups.py --database sqlite
     .venv/bin/python bench/signups.py --database postgresql --connections 100 --seconds 30
     .venv/bin/python bench/signups.py --jobs process
+    .venv/bin/python bench/signups.py --app lean [--jobs none]
+
+`--app lean` measures bench/lean_signup.py instead of the app: the floor under the app's sign-up on this
+stack. `--jobs none` measures the request alone: nobody sends the confirmations, which stay queued.
 
 Both servers run `gunicorn --workers N` (sync workers) on 127.0.0.1. The app runs as deployed (with the
 README's `--config app/serving.py`): real SMTP (bench/sink.py, in its own process, counting what each
@@ -126,8 +130,8 @@ def postgresql_cpu_seconds():
 @contextlib.contextmanager
 def mail_worker(jobs, env, folder):
     """With `--jobs process`, `flask worker --queue mail` for as long as the block, stopped with SIGTERM.
-    :return: its process, or None when the web processes send the mail themselves."""
-    if jobs == 'thread':
+    :return: its process, or None when the web processes send the mail themselves, or nobody does."""
+    if jobs != 'process':
         yield None
         return
     with (Path(folder) / 'worker.log').open('w') as log:
@@ -189,13 +193,16 @@ def wait_for_mail(engine, timeout):
     return time.monotonic() - started
 
 
-def check(engine, sink, accepted):
-    """Sign-ups against the database against the SMTP server.  :return: the counts, all zero when right."""
+def check(engine, sink, accepted, mailed=True):
+    """Sign-ups against the database against the SMTP server (unless nobody was to send them their emails:
+    `mailed` false).  :return: the counts, all zero when right."""
     with engine.connect() as conn:
         stored = set(conn.scalars(sa.text("SELECT email FROM clients WHERE email LIKE 'load-%'")))
         failed = conn.scalar(sa.text("SELECT count(*) FROM jobs WHERE queue = 'mail' AND status <> 'done'"))
     received, _, _ = sink.counts()
     received = Counter(received)
+    if not mailed:
+        return {'stored': len(stored), 'lost': len(set(accepted) - stored), 'emails': received.total()}
     return {
         'stored': len(stored),
         'lost': len(set(accepted) - stored),
@@ -217,9 +224,10 @@ def main():
     parser.add_argument('--warm-up', type=int, default=3, help='seconds of load on each server before measuring')
     parser.add_argument('--app', choices=['newsletter', 'lean'], default='newsletter',
                         help="the app's sign-up, or bench/lean_signup.py's: the floor under it on this stack")
-    parser.add_argument('--jobs', choices=['thread', 'process'], default='thread',
+    parser.add_argument('--jobs', choices=['thread', 'process', 'none'], default='thread',
                         help="who sends the confirmation emails: the web processes' own threads, or one "
-                             "`flask worker --queue mail` process beside them")
+                             "`flask worker --queue mail` process beside them; or nobody (the request alone: "
+                             "its emails stay queued, and only the sign-ups are checked)")
     args = parser.parse_args()
     if args.app == 'lean' and args.jobs == 'process':
         parser.error('--app lean sends its emails from its own threads only')
@@ -234,7 +242,8 @@ def main():
                'MAIL_SERVER': '127.0.0.1', 'MAIL_PORT': str(sink.port),
                'MAIL_DEFAULT_SENDER': 'The Newsletter <news@example.com>',
                'RATELIMIT_ENABLED': '0', 'EMAIL_CHECK_DELIVERABILITY': '0',
-               'JOB_WORKER': 'thread' if args.jobs == 'thread' else 'off'}
+               'JOB_WORKER': 'thread' if args.jobs == 'thread' else 'off',
+               'LEAN_SENDER': 'off' if args.jobs == 'none' else 'on'}
         run_flask(env, 'db', 'upgrade')
         engine = sa.create_engine(database.url)
         with Gunicorn('bench.bare_flask:app', args.workers, env, folder, 'bare') as bare, \
@@ -246,7 +255,9 @@ def main():
             sessions = browser_sessions(app.port, args.connections, folder)
             run_wrk(bare.port, args.warm_up, args, 'bare', folder)
             warm = run_wrk(app.port, args.warm_up, args, 'signup', folder, sessions, 'warm')
-            wait_for_mail(engine, 120)
+            mailed = args.jobs != 'none'
+            if mailed:
+                wait_for_mail(engine, 120)
 
             bare_runs = [run_wrk(bare.port, args.seconds // 2, args, 'bare', folder, server=bare)]
             stored_before, delivered_before = count_clients(engine), sink.progress()[0]
@@ -254,14 +265,14 @@ def main():
             mailer_cpu = worker_cpu()
             run = run_wrk(app.port, args.seconds, args, 'signup', folder, sessions, 'run')
             delivered_by_end = sink.progress()[0] - delivered_before
-            drained = wait_for_mail(engine, 300)
+            drained = wait_for_mail(engine, 300) if mailed else 0.0
             cpu, sink_cpu = app.cpu_seconds() - cpu, _cpu_seconds(sink.process.pid) - sink_cpu
             mailer_cpu = worker_cpu() - mailer_cpu
             database_cpu = postgresql_cpu_seconds() - database_cpu
             bare_runs.append(run_wrk(bare.port, args.seconds - args.seconds // 2, args, 'bare', folder, server=bare))
             stored_in_run = count_clients(engine) - stored_before
             errors_logged = app.errors_logged() + (errors_in(Path(folder) / 'worker.log') if worker else 0)
-            results = check(engine, sink, warm['addresses'] + run['addresses'])
+            results = check(engine, sink, warm['addresses'] + run['addresses'], mailed)
         engine.dispose()
 
     bare_rate = sum(r['requests'] for r in bare_runs) / sum(r['seconds'] for r in bare_runs)
@@ -269,7 +280,7 @@ def main():
     with_mail = stored_in_run / (run['seconds'] + drained)
     load_after = ' '.join(f'{load:.2f}' for load in os.getloadavg())
     print(f'sign-ups under load{"" if args.app == "newsletter" else " (bench/lean_signup.py)"}, {args.database}, gunicorn --workers {args.workers} (sync), mail sent by '
-          f'{"their threads" if args.jobs == "thread" else "one flask worker"}, wrk {args.threads} '
+          f'{ {"thread": "their threads", "process": "one flask worker", "none": "nobody"}[args.jobs]}, wrk {args.threads} '
           f'threads x {args.connections} connections, {args.seconds} s; load average before {load_before}, '
           f'after {load_after}')
     for name, figures in (('bare (before)', bare_runs[0]), ('bare (after)', bare_runs[1])):
@@ -285,14 +296,18 @@ def main():
                    **({'flask worker': mailer_cpu} if args.jobs == 'process' else {}),
                    **({'PostgreSQL': database_cpu} if args.database == 'postgresql' else {})}
     spent = ', '.join(f'{name} {seconds / stored_in_run * 1000:.2f} ms' for name, seconds in per_sign_up.items())
-    print(f'  mail:          {delivered_by_end} of the run\'s {stored_in_run} sign-ups emailed by the end of the '
-          f'load, the rest {drained:.1f} s after: {with_mail:.1f} sign-ups/s with their emails delivered; CPU a '
-          f'sign-up, its email included: {spent}')
+    if mailed:
+        print(f'  mail:          {delivered_by_end} of the run\'s {stored_in_run} sign-ups emailed by the end of the '
+              f'load, the rest {drained:.1f} s after: {with_mail:.1f} sign-ups/s with their emails delivered; CPU a '
+              f'sign-up, its email included: {spent}')
+    else:
+        print(f'  mail:          none sent (--jobs none: the request alone); CPU a sign-up: {spent}')
     print('  check:         ' + ', '.join(f'{name} {count}' for name, count in results.items())
           + f' (stored includes {len(warm["addresses"])} warm-up sign-ups, and any answered after wrk stopped)')
-    bad = {name: count for name, count in results.items() if name != 'stored' and count}
+    bad = {name: count for name, count in results.items() if name not in ('stored', 'emails') and count}
     targets = {'p99 < 200 ms': (run['p99_ms'] < 200, f'{run["p99_ms"]:.0f} ms'),
-               '>= 500 sign-ups/s with their emails': (with_mail >= 500, f'{with_mail:.0f}/s'),
+               '>= 500 sign-ups/s with their emails': (mailed and with_mail >= 500,
+                                                       f'{with_mail:.0f}/s' if mailed else 'none sent'),
                '>= 0.15 of the bare endpoint': (rate / bare_rate >= 0.15, f'{rate / bare_rate:.3f}'),
                'no errors': (not run['errors'] and not errors_logged, run['errors'] + errors_logged),
                'nothing lost': (not bad, sum(bad.values()))}
