@@ -12,6 +12,7 @@ Every page a test's browser shows is kept as a full-page screenshot in
 test-artifacts/browser/<test>/ at the repository's root (ignored by git), numbered in the order seen and
 replaced at the test's next run."""
 import re
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -21,7 +22,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from app.database import utcnow
 from app.extensions import db
-from app.models import Client, Job
+from app.models import Broadcast, Client, Job
 from tests.support.browser import (PACKAGES, Browser, artifacts_folder, can_install, find_chromium, install_chromium,
                                    serving, start_chromium)
 from tests.support.jobs import run_due_jobs
@@ -117,9 +118,14 @@ def long_subscriber(app):
 def admin_pages(admin_browser, long_subscriber, app, runner, subscribers, stage_templates, tmp_path):
     """Something on every admin page: the subscriber with a very long address among a few others, week1
     sent to them all, a stage whose Delay: line cannot be read (its rows on the dashboard and the Mailings
-    page give the reason), an export done, and a CSV file uploaded (its report).  :return: [(path, its
-    heading)] of the pages but the stage preview's (test_a_stage_preview_fits_the_window)."""
+    page give the reason), an export done, a CSV file uploaded (its report), and a broadcast stored before
+    today's checks, which cannot be rendered (its page says why).  :return: [(path, its heading)] of the
+    pages but the stage preview's (test_a_stage_preview_fits_the_window)."""
     subscribers(3)
+    with app.app_context():
+        db.session.add(Broadcast(subject='Sale\nof the year', text='Hello', html='<p>Hello</p>', timezone='UTC',
+                                 send_at=utcnow() + timedelta(days=2), created_by=LONG_ADDRESS))
+        db.session.commit()
     stage_templates('week3', 'Subject: Week 3\nDelay: when the moon is full\nWeek three.\n', '<p>Week three.</p>')
     assert runner.invoke(args=['send-newsletter-email', 'week1']).exit_code == 0
     browser = admin_browser
@@ -135,7 +141,8 @@ def admin_pages(admin_browser, long_subscriber, app, runner, subscribers, stage_
     return [('/admin/', 'Newsletter admin'), ('/admin/subscribers', 'Subscribers'),
             (f'/admin/subscribers/{long_subscriber}', LONG_ADDRESS), ('/admin/mailings', 'Mailings'),
             ('/admin/mailings/week1?state=sent', 'week1'), ('/admin/exports', 'Exports'),
-            ('/admin/imports/new', 'Import subscribers'), (browser.path(), 'Import of subscribers.csv')]
+            ('/admin/imports/new', 'Import subscribers'), (browser.path(), 'Import of subscribers.csv'),
+            ('/admin/broadcasts/1', 'Broadcast 1: Sale of the year')]
 
 
 def emailed_link(message, base_url, path):
