@@ -52,15 +52,15 @@ COUNTS = ('SEND_BATCH_SIZE', 'SEND_RECORD_EVERY', 'MAIL_CONCURRENCY', 'JOB_MAIL_
 # Durations with no "off" at 0, where no time at all breaks what they time: WEBHOOK_MAX_AGE=0 refuses every
 # signed batch (SendGrid then drops its bounces), CONFIRM_MAX_AGE=0 expires each link as it goes out,
 # SCHEDULE_MAX_LATE=0 skips every due time, a time-out of 0 fails every connection.
-DURATIONS = ('MAIL_TIMEOUT', 'MAIL_DATA_TIMEOUT', 'REDIS_TIMEOUT', 'DATABASE_CONNECT_TIMEOUT', 'LEASE_SECONDS', 'JOB_POLL_SECONDS',
-             'WEBHOOK_MAX_AGE', 'CONFIRM_MAX_AGE', 'EMAIL_DNS_TIMEOUT', 'ADMIN_SESSION_HOURS', 'RQ_JOB_TIMEOUT',
+DURATIONS = ('MAIL_TIMEOUT', 'MAIL_DATA_TIMEOUT', 'REDIS_TIMEOUT', 'DATABASE_CONNECT_TIMEOUT', 'LEASE_SECONDS',
+             'JOB_POLL_SECONDS', 'WEBHOOK_MAX_AGE', 'CONFIRM_MAX_AGE', 'EMAIL_DNS_TIMEOUT', 'ADMIN_SESSION_HOURS', 'RQ_JOB_TIMEOUT',
              'SCHEDULE_MAX_LATE')
 
 # The largest bodies a request may send: at 0, WEBHOOK_MAX_BYTES refuses every batch of SendGrid's events,
 # which it drops after a while, bounces and complaints included.
 SIZES = ('BROADCAST_MAX_BYTES', 'IMPORT_MAX_BYTES', 'WEBHOOK_MAX_BYTES')
-# Settings whose 0 means something ("no retries", "no limit", "never") and a negative nothing: MAIL_RETRY_BACKOFF=-1
-# stops every run at its first greylisted subscriber, PROXY_COUNT=-1 takes the client's address from the part
+# Settings whose 0 means something ("no retries", "no limit", "never") and a negative nothing:
+# MAIL_RETRY_BACKOFF=-1 stops every run at its first greylisted subscriber, PROXY_COUNT=-1 takes the client's address from the part
 # of X-Forwarded-For the client writes, SUPPRESS_AFTER_FAILURES=-1 suppresses an address at its first refusal.
 NON_NEGATIVE = ('MAIL_RETRIES', 'MAIL_RETRY_BACKOFF', 'MAIL_GIVE_UP_AFTER', 'MAIL_RATE_LIMIT', 'MAIL_MAX_EMAILS',
                 'PROXY_COUNT', 'SUPPRESS_AFTER_FAILURES', 'CONFIRM_RESEND_SECONDS', 'JOB_RETRY_BACKOFF',

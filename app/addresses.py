@@ -27,9 +27,10 @@ def normal_address(value, check_deliverability=None):
     """One line, at most MAX_EMAIL_LENGTH characters, and what email-validator accepts, including (outside
     tests, or unless `check_deliverability` is False) a domain that can receive mail.  :return: the normal
     form we store: trimmed (of spaces and zero-width characters too: an address copied from a web page or
-    a document often ends in one, which its reader cannot see), domain lower-cased, and in ASCII (an international domain in its xn-- form),
-    which every SMTP server and mail header takes as it is.  :raise EmailNotValidError: (a ValueError)
-    saying what is wrong; EmailUndeliverableError when it is the domain."""
+    a document often ends in one, which its reader cannot see), domain lower-cased, and in ASCII (an
+    international domain in its xn-- form), which every SMTP server and mail header takes as it is.
+    :raise EmailNotValidError: (a ValueError) saying what is wrong; EmailUndeliverableError when it is the
+    domain."""
     if '\r' in value or '\n' in value:
         raise EmailSyntaxError('An email address cannot contain line breaks.')
     value = _AROUND.sub('', value)
