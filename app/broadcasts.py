@@ -61,7 +61,11 @@ class BroadcastMailing:
     def conditions(self, after=0):
         if self.cancelled:  # it will never go: its ledger counts whom it reached, and nobody as due it
             return (sa.false(),)
-        return Client.active, Client.email_confirmed_at <= (self.started_at or utcnow()), not_suppressed()
+        # Its audience: those confirmed by the time it started, and those it has a row for, who were then
+        # (coming back since, they are confirmed as of their return, and a copy sent again is still theirs).
+        theirs = sa.exists(sa.select(Delivery.id).where(Delivery.client_id == Client.id, Delivery.mailing == self.key))
+        return (Client.active, sa.or_(Client.email_confirmed_at <= (self.started_at or utcnow()), theirs),
+                not_suppressed())
 
     def compose(self, recipient):
         link = unsubscribe_url(recipient.client_id, recipient.email)

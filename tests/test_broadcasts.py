@@ -13,7 +13,7 @@ from app import broadcasts
 from app.database import utcnow
 from app.extensions import db
 from app.ledger import ledger, mailing_named
-from app.models import Broadcast, Delivery, Job
+from app.models import Broadcast, Client, Delivery, Job
 from tests.support.forms import confirm, confirm_link, sign_up
 from tests.support.jobs import make_jobs_due_now, run_due_jobs
 
@@ -228,6 +228,36 @@ def test_a_broadcast_every_copy_of_which_the_relay_refused_is_sent_again_once_th
 
     assert again.exit_code == 0 and f'broadcast {broadcast_id}: 12 to send again' in again.output, again.output
     assert state(app, broadcast_id) == ('sent', {'sent': 12})
+    assert promise_kept(f'broadcast{broadcast_id}', emails) == {'sent': emails}
+
+
+def test_a_copy_sent_again_reaches_a_subscriber_who_left_and_came_back_since_and_stays_in_its_ledger(
+        app, client, runner, smtp, subscribers, promise_kept):
+    """A copy refused for good (or unknown) is theirs: they were of its audience when it started. Coming
+    back confirms them as of then, after the broadcast started, and retry-failed then let their copy go as
+    if they were not of its audience: the command said '1 to send again', nothing went, and their row was
+    deleted, the broadcast's ledger forgetting them."""
+    emails = subscribers(3)
+    smtp.refuse_for_good['reader1@example.com'] = '554 5.7.1 <reader1@example.com>: Relay access denied'
+    broadcast_id = schedule(app)
+    make_jobs_due_now(app)
+    run_due_jobs(app)
+    assert state(app, broadcast_id) == ('sent', {'sent': 2, 'failed': 1})
+    smtp.refuse_for_good.clear()  # the operator fixes the cause
+    with app.app_context():  # they unsubscribe, and sign up again
+        db.session.execute(sa.update(Client).where(Client.email == 'reader1@example.com')
+                           .values(active=False, unsubscribed_at=utcnow()))
+        db.session.commit()
+    sign_up(client, 'reader1@example.com')
+    run_due_jobs(app)
+    assert confirm(client, confirm_link(smtp.messages[-1])).status_code == 200
+    run_due_jobs(app)  # the admins' notice of them
+
+    again = runner.invoke(args=['broadcast', 'retry-failed', str(broadcast_id)])
+    run_due_jobs(app)
+
+    assert f'broadcast {broadcast_id}: 1 to send again' in again.output, again.output
+    assert state(app, broadcast_id) == ('sent', {'sent': 3})
     assert promise_kept(f'broadcast{broadcast_id}', emails) == {'sent': emails}
 
 
