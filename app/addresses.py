@@ -33,13 +33,18 @@ def normal_address(value, check_deliverability=None):
     domain."""
     if '\r' in value or '\n' in value:
         raise EmailSyntaxError('An email address cannot contain line breaks.')
-    value = _AROUND.sub('', value)
+    value = trimmed(value)
     if len(value) > MAX_EMAIL_LENGTH:
         raise EmailSyntaxError(f'An email address has at most {MAX_EMAIL_LENGTH} characters.')
     if check_deliverability is None:
         check_deliverability = current_app.config['EMAIL_CHECK_DELIVERABILITY']
     return validate_email(value, allow_smtputf8=False, timeout=current_app.config['EMAIL_DNS_TIMEOUT'],
                           check_deliverability=check_deliverability).ascii_email
+
+
+def trimmed(value):
+    """`value` without the spaces around it, visible or not (a no-break space, a zero-width one)."""
+    return _AROUND.sub('', value)
 
 
 def mailbox(value):

@@ -46,7 +46,7 @@ import sqlalchemy as sa
 from email_validator import EmailNotValidError, EmailUndeliverableError
 from flask import current_app
 
-from app.addresses import mailbox, normal_address
+from app.addresses import mailbox, normal_address, trimmed
 from app.database import among, insert_ignoring_conflicts, utcnow
 from app.extensions import db
 from app.jobs import GiveUp, Interrupted, define_task, report_progress, stopping
@@ -504,8 +504,9 @@ def withdraw_naming(address):
 
 def _names(upload, address):
     """Whether the upload's report lists `address` (case-folded), or its file holds the same mailbox however
-    it spells it (bücher.de for xn--bcher-kva.de, any case): read as the import reads it, each address
-    checked as the import would store it, once its part before the @ matches (an ASCII one, always)."""
+    it spells it (bücher.de for xn--bcher-kva.de, any case, invisible spaces around it): read as the import
+    reads it, each address checked as the import would store it, once its part before the @ matches (an
+    ASCII one, always)."""
     if any(shown.casefold() == address for rows in upload.report.shown.values() for _, shown, _ in rows):
         return True
     if not upload.path.exists():
@@ -514,7 +515,7 @@ def _names(upload, address):
     local = wanted.rpartition('@')[0]
     file_format = read_format(upload.path)
     column = file_format.address_column
-    return any(column < len(cells) and cells[column].rpartition('@')[0].lower() == local
+    return any(column < len(cells) and trimmed(cells[column]).rpartition('@')[0].lower() == local
                and mailbox(cells[column]) == wanted for _, cells in _rows(upload.path, file_format))
 
 
