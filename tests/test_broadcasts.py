@@ -261,6 +261,29 @@ def test_a_copy_sent_again_reaches_a_subscriber_who_left_and_came_back_since_and
     assert promise_kept(f'broadcast{broadcast_id}', emails) == {'sent': emails}
 
 
+def test_retry_failed_leaves_a_suppressed_subscribers_refusal_in_the_ledger_and_does_not_count_it(
+        app, runner, smtp, subscribers, promise_kept):
+    """A suppressed address is sent nothing again: its copy was counted as sent again ('2 to send again'),
+    and the send, finding it due nothing, deleted its row, so that the ledger forgot it was refused."""
+    app.config['SUPPRESS_AFTER_FAILURES'] = 1
+    emails = subscribers(3)
+    smtp.refuse_for_good['reader1@example.com'] = '550 5.1.1 <reader1@example.com>: User unknown'
+    smtp.refuse_for_good['reader2@example.com'] = '554 5.7.1 <reader2@example.com>: Relay access denied'
+    broadcast_id = schedule(app)
+    make_jobs_due_now(app)
+    run_due_jobs(app)
+    assert state(app, broadcast_id) == ('sent', {'sent': 1, 'failed': 2})
+    smtp.refuse_for_good.clear()  # the operator fixes the relay; reader1@ is on the suppression list
+
+    again = runner.invoke(args=['broadcast', 'retry-failed', str(broadcast_id)])
+    run_due_jobs(app)
+
+    assert state(app, broadcast_id) == ('sent', {'sent': 2, 'failed': 1})
+    assert f'broadcast {broadcast_id}: 1 to send again' in again.output, again.output
+    assert promise_kept(f'broadcast{broadcast_id}', emails) == {
+        'sent': ['reader0@example.com', 'reader2@example.com'], 'failed': ['reader1@example.com']}
+
+
 def test_flask_broadcast_previews_schedules_lists_and_cancels(app, runner, tmp_path):
     (tmp_path / 'sale.txt').write_text(TEXT)
     (tmp_path / 'sale.html').write_text(HTML)
