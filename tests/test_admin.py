@@ -49,6 +49,15 @@ def test_an_admin_is_known_whatever_the_case_their_address_is_typed_in(app, clie
     assert response.status_code == 302 and client.get('/admin/').status_code == 200
 
 
+@pytest.mark.parametrize('typed', ['admin@example.com\u00a0', '\u200badmin@example.com', ' admin@example.com '])
+def test_an_admin_address_pasted_with_spaces_around_it_gets_the_link(app, client, smtp, typed):
+    """Spaces around an address, visible or not, are trimmed at every door: the sign-up form and an import
+    took it, and the sign-in form refused it as 'Invalid email address.', its reader seeing nothing wrong."""
+    response = sign_in(app, client, smtp, address=typed)
+
+    assert smtp.recipients() == ['admin@example.com']
+    assert response.status_code == 302 and client.get('/admin/').status_code == 200
+
 @pytest.mark.parametrize('typed', ['ops@bücher.de', 'Ops@XN--BCHER-KVA.DE'])
 def test_an_admin_whose_domain_is_international_gets_the_link_and_signs_in(settings, request, smtp, typed):
     """ADMINS as an operator writes it, the domain in its own letters: the link went to that address, which

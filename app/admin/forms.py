@@ -5,11 +5,19 @@ from flask_wtf.file import FileField, FileRequired
 from wtforms import BooleanField, DateTimeLocalField, SelectField, SubmitField
 from wtforms.validators import DataRequired, Email, Length, ValidationError
 
+from app.addresses import trimmed
 from app.main.forms import TextAreaField, TextField, single_line
 
 
+def trim_address(value):
+    """The spaces around a pasted address dropped, visible or not (a no-break or zero-width space), as at
+    every door (app/addresses.py); single_line has checked the value as typed, line breaks included."""
+    return trimmed(value) if isinstance(value, str) else value
+
+
 class LoginForm(FlaskForm):
-    email = TextField('Admin email address', validators=[DataRequired(), single_line, Email(), Length(max=254)])
+    email = TextField('Admin email address', filters=[trim_address],
+                      validators=[DataRequired(), single_line, Email(), Length(max=254)])
     submit = SubmitField('Email me a sign-in link')
 
 
