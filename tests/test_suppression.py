@@ -331,3 +331,21 @@ def test_a_relay_refusing_our_sender_address_at_every_recipient_suppresses_nobod
     with app.app_context():
         assert db.session.scalar(sa.select(sa.func.count()).select_from(Delivery).where(Delivery.status == 'failed')) == 6
     assert suppressed(app) == {}
+
+
+def test_the_drips_retry_failed_leaves_a_suppressed_subscribers_refusal_in_the_ledger_and_does_not_count_it(
+        app, runner, smtp, subscribers, promise_kept):
+    """As a broadcast's retry-failed: a suppressed address was counted among those sent the stage again,
+    and the send, finding it due nothing, deleted its row, so that the ledger forgot it was refused."""
+    app.config['SUPPRESS_AFTER_FAILURES'] = 1
+    emails = subscribers(3)
+    smtp.refuse_for_good[emails[1]] = f'550 5.1.1 <{emails[1]}>: User unknown'
+    smtp.refuse_for_good[emails[2]] = f'554 5.7.1 <{emails[2]}>: Relay access denied'
+    runner.invoke(args=['send-newsletter-email', 'week1'])
+    assert suppressed(app) == {emails[1]: 'refused'}
+    smtp.refuse_for_good.clear()  # the operator fixes the relay; emails[1] stays on the suppression list
+
+    again = runner.invoke(args=['send-newsletter-email', 'week1', '--retry-failed'])
+
+    assert 'week1: 1 subscriber(s) to send again' in again.output, again.output
+    assert promise_kept('week1', emails) == {'sent': [emails[0], emails[2]], 'failed': [emails[1]]}
