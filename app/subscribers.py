@@ -14,7 +14,7 @@ from flask import current_app
 
 from app import broadcasts, imports
 from app.database import utcnow
-from app.drip import send_stage
+from app.drip import DripStage, send_stage
 from app.extensions import db
 from app.main.email import queue_confirmation_email
 from app.models import Client, Delivery, DeliveryStatus, Job, SendRun, Suppression
@@ -126,11 +126,12 @@ def reactivate(client):
 
 def resend_unknown(client, mailing_key):
     """Their copy of `mailing_key`, whose outcome is unknown, sent again (an admin found that it did not
-    arrive), by a job of its own, now.  :return: whether there was one.  :raise BroadcastError: for a
-    cancelled broadcast, which nothing sends again."""
+    arrive), by a job of its own, now, if they are still its audience.  :return: whether there was one.
+    :raise BroadcastError: for a cancelled broadcast, which nothing sends again."""
     if mailing_key.startswith('broadcast'):
         return bool(broadcasts.resend_unknown(int(mailing_key.removeprefix('broadcast')), client_ids=[client.id]))
-    if not requeue(mailing_key, [DeliveryStatus.UNKNOWN], client_ids=[client.id]):
+    if not requeue(mailing_key, [DeliveryStatus.UNKNOWN], client_ids=[client.id],
+                   audience=DripStage(mailing_key).reached()):  # not to one who left or is suppressed since
         return False
     send_stage.apply(stage=mailing_key, trigger='admin', deferred_only=True)
     db.session.commit()

@@ -447,6 +447,30 @@ def test_a_subscribers_timeline_shows_every_message_with_its_outcome(app, admin,
     assert 'Send again (it did not arrive)' in page
 
 
+def test_a_message_that_did_not_arrive_is_not_sent_again_to_a_subscriber_suppressed_since(app, admin, smtp, subscribers,
+                                                                                         runner):
+    # The button showed, and the page said the stage went again 'by a job now'; the job's send found them due
+    # nothing, sent nothing, and deleted their row: the ledger forgot the unknown copy.
+    [email] = subscribers(1)
+    smtp.after_dot[email] = MailSink.DROP
+    runner.invoke(args=['send-newsletter-email', 'week1'])
+    smtp.after_dot.clear()
+    with app.app_context():
+        client_id = db.session.scalar(sa.select(Client.id))
+        suppress(email, 'complained')
+        db.session.commit()
+
+    answer = admin.post(f'/admin/subscribers/{client_id}/resend/week1',
+                        data={'csrf_token': csrf_token(admin, f'/admin/subscribers/{client_id}')})
+    with app.app_context():
+        run_due()
+
+    assert 'is no longer due it' in admin.get(answer.location).get_data(as_text=True)
+    assert [to for to in smtp.recipients() if to == email] == [email], 'only the copy that was lost'
+    with app.app_context():
+        assert db.session.scalar(sa.select(Delivery.status)) == 'unknown', 'still in the ledger'
+
+
 def test_an_admin_resends_a_message_that_did_not_arrive_and_it_goes_once(app, admin, smtp, subscribers, runner):
     [email] = subscribers(1)
     smtp.after_dot[email] = MailSink.DROP

@@ -70,7 +70,8 @@ def subscriber_resend(client_id, mailing):
         if subscribers.resend_unknown(client, mailing):
             flash(f'{mailing} goes to {client.email} again, by a job now.')
         else:
-            flash(f'{client.email} has no {mailing} whose outcome is unknown.', 'error')
+            flash(f'{client.email} has no {mailing} whose outcome is unknown, or is no longer due it '
+                  '(unsubscribed or suppressed since).', 'error')
     except broadcasts.BroadcastError as exc:
         flash(f'{exc}.', 'error')
     return redirect(url_for('admin.subscriber', client_id=client_id))
