@@ -234,8 +234,7 @@ def _send_again(broadcast_id, status, client_ids=None):
         raise BroadcastError(f'there is no broadcast {broadcast_id}')
     if broadcast.status == BroadcastStatus.CANCELLED:
         raise BroadcastError(f'broadcast {broadcast_id} is cancelled: nothing of it is sent again')
-    count = requeue(broadcast.mailing, [status], client_ids,
-                    audience=BroadcastMailing.of(broadcast).conditions())
+    count = requeue(BroadcastMailing.of(broadcast), [status], client_ids)
     if count:
         _move(broadcast_id, 'reopen', finished_at=None)
         send_broadcast.apply(broadcast_id=broadcast_id)

@@ -110,10 +110,7 @@ def _send_stage(stage, dry_run, retry_failed, resend_unknown, jobs):
     again = [status for status, asked in ((DeliveryStatus.FAILED, retry_failed), (DeliveryStatus.UNKNOWN, resend_unknown))
              if asked]
     if again:
-        # Only those the stage is still for: a suppressed or unsubscribed one's row, let go by the send,
-        # would take its refusal out of the ledger.
-        click.echo(f'{stage}: {requeue(stage, again, audience=mailing.reached())} subscriber(s) to send again',
-                   err=True)
+        click.echo(f'{stage}: {requeue(mailing, again)} subscriber(s) to send again', err=True)
     if jobs is not None:
         _enqueue(stage, jobs)
         return True

@@ -86,6 +86,12 @@ def alone():
     return db.engine.connect().execution_options(isolation_level='AUTOCOMMIT')
 
 
+def nul_shown(text):
+    """`text` as a text column of either database takes it: PostgreSQL's refuses a NUL, which a server's
+    reply or a file's line quoted in an error may hold, so it is shown as \\x00."""
+    return text.replace('\x00', '\\x00')
+
+
 def utcnow():
     """Naive UTC everywhere: SQLite keeps no time zone, and mixing aware and naive values breaks comparisons."""
     return datetime.now(timezone.utc).replace(tzinfo=None)

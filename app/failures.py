@@ -2,15 +2,16 @@
 folder) maps its errors to, so that every caller acts on them by the same rule. The line between them
 is whether the message's end has left us: before it, nothing can have arrived; after it, only an
 answer tells, and without one the message may have arrived."""
+from app.database import nul_shown
 
 
 class DeliveryFailure(Exception):
     """Its text quotes what the way out said (a relay's reply, an HTTP status line) and becomes the
-    delivery's or the run's outcome, where a NUL, which PostgreSQL's text refuses, is shown as \\x00: else
-    the outcome could not be written, and the run stopped for everyone after it."""
+    delivery's or the run's outcome, its NUL shown (nul_shown): else the outcome could not be written, and
+    the run stopped for everyone after it."""
 
     def __init__(self, text):
-        super().__init__(text.replace('\x00', '\\x00'))
+        super().__init__(nul_shown(text))
 
 
 class TemporaryFailure(DeliveryFailure):

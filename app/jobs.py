@@ -37,7 +37,7 @@ import sqlalchemy as sa
 from flask import current_app, has_app_context
 from flask_sqlalchemy.session import Session
 
-from app.database import alone, built_once, insert_ignoring_conflicts, utcnow
+from app.database import alone, built_once, insert_ignoring_conflicts, nul_shown, utcnow
 from app.extensions import db
 from app.leases import Claim, Heartbeat, db_later, new_owner, renew
 from app.models import Job, JobStatus
@@ -389,8 +389,7 @@ def _run(job_id, name, payload, attempt, max_attempts, owner, worker_stopping, w
                        result=_jsonable(later.result), error=None)
     except Exception as exc:
         db.session.rollback()
-        error = str(exc) if isinstance(exc, GiveUp) else f'{type(exc).__name__}: {exc}'
-        error = error.replace('\x00', '\\x00')  # a NUL quoted from a server or a file: PostgreSQL's text refuses it
+        error = nul_shown(str(exc) if isinstance(exc, GiveUp) else f'{type(exc).__name__}: {exc}')
         if isinstance(exc, GiveUp) or attempt >= max_attempts:
             log.exception('job %d: %s failed for good', job_id, name)
             outcome = dict(status=JobStatus.FAILED, finished_at=utcnow(), error=error)

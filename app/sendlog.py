@@ -129,17 +129,16 @@ def refresh_planner_statistics():
         current_app.logger.warning('could not ANALYZE before sending (the send may be slower): %s', exc)
 
 
-def requeue(mailing_key, statuses, client_ids=None, audience=None):
+def requeue(mailing, statuses, client_ids=None):
     """failed | unknown -> deferred, due now: an admin's explicit "send it again" (after fixing the cause
-    of a failure, or after finding that an unknown one did not arrive). The row and its history stay.
-    `audience`: a mailing's conditions, to leave alone the rows of those it is not due (suppressed since,
-    unsubscribed), which the send would let go, deleting the row and what it recorded.  :return: how many."""
+    of a failure, or after finding that an unknown one did not arrive). The row and its history stay. Only
+    the rows of those `mailing` is still for: the send lets go anyone it is not (unsubscribed or suppressed
+    since), and with them the row and what it recorded.  :return: how many."""
     now = db_now()
-    which = [Delivery.mailing == mailing_key, Delivery.status.in_(statuses)]
+    which = [Delivery.mailing == mailing.key, Delivery.status.in_(statuses),
+             Delivery.client_id.in_(sa.select(Client.id).where(*mailing.conditions()))]
     if client_ids is not None:
         which.append(Delivery.client_id.in_(client_ids))
-    if audience is not None:
-        which.append(Delivery.client_id.in_(sa.select(Client.id).where(*audience)))
     count = db.session.execute(
         sa.update(Delivery).where(*which)
         .values(status=Status.DEFERRED, next_attempt_at=now, deferred_since=now, updated_at=now)

@@ -130,8 +130,7 @@ def resend_unknown(client, mailing_key):
     :raise BroadcastError: for a cancelled broadcast, which nothing sends again."""
     if mailing_key.startswith('broadcast'):
         return bool(broadcasts.resend_unknown(int(mailing_key.removeprefix('broadcast')), client_ids=[client.id]))
-    if not requeue(mailing_key, [DeliveryStatus.UNKNOWN], client_ids=[client.id],
-                   audience=DripStage(mailing_key).reached()):  # not to one who left or is suppressed since
+    if not requeue(DripStage(mailing_key), [DeliveryStatus.UNKNOWN], client_ids=[client.id]):
         return False
     send_stage.apply(stage=mailing_key, trigger='admin', deferred_only=True)
     db.session.commit()
@@ -176,8 +175,9 @@ def erase(client):
     admins' "New subscriber: <address>" notices keep that subject once sent, and are known by their
     Message-ID), their address in any job's error and any send run's reason for stopping, their `.eml`
     files in the mail folder and the admins' notices of them there, their suppression-list entry, and the
-    uploaded import files and reports that name them (app/imports.py). The kept exports hold them too: the caller withdraws those (app/exports.py
-    withdraw), as exports are built on this module. What stays is anonymous: each send run's counts.
+    uploaded import files and reports that name them (app/imports.py). The kept exports hold them too: the
+    caller withdraws those (app/exports.py withdraw), as exports are built on this module. What stays is
+    anonymous: each send run's counts.
     :return: what was erased, in words."""
     email, client_id = client.email, client.id
     deliveries = db.session.scalar(sa.select(sa.func.count(Delivery.id)).where(Delivery.client_id == client.id))

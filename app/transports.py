@@ -23,8 +23,8 @@ from email.utils import parseaddr
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from flask import current_app
 import python_http_client
+from flask import current_app
 from python_http_client.exceptions import HTTPError
 from sendgrid import SendGridAPIClient
 from sendgrid.helpers.mail import Attachment as SendGridAttachment

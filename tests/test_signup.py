@@ -175,7 +175,7 @@ def test_an_address_pasted_with_invisible_characters_around_it_is_taken_without_
     # Copied from a web page or a document, an address comes with a no-break space or a zero-width one
     # at its end, which its reader cannot see, and was refused for "unsafe characters".
     assert sign_up(client, pasted).status_code == 200
-    assert [client.email for client in rows(app, Client)] == ['jane@example.com']
+    assert [row.email for row in rows(app, Client)] == ['jane@example.com']
 
 
 def test_an_invisible_character_inside_an_address_is_refused_by_its_name(app, client):
